@@ -1,0 +1,43 @@
+# catdog: `make demo` runs the main job, `make test` the whole suite; both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The photos for the demo: unset = download cats_and_dogs_filtered (checksum-verified) into ~/.cache/catdog.
+DATA_DIR ?=
+DEMO_DIR ?= outputs/demo
+
+.PHONY: setup demo test test-fast slurm-up slurm-down lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	bash scripts/demo.sh "$(DATA_DIR)" "$(DEMO_DIR)"
+
+# The SLURM tests need a real single-node cluster; tests/slurm/cluster.sh installs and starts it.
+# Outside CI a cluster that cannot start only makes those tests skip (with the reason); in CI they fail.
+test: setup slurm-up
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slurm and not slow"
+
+slurm-up:
+	@bash tests/slurm/cluster.sh start || { echo "SLURM cluster did not start (see above)"; \
+		if [ -n "$$CATDOG_REQUIRE_SLURM" ]; then exit 1; fi; }
+
+slurm-down:
+	bash tests/slurm/cluster.sh stop
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache
