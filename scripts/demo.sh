@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `make demo`: prepare shards -> train the scratch CNN (configs/cnn.yaml) -> evaluate -> show results.
+# Usage: scripts/demo.sh [DATA_DIR] [DEMO_DIR]. An empty DATA_DIR downloads cats_and_dogs_filtered
+# (checksum-verified) into ~/.cache/catdog; offline, that step stops and says to set DATA_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_DIR=${1:-}
+DEMO_DIR=${2:-outputs/demo}
+BIN=.venv/bin
+
+if [ -z "$DATA_DIR" ]; then
+    DATA_DIR=$($BIN/python -m data_prep.fetch)
+fi
+echo "== 1/3 prepare shards from $DATA_DIR -> $DEMO_DIR/shards"
+$BIN/catdog-prep "$DATA_DIR" "$DEMO_DIR/shards" --image-size 192
+
+echo "== 2/3 train the scratch CNN (configs/cnn.yaml) -> $DEMO_DIR/run"
+$BIN/catdog-launch local --config configs/cnn.yaml data.dir="$DEMO_DIR/shards" run.dir="$DEMO_DIR/run"
+
+echo "== 3/3 results"
+$BIN/python - "$DEMO_DIR/run" <<'PY'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+metrics = json.loads((run / "final_metrics.json").read_text())
+for k, v in sorted(metrics.items()):
+    print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
+print(f"plots:   {run / 'plots'}")
+print(f"metrics: {run / 'metrics.jsonl'}")
+PY
