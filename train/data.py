@@ -1,0 +1,537 @@
+"""Training and evaluation batches from WebDataset shards, identical across world sizes and resumable by seeking.
+
+The epoch order is defined GLOBALLY from ``_info.json`` alone, independent of world size and workers:
+
+1. the shard list is shuffled with a generator seeded by (seed, epoch);
+2. a shuffle buffer of ``data.shuffle_buffer`` samples is simulated on sample indices (shard, member) -- the
+   shard lengths suffice, nothing is read -- which gives the global sample order of the epoch;
+3. global batch t is ``order[t*B:(t+1)*B]`` with B = per-device batch * world size, and rank r takes the slice
+   ``[r*b:(r+1)*b]`` of it. So one rank with batch 2b sees exactly the samples two ranks with batch b see;
+4. within a rank, DataLoader worker w builds the batches t with ``(t - start_batch) % W == w``: torch's
+   DataLoader collects batches from its workers round-robin, so they arrive in order.
+
+Every rank and worker therefore yields a number of batches computed from metadata (no DDP hang at an epoch end,
+whatever the number of shards vs ranks x workers), a resume at batch k computes where batch k lives and seeks
+there, and augmentation is seeded per sample position, so it depends neither on workers nor on resume.
+
+Why our own seekable reader rather than ``webdataset.WebDataset``: a WebDataset pipeline streams each shard
+from its start, so resuming mid-epoch means reading (and usually decoding) everything before the resume point,
+and its per-node/per-worker shard split makes the batch count depend on how shards fall onto ranks (the
+classic DDP hang, webdataset #188/#225/#303). The shards stay plain WebDataset tars -- webdataset reads them,
+tests/test_data.py checks it -- and we follow its key/extension convention (``base_plus_ext``); we only add a
+member index (name -> offset, size) built once per shard from the tar headers, so any sample is one pread away.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tarfile
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from webdataset.tariterators import base_plus_ext
+
+from data_prep.info import DatasetInfo
+from train.config import DataConfig
+from train.transforms import eval_resize, normalise, train_augment
+
+log = logging.getLogger(__name__)
+
+# Open file descriptors a reader keeps per process; shards beyond this are reopened on demand.
+MAX_OPEN_SHARDS = 32
+
+
+class DataError(RuntimeError):
+    """A shard or sample cannot be read (with data.on_error=raise); the message names the shard and key."""
+
+
+class _Corrupt(Exception):
+    """Internal: one sample is unusable; carries the key (when known) and the reason."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Epoch order: metadata only
+
+
+def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's shard permutation: seeded by (seed, epoch), the same on every rank and worker."""
+    if not shuffle:
+        return np.arange(num_shards)
+    return np.random.default_rng([seed, epoch, 0]).permutation(num_shards)
+
+
+def epoch_order(shard_lengths: Sequence[int], *, seed: int, epoch: int, shuffle: bool, buffer: int) -> np.ndarray:
+    """Global sample order of one epoch as flat sample ids (offset of the shard + member index).
+
+    Simulates what a WebDataset pipeline with a shard shuffle and a ``shuffle(buffer)`` stage would produce,
+    on indices instead of samples: the buffer keeps reads local to a few shards at a time (page cache and
+    open-file friendly) while still mixing across shard boundaries.
+    """
+    offsets = np.concatenate([[0], np.cumsum(shard_lengths)]).astype(np.int64)
+    stream = np.concatenate(
+        [
+            np.arange(offsets[s], offsets[s + 1])
+            for s in shard_order(len(shard_lengths), seed=seed, epoch=epoch, shuffle=shuffle)
+        ]
+        or [np.zeros(0, dtype=np.int64)]
+    )
+    if not shuffle or buffer <= 1:
+        return stream
+    # One uniform draw per emitted sample, consumed in order: the simulation is a pure function of (seed, epoch).
+    draws = np.random.default_rng([seed, epoch, 1]).random(len(stream))
+    out = np.empty_like(stream)
+    buf: list[int] = []
+    n_out = 0
+    for sid in stream.tolist():
+        buf.append(sid)
+        if len(buf) < buffer:
+            continue
+        k = int(draws[n_out] * len(buf))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        out[n_out] = buf.pop()
+        n_out += 1
+    while buf:
+        k = int(draws[n_out] * len(buf))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        out[n_out] = buf.pop()
+        n_out += 1
+    return out
+
+
+def _augment_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of one sample's augmentation: a pure function of (seed, epoch, position in the epoch)."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading: a member index per shard, then one pread per member
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each sample's members lie in one tar: keys in file order, key -> {ext: (offset, size)}."""
+
+    path: Path
+    keys: tuple[str, ...]
+    members: dict[str, dict[str, tuple[int, int]]]
+    error: str = ""  # set when the shard itself cannot be read; every sample in it is then corrupt
+
+
+_INDEX_CACHE: dict[tuple[str, int, int], ShardIndex] = {}
+
+
+def index_shard(path: Path) -> ShardIndex:
+    """Scan a tar's headers (seeking over the data) into a ShardIndex; cached per (path, size, mtime).
+
+    Members are grouped by WebDataset's rule: the key is the name up to the first dot of the file name.
+    An unreadable or truncated shard yields an index with ``error`` set (plus whatever members were found).
+    """
+    try:
+        st = path.stat()
+    except OSError as e:
+        return ShardIndex(path, (), {}, error=f"cannot open shard: {e.strerror or e}")
+    cache_key = (str(path), st.st_size, st.st_mtime_ns)
+    if cache_key in _INDEX_CACHE:
+        return _INDEX_CACHE[cache_key]
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    error = ""
+    try:
+        # Uncompressed tar: tarfile reads each 512-byte header and seeks past the data.
+        with tarfile.open(path, mode="r:") as tf:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                key, ext = base_plus_ext(info.name)
+                if key is None:
+                    continue
+                members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"unreadable shard ({type(e).__name__}: {e})"
+    index = ShardIndex(path, tuple(members), members, error)
+    if not error:
+        _INDEX_CACHE[cache_key] = index
+    return index
+
+
+class _Reader:
+    """Per-process sample reader: shard indices plus an LRU of open file descriptors."""
+
+    def __init__(self, indices: list[ShardIndex], num_classes: int):
+        self.indices = indices
+        self.num_classes = num_classes
+        self.fds: OrderedDict[int, int] = OrderedDict()
+        self.decoded = 0
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _read(self, shard: int, offset: int, size: int) -> bytearray:
+        fd = self.fds.get(shard)
+        if fd is None:
+            fd = os.open(self.indices[shard].path, os.O_RDONLY)
+            self.fds[shard] = fd
+            if len(self.fds) > MAX_OPEN_SHARDS:
+                os.close(self.fds.popitem(last=False)[1])
+        else:
+            self.fds.move_to_end(shard)
+        buf = bytearray(size)
+        if os.preadv(fd, [buf], offset) != size:
+            raise OSError(f"short read at offset {offset}")
+        return buf
+
+    def key(self, shard: int, member: int) -> str:
+        keys = self.indices[shard].keys
+        return keys[member] if member < len(keys) else f"#{member}"
+
+    def load(self, shard: int, member: int) -> tuple[Tensor, int]:
+        """Decode one sample to (uint8 CHW RGB image, label); raises _Corrupt naming what is wrong."""
+        index = self.indices[shard]
+        key = self.key(shard, member)
+        if index.error and member >= len(index.keys):
+            raise _Corrupt(key, index.error)
+        if member >= len(index.keys):
+            raise _Corrupt(key, f"shard holds {len(index.keys)} samples but _info.json lists more")
+        parts = index.members[key]
+        for ext in ("jpg", "cls"):
+            if ext not in parts:
+                raise _Corrupt(key, f"member {key}.{ext} is missing")
+        try:
+            cls_bytes = self._read(shard, *parts["cls"])
+            label = int(cls_bytes.decode("ascii").strip())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _Corrupt(key, f"{key}.cls is not an ASCII integer ({e})") from None
+        except OSError as e:
+            raise _Corrupt(key, f"cannot read {key}.cls ({e})") from None
+        if not 0 <= label < self.num_classes:
+            raise _Corrupt(key, f"{key}.cls = {label} is outside [0, {self.num_classes})")
+        try:
+            jpg = self._read(shard, *parts["jpg"])
+            image = decode_jpeg(torch.frombuffer(jpg, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as e:
+            raise _Corrupt(key, f"{key}.jpg cannot be decoded ({e})") from None
+        self.decoded += 1
+        return image, label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches in DataLoader workers
+
+
+@dataclass
+class _Plan:
+    """What one rank reads in one pass. batches[i] is a list of (position, flat sample id)."""
+
+    indices: list[ShardIndex]
+    offsets: np.ndarray  # flat id -> shard via searchsorted
+    num_classes: int
+    batches: list[list[tuple[int, int]]]
+    transform: Callable[[Tensor], Tensor]  # per image, uint8 -> uint8 (augment or resize + crop)
+    normalise: Callable[[Tensor], Tensor]  # per stacked batch, uint8 -> normalised float32
+    on_error: str
+    replace_corrupt: bool  # training: refill from the batch (constant size); eval: drop (exact-once metrics)
+    aug_seed: tuple[int, int] | None  # (seed, epoch) for training; None for deterministic eval
+    with_keys: bool
+    order: np.ndarray | None = None  # training: epoch order, for the rare batch whose every sample is corrupt
+    shard_names: list[str] = field(default_factory=list)
+
+
+class _BatchDataset(IterableDataset):
+    """Worker w of W yields plan.batches[w::W]; the DataLoader interleaves them back into order."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[tuple]:
+        wi = get_worker_info()
+        w, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        reader = _Reader(self.plan.indices, self.plan.num_classes)
+        try:
+            for batch in self.plan.batches[w::nw]:
+                yield self._build(reader, batch)
+        finally:
+            reader.close()
+
+    def _locate(self, flat: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.plan.offsets, flat, side="right")) - 1
+        return shard, flat - int(self.plan.offsets[shard])
+
+    def _build(self, reader: _Reader, batch: list[tuple[int, int]]) -> tuple:
+        p = self.plan
+        decoded_before = reader.decoded
+        loaded: list[tuple[Tensor, int, str] | None] = []
+        errors: list[tuple[str, str, str]] = []
+        for _, flat in batch:
+            shard, member = self._locate(flat)
+            try:
+                image, label = reader.load(shard, member)
+                loaded.append((image, label, reader.key(shard, member)))
+            except _Corrupt as e:
+                name = p.shard_names[shard]
+                if p.on_error == "raise":
+                    raise DataError(
+                        f"corrupt sample in shard {p.indices[shard].path}, key {e.key!r}: {e.reason}. "
+                        "Rerun catdog-prep, or set data.on_error=skip to skip and count such samples."
+                    ) from None
+                errors.append((name, e.key, e.reason))
+                loaded.append(None)
+        slots = list(zip((pos for pos, _ in batch), loaded, strict=True))
+        if p.replace_corrupt:
+            slots = self._refill(reader, slots)
+        else:
+            slots = [(pos, s) for pos, s in slots if s is not None]
+        report = {"decoded": reader.decoded - decoded_before, "errors": errors}
+        if not slots:  # eval batch whose every sample was corrupt
+            return None, None, [], report
+        # Seeded from (seed, epoch, position) inside a forked RNG: the result does not depend on which worker
+        # runs it, and the caller's torch RNG stream is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            images = []
+            for pos, (image, _, _) in slots:
+                if p.aug_seed is not None:
+                    torch.manual_seed(_augment_seed(*p.aug_seed, pos))
+                images.append(p.transform(image))
+        x = p.normalise(torch.stack(images))
+        y = torch.tensor([label for _, (_, label, _) in slots], dtype=torch.int64)
+        keys = [key for _, (_, _, key) in slots] if p.with_keys else None
+        return x, y, keys, report
+
+    def _refill(self, reader: _Reader, slots: list) -> list:
+        """Replace each corrupt slot with the next valid sample of the batch, keeping the batch size constant."""
+        valid = [i for i, (_, s) in enumerate(slots) if s is not None]
+        if not valid:
+            valid_sample = self._first_valid_after(reader, slots[-1][0] + 1)
+            return [(pos, valid_sample) for pos, _ in slots]
+        out = []
+        for i, (pos, s) in enumerate(slots):
+            if s is None:
+                j = next((v for v in valid if v > i), valid[0])
+                s = slots[j][1]
+            out.append((pos, s))
+        return out
+
+    def _first_valid_after(self, reader: _Reader, position: int) -> tuple[Tensor, int, str]:
+        """Every sample of this batch is corrupt: borrow the next valid one in the epoch order (deterministic)."""
+        order = self.plan.order
+        assert order is not None
+        for k in range(len(order)):
+            shard, member = self._locate(int(order[(position + k) % len(order)]))
+            try:
+                image, label = reader.load(shard, member)
+                return image, label, reader.key(shard, member)
+            except _Corrupt:
+                continue
+        raise DataError(f"no readable sample in shards {self.plan.shard_names}; rerun catdog-prep")
+
+
+class Batches:
+    """An iterable over (images, labels[, keys]) batches with a known length; one pass per ``iter()``.
+
+    Not a DataLoader on purpose: do not hand it to ``accelerator.prepare`` (which would shard or dispatch it
+    again); move each batch to the device yourself.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int, counters: Counter, corrupt: Counter, with_keys: bool):
+        self._loader = loader
+        self._num_batches = num_batches
+        self._counters = counters
+        self._corrupt = corrupt
+        self._with_keys = with_keys
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[tuple]:
+        for x, y, keys, report in self._loader:
+            self._counters["decoded"] += report["decoded"]
+            for shard, key, reason in report["errors"]:
+                self._counters["corrupt_skipped"] += 1
+                self._corrupt[shard] += 1
+                log.warning("skipped corrupt sample %s in shard %s: %s", key, shard, reason)
+            if x is None:
+                continue
+            self._counters["batches"] += 1
+            self._counters["samples"] += len(y)
+            yield (x, y, keys) if self._with_keys else (x, y)
+
+    def stats(self) -> dict:
+        """Counts so far (for eval: this loader's pass); see TrainStream.stats."""
+        return _stats(self._counters, self._corrupt)
+
+
+def _stats(counters: Counter, corrupt: Counter) -> dict:
+    return {
+        **{k: counters[k] for k in ("decoded", "batches", "samples", "corrupt_skipped")},
+        "corrupt_by_shard": dict(corrupt),
+    }
+
+
+def _dataloader(plan: _Plan, num_workers: int) -> DataLoader:
+    workers = min(num_workers, len(plan.batches))  # a worker with no batch would only cost a fork
+    return DataLoader(
+        _BatchDataset(plan),
+        batch_size=None,  # batches are built in the workers
+        num_workers=workers,
+        # Fresh workers per pass: each loader() is one epoch (or its tail), so nothing persists to go stale.
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+        # The DataLoader draws a base seed from its generator on every iter(); with the default (global) one,
+        # each epoch or resume would shift the training RNG stream. Our augmentation seeds itself per sample.
+        generator=torch.Generator(),
+    )
+
+
+def _split_info(info: DatasetInfo, split: str) -> tuple[list[Path], list[int], np.ndarray]:
+    s = info.split(split)
+    paths = info.shard_paths(split)
+    offsets = np.concatenate([[0], np.cumsum(s.shard_lengths)]).astype(np.int64)
+    return paths, list(s.shard_lengths), offsets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+class TrainStream:
+    """Training batches for one rank: same batch count on every rank, seekable, worker-independent.
+
+    ``batches_per_epoch = ceil(N / B)`` with B = batch_size * world_size. The last global batch is padded by
+    wrapping around to the start of the epoch order, i.e. it repeats a few samples, so that every rank (and
+    every worker) yields exactly the same number of full batches.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        info: DatasetInfo,
+        *,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if batch_size < 1:
+            raise ValueError(f"per-device batch_size={batch_size} must be >= 1")
+        self.cfg = cfg
+        self.info = info
+        self.split = split
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.paths, self.shard_lengths, self.offsets = _split_info(info, split)
+        self.num_samples = int(self.offsets[-1])
+        if self.num_samples == 0:
+            raise ValueError(f"split {split!r} in {info.root} has no samples; nothing to train on")
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = math.ceil(self.num_samples / self.global_batch)
+        self.transform = train_augment(cfg, image_size)
+        self.normalise = normalise(cfg)
+        self._counters: Counter = Counter()
+        self._corrupt: Counter = Counter()
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's global sample order (flat ids), the same on every rank."""
+        return epoch_order(
+            self.shard_lengths, seed=self.seed, epoch=epoch, shuffle=self.cfg.shuffle, buffer=self.cfg.shuffle_buffer
+        )
+
+    def rank_batch(self, order: np.ndarray, t: int) -> list[tuple[int, int]]:
+        """This rank's slice of global batch t as (position in the epoch, flat sample id)."""
+        start = t * self.global_batch + self.rank * self.batch_size
+        return [(p, int(order[p % self.num_samples])) for p in range(start, start + self.batch_size)]
+
+    def loader(self, epoch: int, start_batch: int = 0, *, with_keys: bool = False) -> Batches:
+        """Batches start_batch..batches_per_epoch-1 of ``epoch``; resume seeks, nothing skipped is read."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch={start_batch} outside [0, {self.batches_per_epoch}]")
+        order = self.order(epoch)
+        plan = _Plan(
+            indices=[index_shard(p) for p in self.paths],
+            offsets=self.offsets,
+            num_classes=self.info.num_classes,
+            batches=[self.rank_batch(order, t) for t in range(start_batch, self.batches_per_epoch)],
+            transform=self.transform,
+            normalise=self.normalise,
+            on_error=self.cfg.on_error,
+            replace_corrupt=True,
+            aug_seed=(self.seed, epoch),
+            with_keys=with_keys,
+            order=order,
+            shard_names=[p.name for p in self.paths],
+        )
+        return Batches(
+            _dataloader(plan, self.cfg.num_workers), len(plan.batches), self._counters, self._corrupt, with_keys
+        )
+
+    def stats(self) -> dict:
+        """Counts over every loader() so far: JPEGs decoded, batches and samples yielded, corrupt samples
+        skipped (``corrupt_skipped``, and per shard in ``corrupt_by_shard``)."""
+        return _stats(self._counters, self._corrupt)
+
+
+def eval_batches(num_samples: int, *, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """Sample positions of this rank's eval batches: batch k = positions [k*b, (k+1)*b), rank k % world_size.
+
+    Each position lands on exactly one rank; ranks may get one batch more than others, and the last batch
+    may be short.
+    """
+    num = math.ceil(num_samples / batch_size)
+    return [list(range(k * batch_size, min((k + 1) * batch_size, num_samples))) for k in range(rank, num, world_size)]
+
+
+def eval_loader(
+    cfg: DataConfig,
+    info: DatasetInfo,
+    *,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    rank: int,
+    world_size: int,
+    with_keys: bool = False,
+) -> Batches:
+    """Every sample of ``split`` exactly once across ranks, in file order, no padding, no augmentation.
+
+    Ranks may get different numbers of batches (one more at most; none when the split is empty), so callers
+    must not run per-batch collectives during evaluation: update metrics locally and sync once at the end.
+    A corrupt sample is dropped (and counted) rather than replaced, so it is never counted twice.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    paths, _, offsets = _split_info(info, split)
+    positions = eval_batches(int(offsets[-1]), batch_size=batch_size, rank=rank, world_size=world_size)
+    plan = _Plan(
+        indices=[index_shard(p) for p in paths],
+        offsets=offsets,
+        num_classes=info.num_classes,
+        batches=[[(p, p) for p in batch] for batch in positions],
+        transform=eval_resize(cfg, image_size),
+        normalise=normalise(cfg),
+        on_error=cfg.on_error,
+        replace_corrupt=False,
+        aug_seed=None,
+        with_keys=with_keys,
+        shard_names=[p.name for p in paths],
+    )
+    return Batches(_dataloader(plan, cfg.num_workers), len(plan.batches), Counter(), Counter(), with_keys)

@@ -1,0 +1,54 @@
+"""Image transforms (torchvision.transforms.v2): random crops and flips for training, resize + centre crop for eval.
+
+Both pipelines accept a uint8 CHW tensor (what ``torchvision.io.decode_jpeg`` gives the shard reader) or a PIL
+image (what ``ImageFolder`` gives the loader benchmark's baseline), and return a normalised float32 CHW tensor.
+The transforms draw their randomness from torch's global RNG; train/data.py seeds it per sample so augmentation
+is a pure function of (seed, epoch, sample position). The loader applies the uint8 part per image and
+``normalise`` once per stacked batch (one vectorised op instead of two per image, and uint8 until the end).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from train.config import DataConfig
+
+# Eval resizes the short side to image_size / 0.875 before the centre crop: the ImageNet convention
+# (256 -> 224) that torchvision and timm use, so pretrained InceptionV3 weights see familiar framing.
+EVAL_CROP_FRACTION = 0.875
+
+
+def train_augment(cfg: DataConfig, image_size: int) -> v2.Compose:
+    """The random part of training: RandomResizedCrop + horizontal flip + optional colour jitter -> uint8 image."""
+    aug = cfg.augment
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(image_size, scale=(aug.scale_min, aug.scale_max), antialias=True),
+        v2.RandomHorizontalFlip(aug.hflip),
+    ]
+    if aug.color_jitter > 0:
+        j = aug.color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    return v2.Compose([*steps, v2.ToImage()])
+
+
+def eval_resize(cfg: DataConfig, image_size: int) -> v2.Compose:
+    """The geometric part of eval: resize the short side to image_size / 0.875, centre crop -> uint8 image."""
+    return v2.Compose(
+        [v2.Resize(int(image_size / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(image_size), v2.ToImage()]
+    )
+
+
+def normalise(cfg: DataConfig) -> v2.Compose:
+    """uint8 image(s) -> float32, scaled to [0, 1], then standardised with cfg.mean / cfg.std."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(cfg.mean), std=list(cfg.std))])
+
+
+def train_transform(cfg: DataConfig, image_size: int) -> v2.Compose:
+    """Per-image training pipeline: train_augment then normalise."""
+    return v2.Compose([train_augment(cfg, image_size), normalise(cfg)])
+
+
+def eval_transform(cfg: DataConfig, image_size: int) -> v2.Compose:
+    """Per-image eval pipeline (deterministic): eval_resize then normalise."""
+    return v2.Compose([eval_resize(cfg, image_size), normalise(cfg)])
