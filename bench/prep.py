@@ -1,0 +1,126 @@
+"""Benchmark catdog-prep against a naive single-process Pillow loop and the single-core encode floor.
+
+    .venv/bin/python bench/prep.py [--data ../shared/data/catsdogs] [--limit 600] [--repeats 3]
+
+In one run over the same images (page cache warmed first), it measures
+  1. catdog-prep end to end (scan, hash, plan, encode in --workers processes, shards, _info.json);
+  2. the naive loop: one process, Image.open -> convert("RGB") -> resize -> save JPEG -> tarfile;
+  3. the floor: one core doing only decode+resize+encode of in-memory bytes (data_prep.encode).
+It prints the median images/s of each over --repeats runs, then the ratios against the issue's
+targets last: prep >= 1.8x naive, and prep >= 0.8 x cores x floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_prep.encode import EncodeOptions, encode_image  # noqa: E402
+from data_prep.prepare import PrepArgs, run  # noqa: E402
+from data_prep.scan import IMAGE_EXTENSIONS  # noqa: E402
+
+
+def list_images(data: Path, limit: int | None) -> list[Path]:
+    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if limit:
+        # Every k-th file, so a subset still covers all splits and classes.
+        files = files[:: max(1, len(files) // limit)][:limit]
+    return files
+
+
+def mirror(files: list[Path], data: Path, dest: Path) -> Path:
+    """A SRC tree of symlinks to exactly these files, keeping their split/class folders."""
+    for f in files:
+        link = dest / f.relative_to(data)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f)
+    return dest
+
+
+def bench_prep(src: Path, workers: int, size: int, quality: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp:
+        args = PrepArgs(
+            src=src, out=Path(tmp) / "out", image_size=size, quality=quality, workers=workers, progress=False
+        )
+        t = time.perf_counter()
+        summary = run(args, log=lambda _: None)
+        seconds = time.perf_counter() - t
+    return summary["counts"]["written"] / seconds
+
+
+def bench_naive(files: list[Path], size: int, quality: int) -> float:
+    """What one would write first: a plain loop, one process, Pillow defaults."""
+    with tempfile.TemporaryDirectory(prefix="bench-naive-") as tmp:
+        t = time.perf_counter()
+        with tarfile.open(Path(tmp) / "naive.tar", "w") as tar:
+            for i, f in enumerate(files):
+                im = Image.open(f).convert("RGB")
+                s = size / min(im.size)
+                im = im.resize((round(im.width * s), round(im.height * s)))
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=quality)
+                info = tarfile.TarInfo(f"{i:08d}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+        return len(files) / (time.perf_counter() - t)
+
+
+def bench_floor(blobs: list[bytes], opts: EncodeOptions) -> float:
+    """One core, bytes already in memory: decode + resize + encode only."""
+    t = time.perf_counter()
+    for b in blobs:
+        encode_image(b, opts)
+    return len(blobs) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "catsdogs")
+    p.add_argument("--limit", type=int, default=0, help="use only this many images (spread over the folders)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--quality", type=int, default=90)
+    a = p.parse_args()
+
+    files = list_images(a.data, a.limit or None)
+    blobs = [f.read_bytes() for f in files]  # also warms the page cache for all three measurements
+    opts = EncodeOptions(image_size=a.image_size, quality=a.quality)
+    cores = os.cpu_count() or 1
+    print(f"{len(files):,} images from {a.data}; {cores} cores, catdog-prep --workers {a.workers}; {a.repeats} repeats")
+    results: dict[str, list[float]] = {"catdog-prep": [], "naive loop": [], "floor (1 core)": []}
+    with tempfile.TemporaryDirectory(prefix="bench-src-") as tmp:
+        src = mirror(files, a.data, Path(tmp)) if a.limit else a.data
+        for r in range(a.repeats):
+            # Interleave the three so load from other processes on the machine hits them alike.
+            results["catdog-prep"].append(bench_prep(src, a.workers, a.image_size, a.quality))
+            results["naive loop"].append(bench_naive(files, a.image_size, a.quality))
+            results["floor (1 core)"].append(bench_floor(blobs, opts))
+            print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    for k, v in med.items():
+        print(f"{k:<16} {v:>8,.0f} images/s (median)")
+    print(
+        f"catdog-prep / naive loop          = {med['catdog-prep'] / med['naive loop']:.2f}x  (target >= 1.8 on 2 cores)"
+    )
+    print(
+        f"catdog-prep / ({cores} x floor)        = {med['catdog-prep'] / (cores * med['floor (1 core)']):.2f}   "
+        "(target >= 0.8)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""catdog-prep / python -m data_prep: shard a folder of photos into WebDataset tars."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from data_prep.prepare import PrepArgs, PrepError, run
+from data_prep.scan import LAYOUTS
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30})
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> 256_000_000, '1GiB' -> 2**30, '0' -> 0 (no limit)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 256MB, 1GiB, 500000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PrepArgs(Path("."), Path("."))
+    p = argparse.ArgumentParser(
+        prog="catdog-prep",
+        description=(
+            "Shard a folder of photos into WebDataset tars (OUT/{split}-000000.tar + OUT/_info.json). "
+            "Layouts: SRC/<class>/..., SRC/{train,val,validation,test}/<class>/..., or Kaggle-flat "
+            "SRC/<class>.<id>.jpg. Images are EXIF-rotated, converted to RGB (alpha flattened on white), "
+            "resized so the shorter side is --image-size, and stored as JPEG. Bad files are skipped and "
+            "listed in OUT/skipped.jsonl. A killed run resumes when rerun with the same arguments."
+        ),
+        epilog="example: catdog-prep ~/photos/catsdogs shards/catsdogs --image-size 256 --workers 8",
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="folder of photos (searched recursively)")
+    p.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="shorter side in pixels (default %(default)s)")
+    p.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction, help="val share per class when SRC is not pre-split"
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=d.test_fraction, help="test share per class when SRC is not pre-split"
+    )
+    p.add_argument(
+        "--shard-max-count",
+        type=int,
+        default=d.shard_max_count,
+        help="samples per shard at most; 0 = no limit (default %(default)s). A shard closes at whichever limit comes first",
+    )
+    p.add_argument(
+        "--shard-max-size",
+        type=parse_size,
+        default=d.shard_max_size,
+        help="bytes per shard at most, e.g. 256MB or 1GiB; 0 = no limit (default 256MB)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="decode/encode processes (default: all %(default)s cores); the output is identical for any value",
+    )
+    p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split assignment and shard order")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=d.max_pixels,
+        help="skip images with more pixels than this as decompression bombs (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-size",
+        type=int,
+        default=d.min_size,
+        help="skip images whose shorter side is below this (default %(default)s px)",
+    )
+    p.add_argument(
+        "--max-aspect",
+        type=float,
+        default=d.max_aspect,
+        help="cap on long/short side: longer images are centre-cropped along the long side to this ratio "
+        "before resizing, so a panorama does not become a huge strip (default %(default)s)",
+    )
+    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="force the input layout (default: detect)")
+    p.add_argument(
+        "--force", action="store_true", help="replace catdog-prep output already in OUT (other files are kept)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    args = PrepArgs(
+        src=ns.src,
+        out=ns.out,
+        image_size=ns.image_size,
+        val_fraction=ns.val_fraction,
+        test_fraction=ns.test_fraction,
+        shard_max_count=ns.shard_max_count,
+        shard_max_size=ns.shard_max_size,
+        workers=ns.workers,
+        quality=ns.quality,
+        seed=ns.seed,
+        max_pixels=ns.max_pixels,
+        min_size=ns.min_size,
+        max_aspect=ns.max_aspect,
+        layout=ns.layout,
+        force=ns.force,
+        progress=not ns.no_progress,
+    )
+    try:
+        run(args)
+    except PrepError as e:
+        print(f"catdog-prep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("catdog-prep: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Decode one image, normalise it to an RGB JPEG with shorter side ``image_size``; runs in worker processes.
+
+Pure function of (file bytes, options): the same input gives the same bytes in any process, which is
+what makes the shards identical for any ``--workers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_prep.plan import Item
+
+_WHITE = (255, 255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    image_size: int = 320
+    quality: int = 90
+    max_pixels: int = 100_000_000
+    min_size: int = 32
+    max_aspect: float = 3.0
+
+
+class Skip(Exception):
+    """This image cannot be used; ``reason`` is a short code for the summary, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one item becomes: the three tar members (or the reason it was skipped)."""
+
+    item: Item
+    jpg: bytes = b""
+    cls: bytes = b""
+    meta: bytes = b""
+    skip: tuple[str, str] | None = None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: alpha flattened on white, 16-bit scaled (not clipped) to 8-bit."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in _SIXTEEN_BIT:
+        # convert("L") would clip 16-bit values at 255 (an all-white image); scale 0..65535 -> 0..255.
+        return im.convert("I").point(lambda v: v * (1 / 257)).convert("L").convert("RGB")
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return im.convert("RGB")
+
+
+def _crop_box(w: int, h: int, max_aspect: float) -> tuple[int, int, int, int]:
+    """Centre crop of the long side so that long/short <= max_aspect (panoramas, banners)."""
+    if w > h * max_aspect:
+        cw = round(h * max_aspect)
+        x = (w - cw) // 2
+        return x, 0, x + cw, h
+    if h > w * max_aspect:
+        ch = round(w * max_aspect)
+        y = (h - ch) // 2
+        return 0, y, w, y + ch
+    return 0, 0, w, h
+
+
+def encode_image(data: bytes, opts: EncodeOptions) -> tuple[bytes, dict]:
+    """JPEG bytes and metadata for one source image; raises Skip for anything unusable."""
+    with warnings.catch_warnings():
+        # Pillow warns above its own pixel limit; ours (--max-pixels) is checked explicitly below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise Skip("not_an_image", "not a readable image (unknown format or corrupt header)") from None
+        except Image.DecompressionBombError as e:
+            raise Skip("too_large", f"decompression bomb: {e}") from None
+        w, h = im.size
+        meta = {"original_size": [w, h], "mode": im.mode, "format": im.format}
+        if w * h > opts.max_pixels:
+            raise Skip("too_large", f"{w}x{h} = {w * h:,} pixels is over --max-pixels {opts.max_pixels:,}")
+        if min(w, h) < opts.min_size:
+            raise Skip("too_small", f"{w}x{h} is smaller than --min-size {opts.min_size} px")
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1:
+            meta["frames"] = frames  # animated GIF/WebP: the first frame is used
+        scale = opts.image_size / min(w, h)
+        if im.format == "JPEG" and scale < 1:
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays >= image_size.
+            im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+        try:
+            im.load()
+        except OSError as e:
+            raise Skip("truncated" if "truncated" in str(e) else "corrupt", f"{e}") from None
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation != 1:
+            ImageOps.exif_transpose(im, in_place=True)
+            meta["exif_orientation"] = orientation
+        im = to_rgb(im)
+        box = _crop_box(*im.size, opts.max_aspect)
+        cw, ch = box[2] - box[0], box[3] - box[1]
+        if (cw, ch) != im.size:
+            meta["cropped_to_aspect"] = opts.max_aspect
+        s = opts.image_size / min(cw, ch)
+        size = (max(1, round(cw * s)), max(1, round(ch * s)))
+        if size != (cw, ch) or box != (0, 0, *im.size):
+            im = im.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=opts.quality)
+        meta["size"] = list(im.size)
+        return out.getvalue(), meta
+
+
+def encode_item(src: str, item: Item, opts: EncodeOptions) -> Sample:
+    """Read, verify and encode one planned item; every failure becomes a skipped Sample, never an exception."""
+    try:
+        data = Path(src, item.rel).read_bytes()
+    except OSError as e:
+        return Sample(item, skip=("unreadable", f"{type(e).__name__}: {e.strerror or e}"))
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        return Sample(item, skip=("changed", "the file changed while catdog-prep was running"))
+    try:
+        jpg, meta = encode_image(data, opts)
+    except Skip as e:
+        return Sample(item, skip=(e.reason, e.detail))
+    except Exception as e:  # noqa: BLE001 -- a decoder bug on one odd file must not stop the run
+        return Sample(item, skip=("decode_error", f"{type(e).__name__}: {e}"))
+    meta.update(
+        {
+            "key": item.key,
+            "class": item.class_name,
+            "label": item.label,
+            "split": item.split,
+            "source": item.rel,
+            "sha256": item.sha256,
+        }
+    )
+    meta_bytes = json.dumps(meta, sort_keys=True).encode()
+    return Sample(item, jpg=jpg, cls=str(item.label).encode(), meta=meta_bytes)
+
+
+def encode_batch(args: tuple[str, list[Item], EncodeOptions]) -> list[Sample]:
+    """Pool entry point: a few items per task so inter-process overhead stays small."""
+    src, items, opts = args
+    return [encode_item(src, it, opts) for it in items]

@@ -1,0 +1,406 @@
+"""The catdog-prep pipeline: scan -> hash -> plan -> encode in a process pool -> shards -> _info.json.
+
+Workers only decode/resize/encode; the parent writes every byte of output in plan order, which is
+why the result does not depend on ``workers``. Work is streamed through a bounded window of tasks,
+so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep.atomic import atomic_write_json
+from data_prep.encode import EncodeOptions, encode_batch
+from data_prep.info import INFO_NAME, SPLITS
+from data_prep.plan import Plan, hash_file, make_plan
+from data_prep.scan import LAYOUTS, ScanError, scan
+from data_prep.shards import (
+    PROGRESS_NAME,
+    Progress,
+    ShardRecord,
+    ShardWriter,
+    is_prep_output,
+    remove_outputs,
+    remove_temp_files,
+    sample_bytes,
+    write_skipped,
+)
+
+HASH_BATCH = 64  # files per hashing task
+ENCODE_BATCH = 8  # images per encoding task: amortises inter-process overhead, keeps the window small
+WINDOW_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded memory
+
+
+class PrepError(Exception):
+    """A fatal problem with the invocation; the message is one line saying what to do."""
+
+
+def tool_version() -> str:
+    try:
+        return version("catdog")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class PrepArgs:
+    src: Path
+    out: Path
+    image_size: int = 320
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    shard_max_count: int = 1000
+    shard_max_size: int = 256_000_000
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    quality: int = 90
+    seed: int = 0
+    max_pixels: int = 100_000_000
+    min_size: int = 32
+    max_aspect: float = 3.0
+    layout: str = "auto"
+    force: bool = False
+    progress: bool = True
+
+    def output_args(self) -> dict:
+        """The arguments that decide the output bytes (workers/force/progress do not), as stored in _info.json."""
+        return {
+            "src": str(Path(self.src).resolve()),
+            "image_size": self.image_size,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "shard_max_count": self.shard_max_count,
+            "shard_max_size": self.shard_max_size,
+            "quality": self.quality,
+            "seed": self.seed,
+            "max_pixels": self.max_pixels,
+            "min_size": self.min_size,
+            "max_aspect": self.max_aspect,
+            "layout": self.layout,
+        }
+
+    def encode_options(self) -> EncodeOptions:
+        return EncodeOptions(self.image_size, self.quality, self.max_pixels, self.min_size, self.max_aspect)
+
+    def validate(self) -> None:
+        checks = [
+            (self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
+            (1 <= self.quality <= 100, f"--quality must be in 1..100, got {self.quality}"),
+            (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            (0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1), got {self.test_fraction}"),
+            (
+                self.val_fraction + self.test_fraction < 1,
+                f"--val-fraction + --test-fraction must be < 1, got {self.val_fraction + self.test_fraction}",
+            ),
+            (self.shard_max_count >= 0, f"--shard-max-count must be >= 0, got {self.shard_max_count}"),
+            (self.shard_max_size >= 0, f"--shard-max-size must be >= 0, got {self.shard_max_size}"),
+            (self.workers >= 1, f"--workers must be >= 1, got {self.workers}"),
+            (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
+            (self.min_size >= 1, f"--min-size must be >= 1, got {self.min_size}"),
+            (self.max_aspect >= 1, f"--max-aspect must be >= 1, got {self.max_aspect}"),
+            (self.layout in LAYOUTS, f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise PrepError(msg)
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Exclusive lock on OUT for the run (released by the kernel even on kill -9)."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepError(f"another catdog-prep is writing to {out}; wait for it or use another OUT") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int) -> Iterator:
+    """fn over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process)."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _batches(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def _hash_batch(paths: list[str]) -> list:
+    return [hash_file(p) for p in paths]
+
+
+def _check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
+    """What OUT holds: 'done' (same args and inputs, finished), 'ours' (resumable or empty). Refuses others."""
+    names = sorted(os.listdir(out))
+    info_path = out / INFO_NAME
+    if info_path.is_file():
+        try:
+            raw = json.loads(info_path.read_text())
+        except ValueError:
+            raw = {}
+        same_args = raw.get("args") == args
+        same_src = raw.get("source", {}).get("fingerprint") == source_fp
+        shards = raw.get("shards", {})
+        intact = all((out / f).is_file() and (out / f).stat().st_size == s["bytes"] for f, s in shards.items())
+        if same_args and same_src and intact and not force:
+            return "done"
+        if not force:
+            if not same_args:
+                old = raw.get("args", {})
+                diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in args.items() if old.get(k) != v)
+                why = f"with other arguments ({diff or 'unreadable _info.json'})"
+            elif not same_src:
+                why = "from different files (SRC changed since)"
+            else:
+                why = "and its shards are missing or damaged"
+            raise PrepError(f"{out} was written by catdog-prep {why}; use a new OUT or pass --force to rebuild it")
+    progress = Progress.load(out)
+    if progress is not None and progress.fingerprint != _fingerprint(args, source_fp) and not force:
+        raise PrepError(
+            f"{out} holds an unfinished catdog-prep run with other arguments or inputs; rerun that command to "
+            "resume it, use a new OUT, or pass --force to start over"
+        )
+    foreign = [n for n in names if not is_prep_output(n)]
+    if foreign and not force:
+        raise PrepError(
+            f"{out} is not empty and was not written by catdog-prep (it holds {foreign[0]!r}); use an empty "
+            "folder or pass --force (only catdog-prep's own files are replaced)"
+        )
+    if force:
+        remove_outputs(out)
+    return "ours"
+
+
+def _fingerprint(args: dict, source_fp: str) -> str:
+    return hashlib.sha256(json.dumps({"args": args, "source": source_fp}, sort_keys=True).encode()).hexdigest()
+
+
+def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
+    """Prepare shards from a.src into a.out; returns the summary (also printed through ``log``)."""
+    a.validate()
+    t0 = time.perf_counter()
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"OUT {out} is a file, not a folder: pass a folder path for the shards")
+    try:
+        found, how = scan(a.src, a.layout, exclude=out if out.exists() else None)
+    except ScanError as e:
+        raise PrepError(str(e)) from None
+    log(f"layout: {how}")
+    log(f"found {len(found.candidates):,} image files in {len(found.classes)} classes: {', '.join(found.classes)}")
+    out.mkdir(parents=True, exist_ok=True)
+    args = a.output_args()
+    with _locked(out):
+        if _check_out(out, args, found.fingerprint, a.force) == "done":
+            info = json.loads((out / INFO_NAME).read_text())
+            remove_temp_files(out)
+            (out / PROGRESS_NAME).unlink(missing_ok=True)
+            n = info["counts"]["written"]
+            log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
+            return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
+        remove_temp_files(out)
+        # Fork before any thread exists (tqdm starts a monitor thread): forking a threaded process is unsafe.
+        pool = multiprocessing.get_context("fork").Pool(a.workers) if a.workers > 1 else None
+        try:
+            return _prepare(a, found, out, args, pool, t0, log)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+
+def _prepare(a: PrepArgs, found, out: Path, args: dict, pool, t0: float, log: Callable[[str], None]) -> dict:
+    src = Path(a.src)
+    window = WINDOW_PER_WORKER * a.workers
+    rels = [c.rel for c in found.candidates if c.problem is None]
+    hashes: dict = {}
+    with tqdm(total=len(rels), desc="hash", unit="img", disable=not a.progress, leave=False) as bar:
+        tasks = _batches([str(src / r) for r in rels], HASH_BATCH)
+        for i, results in enumerate(_ordered_map(pool, _hash_batch, tasks, window)):
+            for r, h in zip(rels[i * HASH_BATCH : (i + 1) * HASH_BATCH], results, strict=True):
+                hashes[r] = h
+            bar.update(len(results))
+    plan = make_plan(
+        found.candidates,
+        hashes,
+        found.classes,
+        seed=a.seed,
+        val_fraction=a.val_fraction,
+        test_fraction=a.test_fraction,
+    )
+    if found.layout == "presplit" and (a.val_fraction, a.test_fraction) != (0.1, 0.1):
+        log("note: SRC is pre-split, so --val-fraction/--test-fraction are not used")
+    fingerprint = _fingerprint(args, found.fingerprint)
+    if not plan.items:
+        write_skipped(out, sorted([*plan.skipped, *plan.duplicates], key=lambda r: r["path"]))
+        raise PrepError(
+            f"no usable image under {src}: all {len(found.candidates):,} were skipped (see {out}/skipped.jsonl)"
+        )
+    if len({it.label for it in plan.items}) < 2:
+        raise PrepError(f"only one class has readable images under {src}; a classifier needs at least 2")
+
+    progress = Progress.load(out)
+    if (
+        progress is not None
+        and progress.fingerprint == fingerprint
+        and progress.plan_digest == plan.digest
+        and progress.verified(out)
+    ):
+        log(f"resuming: {len(progress.shards)} shards ({progress.next_index:,} images) already written")
+    else:
+        if progress is not None:
+            log("an unfinished run's shards do not match these inputs (changed or damaged): starting over")
+        remove_outputs(out)
+        progress = Progress(fingerprint, plan.digest, 0, [], [])
+        progress.save(out)
+    encode_skips: list[dict] = list(progress.skipped)
+
+    def on_close(record: ShardRecord, next_index: int) -> None:
+        progress.shards.append(asdict(record))
+        progress.next_index = next_index
+        progress.skipped = [s for s in encode_skips if s["index"] < next_index]
+        progress.save(out)
+
+    next_number = Counter(s["split"] for s in progress.shards)
+    writer = ShardWriter(out, a.shard_max_count, a.shard_max_size, next_number, on_close)
+    todo = list(plan.items[progress.next_index :])
+    opts = a.encode_options()
+    t_encode = time.perf_counter()
+    tasks = ((str(src), batch, opts) for batch in _batches(todo, ENCODE_BATCH))
+    try:
+        with tqdm(
+            total=len(plan.items), initial=progress.next_index, desc="encode", unit="img", disable=not a.progress
+        ) as bar:
+            for samples in _ordered_map(pool, encode_batch, tasks, window):
+                for s in samples:
+                    if s.skip is not None:
+                        encode_skips.append(
+                            {"path": s.item.rel, "reason": s.skip[0], "detail": s.skip[1], "index": s.item.index}
+                        )
+                    else:
+                        writer.add(s.item.split, sample_bytes(s.item.key, s.jpg, s.cls, s.meta), s.item.index)
+                bar.update(len(samples))
+        writer.close(len(plan.items))
+    finally:
+        writer.abandon()
+    encode_seconds = time.perf_counter() - t_encode
+    return _finish(a, found, plan, progress, encode_skips, out, args, t0, len(todo), encode_seconds, log)
+
+
+def _finish(
+    a, found, plan: Plan, progress: Progress, encode_skips, out, args, t0, n_encoded, encode_seconds, log
+) -> dict:
+    """Write skipped.jsonl, then _info.json last; the progress file goes once _info.json is in place."""
+    shards = progress.shards
+    remove_outputs(out, keep={s["file"] for s in shards} | {PROGRESS_NAME})
+    skipped_idx = {s["index"] for s in encode_skips}
+    skipped = sorted(
+        [*plan.skipped, *({k: v for k, v in s.items() if k != "index"} for s in encode_skips)],
+        key=lambda r: r["path"],
+    )
+    write_skipped(out, sorted([*skipped, *plan.duplicates], key=lambda r: r["path"]))
+    per_split = {split: {c: 0 for c in found.classes} for split in SPLITS}
+    for it in plan.items:
+        if it.index not in skipped_idx:
+            per_split[it.split][it.class_name] += 1
+    written = sum(s["count"] for s in shards)
+    if written == 0:
+        raise PrepError(f"no usable image under {a.src}: every file was skipped (see {out}/skipped.jsonl)")
+    counts = {
+        "found": len(found.candidates),
+        "written": written,
+        "duplicates": len(plan.duplicates),
+        "leakage": sum(d["leakage"] for d in plan.duplicates),
+        "skipped": len(skipped),
+        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "ignored_non_images": found.ignored,
+        "per_split": per_split,
+    }
+    assert counts["found"] == written + counts["duplicates"] + counts["skipped"], counts
+    splits = {}
+    for split in SPLITS:
+        mine = [s for s in shards if s["split"] == split]
+        splits[split] = {
+            "name": split,
+            "num_samples": sum(s["count"] for s in mine),
+            "filenames": [s["file"] for s in mine],
+            "shard_lengths": [s["count"] for s in mine],
+        }
+    info = {
+        "name": Path(args["src"]).name,
+        "tool": "catdog-prep",
+        "version": tool_version(),
+        "classes": list(found.classes),
+        "layout": found.layout,
+        "splits": splits,
+        "args": args,
+        "counts": counts,
+        "source": {"path": args["src"], "fingerprint": found.fingerprint},
+        "shards": {s["file"]: {"bytes": s["bytes"], "sha256": s["sha256"]} for s in shards},
+    }
+    atomic_write_json(out / INFO_NAME, info)
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "status": "written",
+        "counts": counts,
+        "out": str(out),
+        "seconds": seconds,
+        "encode_images_per_s": n_encoded / encode_seconds if encode_seconds > 0 else 0.0,
+        "images_per_s": len(plan.items) / seconds,
+        "bytes": sum(s["bytes"] for s in shards),
+        "shards": len(shards),
+        "workers": a.workers,
+    }
+    log(format_summary(summary, found.classes))
+    return summary
+
+
+def format_summary(summary: dict, classes: tuple[str, ...]) -> str:
+    """The end-of-run table: samples per split and class, skips by reason, throughput, size."""
+    c = summary["counts"]
+    width = max(8, *(len(k) for k in classes))
+    lines = ["", f"{'split':<6} {'class':<{width}} {'samples':>8}"]
+    for split in SPLITS:
+        for cls in classes:
+            lines.append(f"{split:<6} {cls:<{width}} {c['per_split'][split][cls]:>8,}")
+        lines.append(f"{split:<6} {'(all)':<{width}} {sum(c['per_split'][split].values()):>8,}")
+    lines.append(
+        f"found {c['found']:,} = written {c['written']:,} + duplicates {c['duplicates']:,} "
+        f"(leakage across splits: {c['leakage']:,}) + skipped {c['skipped']:,}"
+    )
+    for reason, n in c["skipped_by_reason"].items():
+        lines.append(f"  skipped {reason}: {n:,}")
+    if c["ignored_non_images"]:
+        lines.append(f"  ignored (no image extension or hidden): {c['ignored_non_images']:,}")
+    lines.append(
+        f"{summary['images_per_s']:,.0f} images/s overall ({summary['seconds']:.1f} s, {summary['workers']} workers; "
+        f"encoding {summary['encode_images_per_s']:,.0f} images/s)"
+    )
+    lines.append(f"wrote {summary['bytes'] / 1e6:,.1f} MB in {summary['shards']} shards to {summary['out']}")
+    return "\n".join(lines)

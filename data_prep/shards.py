@@ -1,0 +1,193 @@
+"""Write samples into WebDataset tar shards, atomically and resumably.
+
+Shard bytes are deterministic: members carry a fixed mtime/uid/gid/mode and are written by hand
+(header + data + padding, two zero blocks at the end) so no clock, user or tarfile record padding
+leaks into the output. A shard is a hidden temp file until it is complete, then renamed; after each
+rename the progress file records how far the plan got, so a kill -9 loses at most one shard of work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_prep.atomic import atomic_write_json, atomic_write_text, tmp_path_for
+from data_prep.info import INFO_NAME
+
+SKIPPED_NAME = "skipped.jsonl"
+PROGRESS_NAME = ".catdog-prep-progress.json"
+SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+_TEMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+_BLOCK = 512
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def is_prep_output(name: str) -> bool:
+    """True for every file name catdog-prep writes into OUT (shards, metadata, progress, temp files)."""
+    return bool(SHARD_RE.match(name) or _TEMP_RE.match(name)) or name in (INFO_NAME, SKIPPED_NAME, PROGRESS_NAME)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One ustar member with fixed metadata, padded to the 512-byte block size."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * (-len(data) % _BLOCK)
+
+
+_END = b"\0" * (2 * _BLOCK)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    file: str
+    split: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+class ShardWriter:
+    """Append samples split by split; a shard closes at ``max_count`` samples or ``max_bytes`` (0 = no limit).
+
+    ``on_close(record, next_index)`` runs after each rename with the plan index of the first sample not
+    in any closed shard, so the caller can persist progress.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        max_count: int,
+        max_bytes: int,
+        next_number: dict[str, int],
+        on_close: Callable[[ShardRecord, int], None],
+    ):
+        self.out = out
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.next_number = dict(next_number)
+        self.on_close = on_close
+        self._split: str | None = None
+        self._file = None
+        self._tmp: Path | None = None
+        self._hash = hashlib.sha256()
+        self._count = 0
+        self._bytes = 0
+
+    def add(self, split: str, sample: bytes, index: int) -> None:
+        """Write one sample's members (already tar-encoded); ``index`` is its position in the plan."""
+        if self._file is not None and (
+            split != self._split
+            or (self.max_count and self._count >= self.max_count)
+            or (self.max_bytes and self._bytes + len(sample) + len(_END) > self.max_bytes)
+        ):
+            self.close(index)
+        if self._file is None:
+            self._split = split
+            self._tmp = tmp_path_for(self.out / shard_name(split, self.next_number.get(split, 0)))
+            self._file = open(self._tmp, "wb")
+            self._hash = hashlib.sha256()
+            self._count = self._bytes = 0
+        self._file.write(sample)
+        self._hash.update(sample)
+        self._count += 1
+        self._bytes += len(sample)
+
+    def close(self, next_index: int) -> None:
+        """Complete the open shard (if any): end blocks, fsync, rename, then report it."""
+        if self._file is None:
+            return
+        self._file.write(_END)
+        self._hash.update(_END)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        number = self.next_number.get(self._split, 0)
+        name = shard_name(self._split, number)
+        os.replace(self._tmp, self.out / name)
+        self.next_number[self._split] = number + 1
+        record = ShardRecord(name, self._split, self._count, self._bytes + len(_END), self._hash.hexdigest())
+        self._file = None
+        self.on_close(record, next_index)
+
+    def abandon(self) -> None:
+        """Drop the open temp shard (used when the run fails before finishing)."""
+        if self._file is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            self._file = None
+
+
+def sample_bytes(key: str, jpg: bytes, cls: bytes, meta: bytes) -> bytes:
+    return tar_member(f"{key}.jpg", jpg) + tar_member(f"{key}.cls", cls) + tar_member(f"{key}.json", meta)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Progress:
+    """How far an unfinished run got: shards closed so far and the plan index after them."""
+
+    fingerprint: str
+    plan_digest: str
+    next_index: int = 0
+    shards: list[dict] | None = None
+    skipped: list[dict] | None = None  # encode-time skips with plan index < next_index
+
+    def save(self, out: Path) -> None:
+        atomic_write_json(out / PROGRESS_NAME, asdict(self))
+
+    @classmethod
+    def load(cls, out: Path) -> Progress | None:
+        try:
+            raw = json.loads((out / PROGRESS_NAME).read_text())
+            return cls(**raw)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def verified(self, out: Path) -> bool:
+        """True when every recorded shard is on disk with the recorded size and sha256."""
+        for s in self.shards or []:
+            path = out / s["file"]
+            if not path.is_file() or path.stat().st_size != s["bytes"] or file_sha256(path) != s["sha256"]:
+                return False
+        return True
+
+
+def remove_temp_files(out: Path) -> int:
+    """Delete temp files left by a killed run; returns how many."""
+    n = 0
+    for p in out.iterdir():
+        if _TEMP_RE.match(p.name) and p.is_file():
+            p.unlink()
+            n += 1
+    return n
+
+
+def remove_outputs(out: Path, keep: set[str] = frozenset()) -> None:
+    """Delete catdog-prep's own files from OUT (never anything else), except those named in ``keep``."""
+    for p in out.iterdir():
+        if is_prep_output(p.name) and p.name not in keep and p.is_file():
+            p.unlink()
+
+
+def write_skipped(out: Path, records: list[dict]) -> None:
+    atomic_write_text(out / SKIPPED_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))

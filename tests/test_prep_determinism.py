@@ -1,0 +1,88 @@
+"""Byte-identical output: for any --workers, after kill -9 + rerun, and wherever/however the files are listed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prep_helpers import ROOT, make_tree, read_shards, run_cli, tree_bytes
+
+from data_prep.prepare import PrepArgs, run
+
+
+@pytest.mark.slow
+def test_output_identical_for_1_and_2_workers(real_data: Path, tmp_path: Path):
+    src = make_tree(real_data, tmp_path / "src", 40)
+    (src / "dog" / "dup.jpg").write_bytes((src / "cat" / "cat.0.jpg").read_bytes())  # a duplicate and a bad file
+    (src / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    common = dict(src=src, image_size=64, shard_max_count=7, progress=False)
+    one = run(PrepArgs(out=tmp_path / "w1", workers=1, **common), log=lambda _: None)
+    two = run(PrepArgs(out=tmp_path / "w2", workers=2, **common), log=lambda _: None)
+    assert one["counts"] == two["counts"]
+    assert one["counts"]["written"] == 80 and one["counts"]["duplicates"] == 1 and one["counts"]["skipped"] == 1
+    a, b = tree_bytes(tmp_path / "w1"), tree_bytes(tmp_path / "w2")
+    assert sorted(a) == sorted(b) and len([n for n in a if n.endswith(".tar")]) >= 3
+    assert a == b
+
+
+def test_split_and_order_do_not_depend_on_location_or_listing(real_data: Path, tmp_path: Path):
+    # The same photos in two places, created in opposite orders (so directory listing order differs).
+    src1 = make_tree(real_data, tmp_path / "a" / "src", 15)
+    src2 = tmp_path / "elsewhere" / "photos"
+    for p in sorted(src1.rglob("*.jpg"), reverse=True):
+        target = src2 / p.relative_to(src1)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    kw = dict(image_size=48, progress=False, workers=1)
+    run(PrepArgs(src=src1, out=tmp_path / "o1", **kw), log=lambda _: None)
+    run(PrepArgs(src=src2, out=tmp_path / "o2", **kw), log=lambda _: None)
+    shards1 = {k: v for k, v in tree_bytes(tmp_path / "o1").items() if k.endswith(".tar")}
+    shards2 = {k: v for k, v in tree_bytes(tmp_path / "o2").items() if k.endswith(".tar")}
+    assert shards1 == shards2 and shards1
+
+    # Stratified: 10% val and 10% test of each class (15 -> round(1.5) = 2 each), the rest train.
+    samples = read_shards(tmp_path / "o1")
+    for cls in (0, 1):
+        per_split = {
+            sp: sum(1 for s in samples.values() if s["cls"] == cls and s["split"] == sp)
+            for sp in ("train", "val", "test")
+        }
+        assert per_split == {"train": 11, "val": 2, "test": 2}
+
+    # Another seed gives another split.
+    run(PrepArgs(src=src1, out=tmp_path / "o3", seed=1, **kw), log=lambda _: None)
+    val0 = {s["json"]["source"] for s in samples.values() if s["split"] == "val"}
+    val1 = {s["json"]["source"] for s in read_shards(tmp_path / "o3").values() if s["split"] == "val"}
+    assert val0 != val1
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_equals_uninterrupted(real_data: Path, tmp_path: Path):
+    # Original-size photos and tiny shards, so the run takes a few seconds and closes many shards.
+    src = make_tree(real_data, tmp_path / "src", 120, short_side=None)
+    args = ["--image-size", "224", "--shard-max-count", "10", "--workers", "2"]
+    ref = tmp_path / "ref"
+    r = run_cli(src, ref, *args)
+    assert r.returncode == 0, r.stderr
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *args, "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("train-*.tar"))) < 3:  # some shards finished, more to go
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.monotonic() < deadline, "no shard appeared within 60 s"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: parent and pool workers
+    proc.wait(timeout=30)
+    assert not (out / "_info.json").exists()  # nothing a reader would trust as finished
+
+    r = run_cli(src, out, *args)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert tree_bytes(out) == tree_bytes(ref)  # no temp or progress files left, every byte equal
