@@ -1,0 +1,155 @@
+"""`catdog-launch` (or `python -m launch`): local | slurm | status | summarize.
+
+catdog-launch local --config configs/cnn.yaml [--gpus N | --cpu-ranks N] [--dry-run] key=value ...
+catdog-launch slurm --config configs/cnn.yaml --nodes 2 --gpus-per-node 4 [--slurm-config F] [--sweep S]
+                    [--dry-run] [--wait] key=value ...
+catdog-launch status RUN_DIR
+catdog-launch summarize RUNS_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from train.config import ConfigError, load_config
+
+from .slurm import SubmitError
+
+# SLURM flags -> SlurmConfig fields; a flag left out keeps the value from --slurm-config (or the default).
+_SLURM_FLAGS = {
+    "nodes": int,
+    "gpus_per_node": int,
+    "tasks_per_node": int,
+    "cpus_per_task": int,
+    "mem": str,
+    "time": str,
+    "partition": str,
+    "account": str,
+    "qos": str,
+    "constraint": str,
+    "exclude": str,
+    "job_name": str,
+    "array_parallelism": int,
+    "signal_delay_s": int,
+    "max_num_timeout": int,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="catdog-launch", description="Launch catdog training locally or on SLURM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    loc = sub.add_parser("local", help="run `accelerate launch` on this machine")
+    loc.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    loc.add_argument("--gpus", type=int, help="GPUs to use (default: all visible)")
+    loc.add_argument(
+        "--cpu-ranks", type=int, help="train on CPU with N ranks over gloo (default on a machine without GPUs: 1)"
+    )
+    loc.add_argument("--port", type=int, help="rendezvous port for several ranks (default: a free one)")
+    loc.add_argument("--dry-run", action="store_true", help="print the command without running it")
+    loc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
+
+    slu = sub.add_parser("slurm", help="submit to SLURM through submitit (one task per GPU)")
+    slu.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    slu.add_argument("--slurm-config", help="SLURM settings YAML (configs/slurm/*.yaml); flags override it")
+    slu.add_argument("--sweep", help="sweep YAML (sweeps/*.yaml): one job-array element per point")
+    for name, typ in _SLURM_FLAGS.items():
+        slu.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    slu.add_argument("--dry-run", action="store_true", help="print the sbatch script submitit would submit")
+    slu.add_argument("--wait", action="store_true", help="follow the job(s), streaming rank 0's log, until done")
+    slu.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-3")
+
+    st = sub.add_parser("status", help="state, logs and newest metrics of a run dir (or a sweep)")
+    st.add_argument("run_dir")
+
+    sm = sub.add_parser("summarize", help="final metrics of every point of a sweep, side by side")
+    sm.add_argument("runs_dir")
+    return p
+
+
+def _local(args: argparse.Namespace) -> int:
+    from .local import run_local
+
+    return run_local(
+        args.config, args.overrides, gpus=args.gpus, cpu_ranks=args.cpu_ranks, port=args.port, dry_run=args.dry_run
+    )
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from .slurm import follow, job_config, launch
+    from .slurm_config import load_slurm_config
+    from .sweep import load_sweep, summarize, write_table
+
+    given = {k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None}
+    slurm = load_slurm_config(args.slurm_config, given)
+    if args.sweep:
+        root = Path(load_config(args.config, args.overrides).run.dir).resolve()
+        sweep = load_sweep(args.sweep)
+        points = []
+        for p in sweep:
+            try:
+                cfg = job_config(args.config, [*args.overrides, *p.overrides, f"run.dir={root / p.name}"], slurm)
+            except ConfigError as e:
+                raise ConfigError(f"{args.sweep}, point {p.name}: {e}") from e
+            points.append((p.name, cfg))
+        folder = root / "slurm"
+    else:
+        cfg = job_config(args.config, args.overrides, slurm)
+        points = [(Path(cfg.run.dir).name, cfg)]
+        folder = Path(cfg.run.dir) / "slurm"
+
+    submitted = launch(points, slurm, folder, dry_run=args.dry_run)
+    if args.sweep and submitted:
+        rows = [
+            {"point": s.name, "job_id": s.job.job_id, "run_dir": str(s.run_dir), "overrides": " ".join(p.overrides)}
+            for s, p in zip(submitted, sweep, strict=True)
+        ]
+        print(f"sweep table {write_table(root, rows)}; results: catdog-launch summarize {root}")
+    if not (args.wait and submitted):
+        return 0
+    states = follow(submitted)
+    print("final state: " + ", ".join(f"{s.name} {states[s.job.job_id]}" for s in submitted))
+    if args.sweep:
+        summarize(root, sys.stdout, states=states)
+    return 0 if all(st == "COMPLETED" for st in states.values()) else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import show_status
+
+    show_status(args.run_dir, sys.stdout)
+    return 0
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from .sweep import summarize
+
+    return 0 if summarize(args.runs_dir, sys.stdout) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may sit between options (`--nodes 2 optim.lr=3e-3 --wait`): whatever the first pass leaves over
+    # must be key=value.
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    handler = {"local": _local, "slurm": _slurm, "status": _status, "summarize": _summarize}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"catdog-launch: error: {e}", file=sys.stderr)
+        return 2
+    except SubmitError as e:  # sbatch's own message was printed above it
+        print(f"catdog-launch: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Local launch: build and run the `accelerate launch` command for this machine's GPUs (or CPU ranks)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from train.config import ConfigError, load_config
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use (honours CUDA_VISIBLE_DEVICES)."""
+    import torch  # late: `catdog-launch status/summarize` should not pay for importing torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _accelerate_bin() -> str:
+    """The `accelerate` next to this Python (the project's venv), else the one on PATH."""
+    here = Path(sys.executable).parent / "accelerate"
+    return str(here) if here.exists() else "accelerate"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(
+    config: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    gpus: int | None = None,
+    cpu_ranks: int | None = None,
+    available_gpus: int,
+    port: int,
+) -> list[str]:
+    """The `accelerate launch ... -m train --config ...` argv.
+
+    gpus=None uses every visible GPU. Without GPUs (or with cpu_ranks set) the ranks run on CPU over gloo:
+    `accelerate launch --cpu` starts a single process whatever --num_processes says, so several CPU ranks go
+    through the multi-GPU launcher (torchrun underneath) with train.cpu=true, which makes the trainer's
+    Accelerator(cpu=True) pick the MULTI_CPU/gloo path.
+    """
+    cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
+    if gpus is not None and cpu_ranks is not None:
+        raise ConfigError("--gpus and --cpu-ranks are exclusive: pick GPUs or CPU ranks")
+    if gpus is not None and gpus < 1 or cpu_ranks is not None and cpu_ranks < 1:
+        raise ConfigError("--gpus / --cpu-ranks must be >= 1")
+    if gpus is not None and gpus > available_gpus:
+        raise ConfigError(
+            f"--gpus {gpus}: only {available_gpus} GPU(s) visible here"
+            + ("; use --cpu-ranks N to train on CPU" if available_gpus == 0 else "")
+        )
+    on_cpu = cpu_ranks is not None or available_gpus == 0 or cfg.train.cpu
+    n = (cpu_ranks or 1) if on_cpu else (gpus or available_gpus)
+    cmd = [_accelerate_bin(), "launch", "--num_machines", "1"]
+    cmd += ["--mixed_precision", cfg.train.mixed_precision, "--dynamo_backend", "no"]
+    if n > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(n), "--main_process_port", str(port)]
+    else:
+        cmd += ["--num_processes", "1"] + (["--cpu"] if on_cpu else [])
+    if not on_cpu and n < available_gpus:
+        cmd += ["--gpu_ids", ",".join(str(i) for i in range(n))]
+    cmd += ["-m", "train", "--config", str(config), *overrides]
+    if on_cpu and not cfg.train.cpu:
+        cmd.append("train.cpu=true")
+    return cmd
+
+
+def run_local(
+    config: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    gpus: int | None = None,
+    cpu_ranks: int | None = None,
+    port: int | None = None,
+    dry_run: bool = False,
+) -> int:
+    """Print the command, then (unless dry_run) run it in the foreground and return its exit code."""
+    if not Path(config).is_file():
+        raise ConfigError(f"config file {config} does not exist; pass a YAML from configs/ (e.g. configs/cnn.yaml)")
+    cmd = accelerate_command(
+        config,
+        overrides,
+        gpus=gpus,
+        cpu_ranks=cpu_ranks,
+        available_gpus=0 if cpu_ranks else visible_gpus(),
+        port=port or free_port(),
+    )
+    print(shlex.join(cmd), flush=True)
+    if dry_run:
+        return 0
+    return subprocess.run(cmd).returncode

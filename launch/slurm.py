@@ -1,0 +1,355 @@
+"""SLURM launch through submitit: one task per GPU (or CPU rank), the trainer's own `main(cfg)` in each.
+
+The submitit callable follows MAE/DINOv2: `SlurmTrainer.__call__` exports the torch.distributed variables
+from SLURM's and calls `train.trainer.main`; `checkpoint()` (rank 0, on USR2 before a time limit or a
+preemption) returns a new submission of itself, submitit requeues the job, and the trainer's auto-resume
+continues from the newest checkpoint in the same run dir, with the W&B run id kept in run.dir/wandb_run_id.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import submitit
+from submitit.core.utils import FailedJobError
+
+from data_prep.atomic import atomic_write_json
+from train.config import Config, ConfigError, load_config
+
+from .slurm_config import SlurmConfig
+
+JOB_RECORD = "slurm_job.json"  # in each run dir: which SLURM job writes it, and where its logs are
+# Job states after which SLURM will not run the job again (REQUEUED/PENDING/RUNNING are not final).
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+
+
+class SlurmTrainer:
+    """The submitit callable: runs in every task of the job; rank 0's checkpoint() requeues it."""
+
+    def __init__(self, cfg: Config, use_gpus: bool) -> None:
+        self.cfg = cfg
+        self.use_gpus = use_gpus
+
+    def __call__(self) -> dict:
+        # MASTER_ADDR = first node of the job, RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID.
+        # overwrite: values inherited from the submitting shell (sbatch exports its environment) are wrong here.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus, overwrite=True)
+        from train.trainer import main  # late: keeps submission light and the pickle free of torch state
+
+        return main(self.cfg)
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        # Nothing to save here: the trainer checkpoints atomically as it goes. The requeued job must resume
+        # from the newest of those, whatever train.resume said at submission.
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.resume = "auto"
+        return submitit.helpers.DelayedSubmission(SlurmTrainer(cfg, self.use_gpus))
+
+
+class _OfflineSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor without its "is srun installed?" check, so --dry-run works off-cluster."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2
+
+
+def make_executor(slurm: SlurmConfig, folder: Path, *, offline: bool = False) -> submitit.SlurmExecutor:
+    """A submitit executor whose sbatch script asks for `slurm`'s resources, logging into `folder`."""
+    cls = _OfflineSlurmExecutor if offline else submitit.SlurmExecutor
+    ex = cls(folder=folder, max_num_timeout=slurm.max_num_timeout)
+    params: dict = {
+        "job_name": slurm.job_name,
+        "nodes": slurm.nodes,
+        "ntasks_per_node": slurm.ntasks_per_node(),
+        "cpus_per_task": slurm.cpus_per_task,
+        "time": slurm.time_minutes(),  # minutes: submitit also uses it to tell a time-out from a preemption
+        "signal_delay_s": slurm.signal_delay_s,
+        "array_parallelism": slurm.array_parallelism,
+        # torch would start one thread per core of the node in every rank; give each rank its own CPUs.
+        "setup": ["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", *slurm.setup],
+        # requeue on node failure too (the trainer resumes), and allow `scontrol requeue` where JobRequeue=0.
+        "additional_parameters": {"requeue": True},
+    }
+    if slurm.gpus_per_node:
+        params["gpus_per_node"] = slurm.gpus_per_node
+    for name in ("partition", "account", "qos", "constraint", "exclude", "mem"):
+        if getattr(slurm, name):
+            params[name] = getattr(slurm, name)
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(ex: submitit.SlurmExecutor, array_size: int | None = None) -> str:
+    """The exact sbatch script submitit writes for this executor (a job array when array_size is given)."""
+    if array_size is None:
+        return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+    # What SlurmExecutor._internal_process_submissions does for an array: a copy with map_count set.
+    array_ex = _OfflineSlurmExecutor(ex.folder, ex.max_num_timeout)
+    array_ex.update_parameters(**ex.parameters)
+    array_ex.parameters["map_count"] = array_size
+    return array_ex._make_submission_file_text(array_ex._submitit_command_str, "dry-run")
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Node:
+    name: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+
+
+def _run(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"{cmd[0]} not found: this machine is not a SLURM login node. Use --dry-run to see the job, "
+            "or `catdog-launch local` to train here"
+        ) from e
+    if out.returncode:
+        raise ConfigError(f"`{' '.join(cmd)}` failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
+
+def _gpus_of(gres: str) -> int:
+    # sinfo %G: "(null)", "gpu:4", "gpu:a100:8(S:0-1)", "gpu:a100:4,gpu:v100:2"
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def partition_nodes(partition: str) -> tuple[str, list[Node]]:
+    """(partition name, its nodes) from sinfo; '' means the cluster's default partition."""
+    names = [p.strip() for p in _run(["sinfo", "-h", "-o", "%P"]).split()]
+    default = next((p.rstrip("*") for p in names if p.endswith("*")), "")
+    known = [p.rstrip("*") for p in names]
+    part = partition or default
+    if not part:
+        raise ConfigError(f"no --partition given and the cluster has no default; partitions: {', '.join(known)}")
+    if part not in known:
+        raise ConfigError(f"partition {part!r} does not exist on this cluster; partitions: {', '.join(known)}")
+    nodes = {}
+    for line in _run(["sinfo", "-h", "-N", "-p", part, "-o", "%N|%c|%m|%G"]).splitlines():
+        name, cpus, mem, gres = line.split("|")
+        nodes[name] = Node(name, int(cpus), int(mem.rstrip("+")), _gpus_of(gres))
+    return part, list(nodes.values())
+
+
+def check_resources(slurm: SlurmConfig) -> str:
+    """Fail before submitting when no node of the partition can hold one node's share of the job."""
+    part, nodes = partition_nodes(slurm.partition)
+    need_cpus = slurm.ntasks_per_node() * slurm.cpus_per_task
+    need_mem = slurm.mem_mb()
+    fits = [
+        n
+        for n in nodes
+        if n.gpus >= slurm.gpus_per_node and n.cpus >= need_cpus and (need_mem is None or n.mem_mb >= need_mem)
+    ]
+    if len(fits) >= slurm.nodes:
+        return part
+    most = max(nodes, key=lambda n: (n.gpus, n.cpus, n.mem_mb), default=Node("none", 0, 0, 0))
+    if slurm.gpus_per_node > max((n.gpus for n in nodes), default=0):
+        why = f"--gpus-per-node {slurm.gpus_per_node}, but its nodes have at most {max(n.gpus for n in nodes)} GPU(s)"
+    elif need_cpus > max((n.cpus for n in nodes), default=0):
+        why = (
+            f"{slurm.ntasks_per_node()} task(s) x --cpus-per-task {slurm.cpus_per_task} = {need_cpus} CPUs per node, "
+            f"but its nodes have at most {max(n.cpus for n in nodes)}"
+        )
+    elif need_mem is not None and need_mem > max((n.mem_mb for n in nodes), default=0):
+        why = f"--mem {slurm.mem}, but its nodes have at most {max(n.mem_mb for n in nodes)} MB"
+    else:
+        why = f"--nodes {slurm.nodes}, but only {len(fits)} of its nodes can hold a node's share (e.g. {most.name})"
+    raise ConfigError(f"partition {part!r} cannot run this job: {why}")
+
+
+# ----------------------------------------------------------------------------------------- submit
+
+
+@dataclass
+class Submitted:
+    """One submitted run: its job, run dir and rank-0 logs."""
+
+    name: str
+    run_dir: Path
+    job: submitit.Job
+    stdout: Path = field(init=False)
+    stderr: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stdout = self.job.paths.stdout
+        self.stderr = self.job.paths.stderr
+
+
+def job_config(config: str | os.PathLike, overrides: Sequence[str], slurm: SlurmConfig) -> Config:
+    """The trainer config for a SLURM job: validated here, with absolute paths (jobs may start elsewhere)."""
+    cfg = load_config(config, overrides)
+    extra = [f"run.dir={Path(cfg.run.dir).resolve()}", f"data.dir={Path(cfg.data.dir).resolve()}"]
+    if not slurm.gpus_per_node:
+        extra.append("train.cpu=true")  # a CPU-only job: Accelerator(cpu=True) makes its ranks gloo ranks
+    cfg = load_config(config, [*overrides, *extra])
+    cfg.train.per_device_batch(slurm.world_size())  # batch must split over the ranks: say so now
+    return cfg
+
+
+def _check_not_running(run_dir: Path) -> None:
+    record = run_dir / JOB_RECORD
+    if not record.is_file():
+        return
+    job_id = json.loads(record.read_text())["job_id"]
+    state = job_states([job_id]).get(job_id, "UNKNOWN")
+    if state not in FINAL_STATES and state != "UNKNOWN":
+        raise ConfigError(
+            f"SLURM job {job_id} is still {state} in {run_dir}; two jobs must not write one run dir. "
+            f"Wait for it, `scancel {job_id}`, or pick another run.dir"
+        )
+
+
+def submit(points: Sequence[tuple[str, Config]], slurm: SlurmConfig, folder: Path) -> list[Submitted]:
+    """Submit one job, or a job array with one element per (name, config); record each in its run dir."""
+    ex = make_executor(slurm, folder)
+    callables = [SlurmTrainer(cfg, use_gpus=slurm.gpus_per_node > 0) for _, cfg in points]
+    if len(callables) == 1:
+        jobs = [ex.submit(callables[0])]
+    else:
+        with ex.batch():
+            jobs = [ex.submit(c) for c in callables]
+    out = []
+    for (name, cfg), job in zip(points, jobs, strict=True):
+        s = Submitted(name, Path(cfg.run.dir), job)
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            s.run_dir / JOB_RECORD,
+            {
+                "job_id": job.job_id,
+                "submitit_folder": str(folder),
+                "stdout": str(s.stdout),
+                "stderr": str(s.stderr),
+                "tasks": slurm.world_size(),
+                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "argv": sys.argv,
+            },
+        )
+        out.append(s)
+    return out
+
+
+def launch(
+    points: Sequence[tuple[str, Config]],
+    slurm: SlurmConfig,
+    folder: Path,
+    *,
+    dry_run: bool = False,
+    out: TextIO | None = None,
+) -> list[Submitted]:
+    """Check, then print the sbatch script (dry run) or submit and print job ids, logs and run dirs."""
+    out = out or sys.stdout
+    if dry_run:
+        ex = make_executor(slurm, folder, offline=True)
+        print(sbatch_script(ex, len(points) if len(points) > 1 else None), file=out)
+        for i, (name, cfg) in enumerate(points):
+            print(f"# {f'array element {i}: {name}, ' if len(points) > 1 else ''}run dir {cfg.run.dir}", file=out)
+        return []
+    slurm.partition = check_resources(slurm)
+    for _, cfg in points:
+        if not (Path(cfg.data.dir) / "_info.json").is_file():
+            raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")
+        _check_not_running(Path(cfg.run.dir))
+    try:
+        submitted = submit(points, slurm, folder)
+    except FailedJobError as e:
+        # submitit has already printed sbatch's own message; keep it as SLURM wrote it.
+        raise SubmitError(f"sbatch refused the job: {e}") from e
+    for s in submitted:
+        print(f"submitted job {s.job.job_id}  run dir {s.run_dir}", file=out)
+        print(f"  log    {s.stdout}\n  errors {s.stderr}", file=out)
+        print(f"  follow: catdog-launch status {s.run_dir}", file=out)
+    return submitted
+
+
+class SubmitError(RuntimeError):
+    """sbatch rejected the submission; the message is SLURM's."""
+
+
+# ----------------------------------------------------------------------------------------- follow
+
+
+def job_states(job_ids: Sequence[str]) -> dict[str, str]:
+    """Current state of each job (sacct, then squeue for jobs the accounting DB does not know yet)."""
+    if not job_ids:
+        return {}
+    states: dict[str, str] = {}
+    try:
+        res = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for line in res.stdout.splitlines():
+            jid, _, state = line.partition("|")
+            states[jid] = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+        for jid in set(job_ids) - set(states):
+            res = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True, timeout=60)
+            states[jid] = res.stdout.strip() or "UNKNOWN"
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {j: "UNKNOWN" for j in job_ids}
+    return {j: states.get(j, "UNKNOWN") for j in job_ids}
+
+
+def follow(submitted: Sequence[Submitted], *, poll_s: float = 2.0, out: TextIO | None = None) -> dict[str, str]:
+    """Stream the rank-0 logs of these jobs until every job is in a final state; return the states."""
+    out = out or sys.stdout
+    offsets: dict[Path, int] = {}
+    prefix = len(submitted) > 1
+
+    def pump() -> None:
+        for s in submitted:
+            for path in (s.stdout, s.stderr):
+                if not path.exists():
+                    continue
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    data = f.read()
+                    offsets[path] = f.tell()
+                if data:
+                    text = data.decode("utf-8", "replace")
+                    if prefix:
+                        text = "".join(f"[{s.name}] {line}" for line in text.splitlines(keepends=True))
+                    out.write(text)
+                    out.flush()
+
+    ids = [s.job.job_id for s in submitted]
+    while True:
+        pump()
+        states = job_states(ids)
+        if all(st in FINAL_STATES for st in states.values()):
+            time.sleep(1)  # slurmstepd may flush the last lines after the state changes
+            pump()
+            return states
+        time.sleep(poll_s)

@@ -1,0 +1,129 @@
+"""Sweeps: a grid (or list) of overrides -> one run dir per point -> a table of runs -> side-by-side metrics.
+
+A sweep file (sweeps/*.yaml) holds exactly one of
+    grid:   {optim.lr: [1e-3, 3e-3], optim.weight_decay: [0.0, 0.05]}   # the cartesian product
+    points: [{optim.lr: 1e-3}, {optim.lr: 3e-3, train.epochs: 20}]     # these points only
+Every point gets run.dir = <the run.dir given on the command line>/<point name>.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from omegaconf import DictConfig, OmegaConf
+
+from data_prep.atomic import atomic_write_text
+from train.config import ConfigError
+
+TABLE = "sweep.tsv"  # in the sweep's root dir: point, job id, run dir, overrides
+_COLUMNS = ["point", "job_id", "run_dir", "overrides"]
+
+
+@dataclass
+class Point:
+    name: str  # also the run dir's name: "00-optim.lr=0.001"
+    overrides: list[str]  # key=value, applied after the command line's
+
+
+def _value(v: Any) -> str:
+    # Overrides are parsed as YAML by OmegaConf's dotlist: scalars as written, containers as JSON (valid YAML).
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _name(i: int, items: Sequence[tuple[str, Any]]) -> str:
+    text = ",".join(f"{k}={_value(v)}" for k, v in items)
+    return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:120]
+
+
+def load_sweep(path: str | os.PathLike) -> list[Point]:
+    """The points of a sweep file, in order; fails naming the file and key on a malformed sweep."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist; see sweeps/ for examples")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors: name the file
+        raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from e
+    if not isinstance(node, DictConfig) or set(node.keys()) - {"grid", "points"} or len(node) != 1:
+        raise ConfigError(f"sweep file {path} must hold exactly one of `grid:` or `points:`")
+    raw = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(raw, dict)
+    if "grid" in raw:
+        grid = raw["grid"]
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"{path}: `grid:` must map config keys to lists of values")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: grid key {key!r} needs a non-empty list of values, got {values!r}")
+        combos = [list(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
+    else:
+        points = raw["points"]
+        if not isinstance(points, list) or not points or not all(isinstance(p, dict) and p for p in points):
+            raise ConfigError(f"{path}: `points:` must be a non-empty list of key: value mappings")
+        combos = [list(p.items()) for p in points]
+    out = []
+    for i, items in enumerate(combos):
+        if any(k == "run.dir" for k, _ in items):
+            raise ConfigError(f"{path}: a sweep must not set run.dir (each point gets <run.dir>/<point name>)")
+        out.append(Point(_name(i, items), [f"{k}={_value(v)}" for k, v in items]))
+    if len({tuple(p.overrides) for p in out}) != len(out):
+        raise ConfigError(f"{path}: two points are identical")
+    return out
+
+
+def write_table(root: Path, rows: Sequence[dict[str, str]]) -> Path:
+    """Write <root>/sweep.tsv atomically: one row per point with its SLURM job id."""
+    lines = ["\t".join(_COLUMNS)]
+    lines += ["\t".join(str(r[c]) for c in _COLUMNS) for r in rows]
+    path = root / TABLE
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_table(root: Path) -> list[dict[str, str]]:
+    with open(root / TABLE, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def summarize(root: str | os.PathLike, out: TextIO, states: dict[str, str] | None = None) -> int:
+    """Print each point's final metrics side by side (rows: points, columns: metrics). Returns #finished."""
+    root = Path(root)
+    if (root / TABLE).is_file():
+        rows = read_table(root)
+    else:  # not launched as a sweep: every sub-directory that is a run
+        rows = [
+            {"point": d.name, "job_id": "", "run_dir": str(d), "overrides": ""}
+            for d in sorted(root.iterdir())
+            if d.is_dir() and ((d / "final_metrics.json").is_file() or (d / "config.yaml").is_file())
+        ]
+    if not rows:
+        raise ConfigError(f"{root} holds no {TABLE} and no run dirs; pass the run.dir a sweep was launched with")
+    metrics = {}
+    for r in rows:
+        f = Path(r["run_dir"]) / "final_metrics.json"
+        metrics[r["point"]] = json.loads(f.read_text()) if f.is_file() else None
+    keys = sorted({k for m in metrics.values() if m for k in m})
+    header = ["point", "job_id", "state", *keys]
+    table = [header]
+    for r in rows:
+        m = metrics[r["point"]] or {}
+        state = (states or {}).get(r["job_id"]) or ("done" if metrics[r["point"]] is not None else "no results")
+        table.append([r["point"], r["job_id"] or "-", state, *(_fmt(m.get(k)) for k in keys)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    return sum(m is not None for m in metrics.values())

@@ -1,0 +1,147 @@
+"""`catdog-launch slurm --dry-run`: the sbatch script submitit would submit, SLURM settings, sweep files.
+
+No cluster needed: the script comes from submitit's own SlurmExecutor, minus its srun check.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.__main__ import main
+from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
+from launch.sweep import load_sweep
+from train.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def train_yaml(tmp_path: Path) -> Path:
+    p = tmp_path / "train.yaml"
+    p.write_text("data:\n  dir: shards\ntrain:\n  batch_size: 16\n")
+    return p
+
+
+def sbatch_flags(script: str) -> dict[str, str]:
+    flags = {}
+    for m in re.finditer(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, re.MULTILINE):
+        flags[m[1]] = m[2] if m[2] is not None else ""
+    return flags
+
+
+def dry_run(capsys, *argv: str) -> str:
+    assert main(["slurm", "--dry-run", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_gpu_job_resources_signal_and_environment(capsys, train_yaml: Path, tmp_path: Path):
+    run = tmp_path / "runs" / "gpu"
+    out = dry_run(
+        capsys,
+        "--config", str(train_yaml),
+        "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem", "64G",
+        "--time", "1-00:00:00", "--partition", "gpu", "--account", "vision", "--qos", "high",
+        "--constraint", "a100", "--exclude", "node[1-2]", "--signal-delay-s", "150",
+        f"run.dir={run}", "optim.lr=0.002",
+    )  # fmt: skip
+    flags = sbatch_flags(out)
+    # one task per GPU, on every node
+    assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "4" and flags["gpus-per-node"] == "4"
+    assert flags["cpus-per-task"] == "8" and flags["mem"] == "64G"
+    assert flags["time"] == "1440"  # minutes: 1 day
+    assert flags["partition"] == "gpu" and flags["account"] == "vision" and flags["qos"] == "high"
+    assert flags["constraint"] == "a100" and flags["exclude"] == "'node[1-2]'"
+    # preemption: USR2 150 s before the kill, and the job may be requeued
+    assert flags["signal"] == "USR2@150" and "requeue" in flags
+    # logs inside the run dir, appended across requeues
+    assert flags["output"] == f"{run}/slurm/%j_0_log.out" and flags["open-mode"] == "append"
+    # environment and command: threads per rank, submitit's runner from this very Python
+    assert "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}" in out
+    assert "export SUBMITIT_EXECUTOR=slurm" in out
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert f"{sys.executable} -u -m submitit.core._submit {run}/slurm" in srun
+    assert f"{run}/slurm/%j_%t_log.out" in srun  # every rank logs to its own file
+    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
+
+
+def test_cpu_job_has_no_gpu_request_and_yaml_then_flags(capsys, train_yaml: Path, tmp_path: Path):
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text("tasks_per_node: 2\ntime: '30'\nqos: low\nsetup: ['module load cuda']\n")
+    out = dry_run(capsys, "--config", str(train_yaml), "--slurm-config", str(yaml), "--qos", "normal")
+    flags = sbatch_flags(out)
+    assert "gpus-per-node" not in flags and flags["ntasks-per-node"] == "2"
+    assert flags["time"] == "30" and flags["qos"] == "normal"  # the flag wins over the YAML
+    assert flags["signal"] == "USR2@120"  # default signal delay
+    assert "module load cuda" in out.split("# command")[0]  # user setup runs before srun
+
+
+def test_sweep_dry_run_is_one_array(capsys, train_yaml: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  optim.lr: [0.001, 0.003]\n  train.seed: [0, 1]\n")
+    root = tmp_path / "sweep-runs"
+    out = dry_run(
+        capsys, "--config", str(train_yaml), "--sweep", str(sweep), "--array-parallelism", "3", f"run.dir={root}"
+    )
+    flags = sbatch_flags(out)
+    assert flags["array"] == "0-3%3"
+    assert flags["output"] == f"{root}/slurm/%A_%a_0_log.out"
+    for i, name in enumerate(
+        ["optim.lr=0.001,train.seed=0", "optim.lr=0.001,train.seed=1", "optim.lr=0.003,train.seed=0"]
+    ):
+        assert f"array element {i}: {i:02d}-{name}, run dir {root}/{i:02d}-{name}" in out
+    assert not root.exists()  # a dry run writes nothing
+
+
+def test_bad_settings_fail_before_anything(capsys, train_yaml: Path, tmp_path: Path):
+    cases = [
+        (["--config", str(tmp_path / "nope.yaml")], "nope.yaml does not exist"),
+        (["--config", str(train_yaml), "optim.lrr=1"], "optim.lrr"),
+        (["--config", str(train_yaml), "--gpus-per-node", "4", "--tasks-per-node", "2"], "one task (rank) per GPU"),
+        (["--config", str(train_yaml), "--time", "forever"], "slurm.time='forever'"),
+        (["--config", str(train_yaml), "--tasks-per-node", "3"], "batch_size=16 is not divisible"),
+        (["--config", str(train_yaml), "--slurm-config", str(tmp_path / "x.yaml")], "x.yaml does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(["slurm", "--dry-run", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+
+
+def test_time_formats():
+    assert [parse_time_minutes(t) for t in ["90", "90:30", "2:00:00", "1-0", "1-2:30", "0:0:1"]] == [
+        90, 91, 120, 1440, 1590, 1
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="not a SLURM time"):
+        parse_time_minutes("2h")
+
+
+def test_shipped_slurm_configs_and_sweeps_load():
+    configs = sorted((ROOT / "configs" / "slurm").glob("*.yaml"))
+    sweeps = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert configs and sweeps
+    for path in configs:
+        assert isinstance(load_slurm_config(path), SlurmConfig)
+    for path in sweeps:
+        points = load_sweep(path)
+        assert len(points) >= 2 and all(p.overrides for p in points)
+
+
+def test_sweep_file_errors(tmp_path: Path):
+    cases = {
+        "grid:\n  optim.lr: 0.1\n": "needs a non-empty list",
+        "grid: {}\npoints: []\n": "exactly one of",
+        "points:\n  - {run.dir: x}\n": "must not set run.dir",
+        "points:\n  - {optim.lr: 0.1}\n  - {optim.lr: 0.1}\n": "identical",
+    }
+    for text, message in cases.items():
+        p = tmp_path / "s.yaml"
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_sweep(p)
+    p.write_text("points:\n  - {optim.lr: 0.1, model.name: scratch_cnn}\n  - {optim.lr: 0.2}\n")
+    assert [q.overrides for q in load_sweep(p)] == [["optim.lr=0.1", "model.name=scratch_cnn"], ["optim.lr=0.2"]]

@@ -1,0 +1,63 @@
+"""`catdog-launch local`: the accelerate command it builds (GPU counts are parameters: no GPU exists here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.__main__ import main
+from launch.local import accelerate_command
+from train.config import ConfigError
+
+
+@pytest.fixture
+def train_yaml(tmp_path: Path) -> Path:
+    p = tmp_path / "train.yaml"
+    p.write_text("data:\n  dir: shards\ntrain:\n  mixed_precision: bf16\n")
+    return p
+
+
+def after(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_all_visible_gpus_by_default(train_yaml: Path):
+    # available_gpus stands in for torch.cuda.device_count() on a 4-GPU box (this machine has none).
+    cmd = accelerate_command(train_yaml, ["optim.lr=0.01"], available_gpus=4, port=29555)
+    assert cmd[1] == "launch" and "--multi_gpu" in cmd and after(cmd, "--num_processes") == "4"
+    assert after(cmd, "--main_process_port") == "29555" and after(cmd, "--mixed_precision") == "bf16"
+    assert "--gpu_ids" not in cmd and "--cpu" not in cmd
+    assert cmd[cmd.index("-m") :] == ["-m", "train", "--config", str(train_yaml), "optim.lr=0.01"]
+
+
+def test_fewer_gpus_than_visible_and_single_gpu(train_yaml: Path):
+    cmd = accelerate_command(train_yaml, gpus=2, available_gpus=4, port=1)
+    assert after(cmd, "--num_processes") == "2" and after(cmd, "--gpu_ids") == "0,1"
+    one = accelerate_command(train_yaml, available_gpus=1, port=1)
+    assert "--multi_gpu" not in one and "--cpu" not in one and after(one, "--num_processes") == "1"
+
+
+def test_cpu_ranks_go_through_the_multi_process_launcher(train_yaml: Path):
+    # `accelerate launch --cpu --num_processes 2` would start ONE process; 2 CPU ranks need the torchrun path
+    # plus train.cpu=true (Accelerator(cpu=True) -> MULTI_CPU over gloo).
+    cmd = accelerate_command(train_yaml, cpu_ranks=2, available_gpus=0, port=1)
+    assert "--multi_gpu" in cmd and after(cmd, "--num_processes") == "2" and cmd[-1] == "train.cpu=true"
+    single = accelerate_command(train_yaml, available_gpus=0, port=1)
+    assert "--cpu" in single and after(single, "--num_processes") == "1" and single[-1] == "train.cpu=true"
+
+
+def test_bad_requests_fail_before_launch(train_yaml: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="only 0 GPU"):
+        accelerate_command(train_yaml, gpus=1, available_gpus=0, port=1)
+    with pytest.raises(ConfigError, match="exclusive"):
+        accelerate_command(train_yaml, gpus=1, cpu_ranks=2, available_gpus=1, port=1)
+    with pytest.raises(ConfigError, match="optim.nope"):
+        accelerate_command(train_yaml, ["optim.nope=1"], available_gpus=1, port=1)
+    assert main(["local", "--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+
+
+def test_dry_run_prints_the_command(capsys, train_yaml: Path):
+    assert main(["local", "--config", str(train_yaml), "--cpu-ranks", "2", "--dry-run", "train.epochs=1"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "launch" in line and "--num_processes 2" in line and line.endswith("train.epochs=1 train.cpu=true")
