@@ -20,6 +20,10 @@ and its per-node/per-worker shard split makes the batch count depend on how shar
 classic DDP hang, webdataset #188/#225/#303). The shards stay plain WebDataset tars -- webdataset reads them,
 tests/test_data.py checks it -- and we follow its key/extension convention (``base_plus_ext``); we only add a
 member index (name -> offset, size) built once per shard from the tar headers, so any sample is one pread away.
+
+JPEGs are decoded with ``torchvision.io.decode_jpeg`` straight into a uint8 tensor for the v2 transforms:
+measured here at 2,270 img/s vs Pillow's 1,540 img/s on 256-px images (one thread). torchvision 0.29 marks its
+decoders deprecated in favour of TorchCodec, hence a DeprecationWarning; it still works and is still faster.
 """
 
 from __future__ import annotations
@@ -95,19 +99,20 @@ def epoch_order(shard_lengths: Sequence[int], *, seed: int, epoch: int, shuffle:
     draws = np.random.default_rng([seed, epoch, 1]).random(len(stream))
     out = np.empty_like(stream)
     buf: list[int] = []
+
+    def emit(n: int) -> None:  # swap a random buffer entry to the end and pop it, as webdataset's shuffle does
+        k = int(draws[n] * len(buf))
+        buf[k], buf[-1] = buf[-1], buf[k]
+        out[n] = buf.pop()
+
     n_out = 0
     for sid in stream.tolist():
         buf.append(sid)
-        if len(buf) < buffer:
-            continue
-        k = int(draws[n_out] * len(buf))
-        buf[k], buf[-1] = buf[-1], buf[k]
-        out[n_out] = buf.pop()
-        n_out += 1
+        if len(buf) >= buffer:
+            emit(n_out)
+            n_out += 1
     while buf:
-        k = int(draws[n_out] * len(buf))
-        buf[k], buf[-1] = buf[-1], buf[k]
-        out[n_out] = buf.pop()
+        emit(n_out)
         n_out += 1
     return out
 
@@ -304,7 +309,9 @@ class _BatchDataset(IterableDataset):
             images = []
             for pos, (image, _, _) in slots:
                 if p.aug_seed is not None:
-                    torch.manual_seed(_augment_seed(*p.aug_seed, pos))
+                    # The CPU generator only: torch.manual_seed also queues seeds for every lazy accelerator
+                    # backend, recording a stack trace each time (~0.5 ms per image on this machine).
+                    torch.default_generator.manual_seed(_augment_seed(*p.aug_seed, pos))
                 images.append(p.transform(image))
         x = p.normalise(torch.stack(images))
         y = torch.tensor([label for _, (_, label, _) in slots], dtype=torch.int64)
