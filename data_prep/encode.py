@@ -99,10 +99,13 @@ def encode_image(data: bytes, opts: EncodeOptions) -> tuple[bytes, dict]:
         frames = getattr(im, "n_frames", 1)
         if frames > 1:
             meta["frames"] = frames  # animated GIF/WebP: the first frame is used
-        scale = opts.image_size / min(w, h)
-        if im.format == "JPEG" and scale < 1:
+        draft_scale = 1.0  # original pixels per decoded pixel
+        if im.format == "JPEG" and opts.image_size < min(w, h):
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays >= image_size.
-            im.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+            s = opts.image_size / min(w, h)
+            drafted = im.draft(None, (math.ceil(w * s), math.ceil(h * s)))
+            if drafted is not None:
+                draft_scale = w / drafted[1][2]
         try:
             im.load()
         except OSError as e:
@@ -111,15 +114,19 @@ def encode_image(data: bytes, opts: EncodeOptions) -> tuple[bytes, dict]:
         if orientation != 1:
             ImageOps.exif_transpose(im, in_place=True)
             meta["exif_orientation"] = orientation
+            if orientation in (5, 6, 7, 8):  # quarter turns swap width and height
+                w, h = h, w
         im = to_rgb(im)
-        box = _crop_box(*im.size, opts.max_aspect)
+        # Geometry in original pixels, so the output size does not depend on the draft scale's rounding.
+        box = _crop_box(w, h, opts.max_aspect)
         cw, ch = box[2] - box[0], box[3] - box[1]
-        if (cw, ch) != im.size:
+        if (cw, ch) != (w, h):
             meta["cropped_to_aspect"] = opts.max_aspect
         s = opts.image_size / min(cw, ch)
         size = (max(1, round(cw * s)), max(1, round(ch * s)))
-        if size != (cw, ch) or box != (0, 0, *im.size):
-            im = im.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+        decoded_box = tuple(v / draft_scale for v in box)
+        if size != im.size or decoded_box != (0, 0, *im.size):
+            im = im.resize(size, Image.Resampling.BICUBIC, box=decoded_box, reducing_gap=3.0)
         out = io.BytesIO()
         im.save(out, "JPEG", quality=opts.quality)
         meta["size"] = list(im.size)

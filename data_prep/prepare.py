@@ -261,8 +261,6 @@ def _prepare(a: PrepArgs, found, out: Path, args: dict, pool, t0: float, log: Ca
         raise PrepError(
             f"no usable image under {src}: all {len(found.candidates):,} were skipped (see {out}/skipped.jsonl)"
         )
-    if len({it.label for it in plan.items}) < 2:
-        raise PrepError(f"only one class has readable images under {src}; a classifier needs at least 2")
 
     progress = Progress.load(out)
     if (
@@ -331,6 +329,12 @@ def _finish(
     written = sum(s["count"] for s in shards)
     if written == 0:
         raise PrepError(f"no usable image under {a.src}: every file was skipped (see {out}/skipped.jsonl)")
+    usable = [c for c in found.classes if any(per_split[split][c] for split in SPLITS)]
+    if len(usable) < 2:
+        raise PrepError(
+            f"only class {usable[0]!r} has usable images under {a.src}; a classifier needs at least 2 "
+            f"(see {out}/skipped.jsonl)"
+        )
     counts = {
         "found": len(found.candidates),
         "written": written,

@@ -72,15 +72,18 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(real_data: Path, tmp_pat
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *args, "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while len(list(out.glob("train-*.tar"))) < 3:  # some shards finished, more to go
-        assert proc.poll() is None, "finished before it could be killed"
-        assert time.monotonic() < deadline, "no shard appeared within 60 s"
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: parent and pool workers
-    proc.wait(timeout=30)
-    assert not (out / "_info.json").exists()  # nothing a reader would trust as finished
+    for shards_before_kill in (2, 9):  # the second kill lands during the resumed run
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*.tar"))) < shards_before_kill:  # some shards finished, more to go
+            assert proc.poll() is None, "finished before it could be killed"
+            assert time.monotonic() < deadline, "no shard appeared within 60 s"
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: parent and pool workers
+        proc.wait(timeout=30)
+        assert not (out / "_info.json").exists()  # nothing a reader would trust as finished
 
     r = run_cli(src, out, *args)
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,106 @@
+"""Download the public cats_and_dogs_filtered photos for `make demo` (when DATA_DIR is not set).
+
+    python -m data_prep.fetch      # prints the dataset folder on stdout (progress goes to stderr)
+
+The archive is downloaded into ~/.cache/catdog (or $XDG_CACHE_HOME/catdog) through a temp file,
+extracted into a temp folder, and only renamed into place when its photos match a known content
+checksum: the sha256 of the sorted per-file sha256 hex digests of all *.jpg files. That checksum
+does not depend on paths or the zip container, so it is the same for any copy of these 3,000 photos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+NAME = "cats_and_dogs_filtered"
+NUM_FILES = 3000
+CONTENT_SHA256 = "4f98e9cd336b29019966f18d283341e76f213d73500fcad569660a312b40b65a"
+
+
+class FetchError(RuntimeError):
+    """Download or verification failed; the message tells the user to set DATA_DIR instead."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "catdog"
+
+
+def content_checksum(folder: str | os.PathLike) -> tuple[str, int]:
+    """(sha256 over the sorted sha256 hex digests of every *.jpg under folder, number of files)."""
+    digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).rglob("*.jpg") if p.is_file())
+    return hashlib.sha256("".join(digests).encode()).hexdigest(), len(digests)
+
+
+def verify(folder: str | os.PathLike) -> None:
+    """Raise FetchError unless folder holds exactly the cats_and_dogs_filtered photos."""
+    digest, n = content_checksum(folder)
+    if (digest, n) != (CONTENT_SHA256, NUM_FILES):
+        raise FetchError(
+            f"{folder}: photos do not match cats_and_dogs_filtered ({n} files, content sha256 {digest[:12]}... "
+            f"expected {NUM_FILES} files, {CONTENT_SHA256[:12]}...); delete it and retry, or set DATA_DIR"
+        )
+
+
+def _download(url: str, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise FetchError(
+            f"could not download {url} ({getattr(e, 'reason', e)}); offline? set DATA_DIR to a folder of photos "
+            "(e.g. make demo DATA_DIR=/path/to/catsdogs)"
+        ) from None
+
+
+def fetch(root: Path | None = None, url: str = URL) -> Path:
+    """The verified dataset folder, downloading and extracting it first if needed."""
+    root = root or cache_dir()
+    final = root / NAME
+    if final.is_dir():
+        verify(final)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / f"{NAME}.zip"
+    if not archive.is_file():
+        print(f"downloading {url} -> {archive}", file=sys.stderr)
+        _download(url, archive)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)  # zipfile drops absolute paths and '..' components
+        except zipfile.BadZipFile:
+            archive.unlink()
+            raise FetchError(f"{archive} is not a valid zip (deleted it); run again, or set DATA_DIR") from None
+        extracted = Path(tmp) / NAME
+        try:
+            verify(extracted)
+        except FetchError:
+            archive.unlink()  # a bad download must not be trusted on the next run
+            raise
+        os.replace(extracted, final)
+    return final
+
+
+def main() -> int:
+    try:
+        print(fetch())
+    except FetchError as e:
+        print(f"catdog fetch: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

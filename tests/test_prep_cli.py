@@ -1,0 +1,116 @@
+"""The real command line: layouts it detects and prints, and one clear error line for each bad invocation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prep_helpers import make_tree, read_shards, run_cli, small_jpeg
+
+from data_prep.scan import scan
+
+
+def _assert_one_error_line(r, *needles: str) -> None:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("catdog-prep: error:") and "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture
+def tiny_tree(real_data: Path, tmp_path: Path) -> Path:
+    return make_tree(real_data, tmp_path / "src", 3, short_side=48)
+
+
+def test_missing_src(tmp_path: Path):
+    _assert_one_error_line(run_cli(tmp_path / "nope", tmp_path / "out"), "does not exist")
+
+
+def test_src_without_images(tmp_path: Path):
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cat" / "notes.txt").write_text("hi")
+    _assert_one_error_line(run_cli(tmp_path / "src", tmp_path / "out"), "no images")
+
+
+def test_single_class(real_data: Path, tmp_path: Path, tiny_tree: Path):
+    for p in (tiny_tree / "dog").iterdir():
+        p.unlink()
+    (tiny_tree / "dog").rmdir()
+    _assert_one_error_line(run_cli(tiny_tree, tmp_path / "out"), "only class 'cat'", "at least 2 classes")
+
+
+def test_out_is_a_file(tmp_path: Path, tiny_tree: Path):
+    (tmp_path / "out").write_text("I am a file")
+    _assert_one_error_line(run_cli(tiny_tree, tmp_path / "out"), "is a file")
+
+
+def test_no_usable_image(tmp_path: Path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        (tmp_path / "src" / cls / "a.jpg").write_bytes(b"")
+        (tmp_path / "src" / cls / "b.png").write_text(f"not a png, a {cls}")
+    r = run_cli(tmp_path / "src", tmp_path / "out")
+    _assert_one_error_line(r, "no usable image", "skipped.jsonl")
+    assert not (tmp_path / "out" / "_info.json").exists()
+    assert len((tmp_path / "out" / "skipped.jsonl").read_text().splitlines()) == 4
+
+
+def test_bad_option_values(tmp_path: Path, tiny_tree: Path):
+    r = run_cli(tiny_tree, tmp_path / "out", "--val-fraction", "0.6", "--test-fraction", "0.5")
+    _assert_one_error_line(r, "--val-fraction + --test-fraction must be < 1")
+    r = run_cli(tiny_tree, tmp_path / "out", "--shard-max-size", "lots")
+    assert r.returncode == 2 and "not a size: 'lots'" in r.stderr
+
+
+def test_out_made_with_other_arguments_is_refused_unless_force(tmp_path: Path, tiny_tree: Path):
+    out = tmp_path / "out"
+    assert run_cli(tiny_tree, out, "--image-size", "32").returncode == 0
+    r = run_cli(tiny_tree, out, "--image-size", "40")
+    _assert_one_error_line(r, "other arguments", "image_size: 32 -> 40", "--force")
+    assert json.loads((out / "_info.json").read_text())["args"]["image_size"] == 32  # untouched
+    r = run_cli(tiny_tree, out, "--image-size", "40", "--force")
+    assert r.returncode == 0, r.stderr
+    assert {min(s["json"]["size"]) for s in read_shards(out).values()} == {40}
+    r = run_cli(tiny_tree, out, "--image-size", "40", "--workers", "1")  # workers do not change the output
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+
+
+def test_out_with_foreign_files_is_refused_unless_force(tmp_path: Path, tiny_tree: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    _assert_one_error_line(run_cli(tiny_tree, out), "not empty", "thesis.tex")
+    assert run_cli(tiny_tree, out, "--force").returncode == 0
+    assert (out / "thesis.tex").read_text() == "precious"  # --force replaces only catdog-prep's files
+    assert (out / "_info.json").is_file()
+
+
+def test_layouts_are_detected_printed_and_forceable(real_data: Path, tmp_path: Path):
+    flat = make_tree(real_data, tmp_path / "flat", 3, layout="flat", short_side=48)
+    (flat / "noprefix.jpg").write_bytes((flat / "cat.0.jpg").read_bytes()[:-2] + b"\xff\xd9")
+    s, how = scan(flat)
+    assert s.layout == "flat" and s.classes == ("cat", "dog") and "Kaggle flat" in how
+    assert {c.rel: c.problem[0] for c in s.candidates if c.problem} == {"noprefix.jpg": "no_label"}
+
+    pre = tmp_path / "pre"
+    for split in ("train", "validation", "test"):
+        for cls in ("cat", "dog"):
+            (pre / split / cls).mkdir(parents=True)
+            (pre / split / cls / f"{split}.jpg").write_bytes(small_jpeg(next((real_data / "train" / cls).iterdir())))
+    s, _ = scan(pre)
+    assert s.layout == "presplit" and {c.split for c in s.candidates} == {"train", "val", "test"}
+
+    folders = make_tree(real_data, tmp_path / "folders", 3, short_side=48)
+    (folders / "loose.jpg").write_bytes((folders / "cat" / "cat.0.jpg").read_bytes())
+    s, _ = scan(folders)
+    assert s.layout == "folders" and [c.rel for c in s.candidates if c.problem] == ["loose.jpg"]
+    s, how = scan(folders, "flat")  # forced: labels come from the file names instead
+    assert s.layout == "flat" and "forced" in how and s.classes == ("cat", "dog")
+
+    r = run_cli(flat, tmp_path / "out", "--image-size", "32")
+    assert r.returncode == 0, r.stderr
+    assert "layout: detected Kaggle flat" in r.stdout
+    assert "skipped no_label: 1" in r.stdout

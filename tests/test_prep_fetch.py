@@ -1,0 +1,49 @@
+"""data_prep.fetch: the content checksum of the real photos, a tampered copy, a local 'download', offline."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from data_prep import fetch
+
+
+def test_real_photos_match_the_published_checksum(real_data: Path):
+    digest, n = fetch.content_checksum(real_data)
+    assert (digest, n) == (fetch.CONTENT_SHA256, fetch.NUM_FILES)
+    fetch.verify(real_data)
+
+
+def test_tampered_or_incomplete_copy_fails(real_data: Path, tmp_path: Path):
+    copy = Path(shutil.copytree(real_data, tmp_path / "copy"))
+    victim = copy / "train" / "cat" / "cat.0.jpg"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    with pytest.raises(fetch.FetchError, match="do not match"):
+        fetch.verify(copy)
+    victim.unlink()
+    with pytest.raises(fetch.FetchError, match="2999 files"):
+        fetch.verify(copy)
+
+
+@pytest.mark.slow
+def test_fetch_downloads_extracts_and_verifies(real_data: Path, tmp_path: Path):
+    # A file:// URL stands in for the web server (no network here); the rest is the real code path.
+    archive = tmp_path / "served.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        for p in sorted(real_data.rglob("*.jpg")):
+            rel = p.relative_to(real_data)
+            z.write(p, f"cats_and_dogs_filtered/{rel.parts[0].replace('val', 'validation')}/{'/'.join(rel.parts[1:])}")
+    root = tmp_path / "cache"
+    got = fetch.fetch(root, url=archive.as_uri())
+    assert got == root / "cats_and_dogs_filtered" and (got / "validation" / "dog").is_dir()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert fetch.fetch(root, url="http://127.0.0.1:9/never-used") == got  # cached: no second download
+
+
+def test_offline_says_to_set_data_dir(tmp_path: Path, port: int):
+    with pytest.raises(fetch.FetchError, match="set DATA_DIR"):
+        fetch.fetch(tmp_path / "cache", url=f"http://127.0.0.1:{port}/cats_and_dogs_filtered.zip")
+    assert not list((tmp_path / "cache").iterdir())  # no partial archive left behind
