@@ -38,47 +38,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", type=Path, metavar="SRC", help="folder of photos (searched recursively)")
     p.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="shorter side in pixels (default %(default)s)")
     p.add_argument(
-        "--val-fraction", type=float, default=d.val_fraction, help="val share per class when SRC is not pre-split"
+        "--image-size",
+        metavar="PX",
+        type=int,
+        default=d.image_size,
+        help="shorter side in pixels (default %(default)s)",
     )
     p.add_argument(
-        "--test-fraction", type=float, default=d.test_fraction, help="test share per class when SRC is not pre-split"
+        "--val-fraction",
+        metavar="F",
+        type=float,
+        default=d.val_fraction,
+        help="val share per class when SRC is not pre-split (default %(default)s)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        metavar="F",
+        type=float,
+        default=d.test_fraction,
+        help="test share per class when SRC is not pre-split (default %(default)s)",
     )
     p.add_argument(
         "--shard-max-count",
+        metavar="N",
         type=int,
         default=d.shard_max_count,
         help="samples per shard at most; 0 = no limit (default %(default)s). A shard closes at whichever limit comes first",
     )
     p.add_argument(
         "--shard-max-size",
+        metavar="SIZE",
         type=parse_size,
         default=d.shard_max_size,
         help="bytes per shard at most, e.g. 256MB or 1GiB; 0 = no limit (default 256MB)",
     )
     p.add_argument(
         "--workers",
+        metavar="N",
         type=int,
         default=os.cpu_count() or 1,
         help="decode/encode processes (default: all %(default)s cores); the output is identical for any value",
     )
-    p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split assignment and shard order")
+    p.add_argument("--quality", metavar="Q", type=int, default=d.quality, help="JPEG quality (default %(default)s)")
+    p.add_argument(
+        "--seed",
+        metavar="N",
+        type=int,
+        default=d.seed,
+        help="seed of the split assignment and shard order (default %(default)s)",
+    )
     p.add_argument(
         "--max-pixels",
+        metavar="N",
         type=int,
         default=d.max_pixels,
         help="skip images with more pixels than this as decompression bombs (default %(default)s)",
     )
     p.add_argument(
         "--min-size",
+        metavar="PX",
         type=int,
         default=d.min_size,
         help="skip images whose shorter side is below this (default %(default)s px)",
     )
     p.add_argument(
         "--max-aspect",
+        metavar="R",
         type=float,
         default=d.max_aspect,
         help="cap on long/short side: longer images are centre-cropped along the long side to this ratio "

@@ -7,11 +7,14 @@ so memory does not grow with the dataset.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -131,6 +134,12 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: a worker gets SIGKILL when the parent dies (kill -9) instead of lingering."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int) -> Iterator:
     """fn over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process)."""
     if pool is None:
@@ -225,7 +234,7 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
         # Fork before any thread exists (tqdm starts a monitor thread): forking a threaded process is unsafe.
-        pool = multiprocessing.get_context("fork").Pool(a.workers) if a.workers > 1 else None
+        pool = multiprocessing.get_context("fork").Pool(a.workers, _die_with_parent) if a.workers > 1 else None
         try:
             return _prepare(a, found, out, args, pool, t0, log)
         finally:

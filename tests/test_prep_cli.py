@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from prep_helpers import make_tree, read_shards, run_cli, small_jpeg
 
+from data_prep.__main__ import parse_size
+from data_prep.info import load_info
+from data_prep.prepare import PrepArgs, run
 from data_prep.scan import scan
 
 
@@ -114,3 +117,16 @@ def test_layouts_are_detected_printed_and_forceable(real_data: Path, tmp_path: P
     assert r.returncode == 0, r.stderr
     assert "layout: detected Kaggle flat" in r.stdout
     assert "skipped no_label: 1" in r.stdout
+
+
+def test_shard_size_and_count_limits(tiny_tree: Path, tmp_path: Path):
+    assert (parse_size("256MB"), parse_size("1GiB"), parse_size("20kb"), parse_size("0")) == (256e6, 2**30, 20e3, 0)
+    kw = dict(src=tiny_tree, image_size=48, workers=1, progress=False, val_fraction=0, test_fraction=0)
+    run(
+        PrepArgs(out=tmp_path / "by_size", shard_max_size=parse_size("10KB"), shard_max_count=0, **kw),
+        log=lambda _: None,
+    )
+    shards = sorted((tmp_path / "by_size").glob("train-*.tar"))
+    assert len(shards) >= 2 and all(p.stat().st_size <= 10_000 for p in shards)
+    run(PrepArgs(out=tmp_path / "by_count", shard_max_count=4, **kw), log=lambda _: None)
+    assert load_info(tmp_path / "by_count").split("train").shard_lengths == (4, 2)
