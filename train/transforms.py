@@ -20,7 +20,10 @@ EVAL_CROP_FRACTION = 0.875
 
 
 def train_augment(cfg: DataConfig, image_size: int) -> v2.Compose:
-    """The random part of training: RandomResizedCrop + horizontal flip + optional colour jitter -> uint8 image."""
+    """The random part of training: RandomResizedCrop + horizontal flip + optional colour jitter.
+
+    Output has the input's type (uint8 tensor or PIL image); ``normalise`` turns either into a float tensor.
+    """
     aug = cfg.augment
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(image_size, scale=(aug.scale_min, aug.scale_max), antialias=True),
@@ -29,19 +32,22 @@ def train_augment(cfg: DataConfig, image_size: int) -> v2.Compose:
     if aug.color_jitter > 0:
         j = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    return v2.Compose([*steps, v2.ToImage()])
+    return v2.Compose(steps)
 
 
 def eval_resize(cfg: DataConfig, image_size: int) -> v2.Compose:
-    """The geometric part of eval: resize the short side to image_size / 0.875, centre crop -> uint8 image."""
-    return v2.Compose(
-        [v2.Resize(int(image_size / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(image_size), v2.ToImage()]
-    )
+    """The geometric part of eval: resize the short side to image_size / 0.875, then centre crop."""
+    return v2.Compose([v2.Resize(int(image_size / EVAL_CROP_FRACTION), antialias=True), v2.CenterCrop(image_size)])
 
 
 def normalise(cfg: DataConfig) -> v2.Compose:
-    """uint8 image(s) -> float32, scaled to [0, 1], then standardised with cfg.mean / cfg.std."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(cfg.mean), std=list(cfg.std))])
+    """PIL image, uint8 CHW image or NCHW batch -> float32 scaled to [0, 1], standardised with cfg.mean / cfg.std.
+
+    ToImage sits here, not in the per-image steps, so the loader pays it once per batch.
+    """
+    return v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(cfg.mean), std=list(cfg.std))]
+    )
 
 
 def train_transform(cfg: DataConfig, image_size: int) -> v2.Compose:
