@@ -134,8 +134,9 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _die_with_parent() -> None:
-    """Pool initializer: a worker gets SIGKILL when the parent dies (kill -9) instead of lingering."""
+def _worker_init() -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle, and a worker dies with its parent (kill -9)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
@@ -234,7 +235,7 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
         # Fork before any thread exists (tqdm starts a monitor thread): forking a threaded process is unsafe.
-        pool = multiprocessing.get_context("fork").Pool(a.workers, _die_with_parent) if a.workers > 1 else None
+        pool = multiprocessing.get_context("fork").Pool(a.workers, _worker_init) if a.workers > 1 else None
         try:
             return _prepare(a, found, out, args, pool, t0, log)
         finally:
