@@ -29,7 +29,7 @@ from data_prep.atomic import atomic_write_json
 from data_prep.encode import EncodeOptions, encode_batch
 from data_prep.info import INFO_NAME, SPLITS
 from data_prep.plan import Plan, hash_file, make_plan
-from data_prep.scan import LAYOUTS, ScanError, scan
+from data_prep.scan import LAYOUTS, Scan, ScanError, scan
 from data_prep.shards import (
     PROGRESS_NAME,
     Progress,
@@ -223,6 +223,10 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
         raise PrepError(str(e)) from None
     log(f"layout: {how}")
     log(f"found {len(found.candidates):,} image files in {len(found.classes)} classes: {', '.join(found.classes)}")
+    if found.layout == "presplit":
+        log("splits: kept as the folders give them (--val-fraction/--test-fraction do not apply)")
+    else:
+        log(f"splits: {a.val_fraction:.0%} val and {a.test_fraction:.0%} test of each class, by a seeded content hash")
     out.mkdir(parents=True, exist_ok=True)
     args = a.output_args()
     with _locked(out):
@@ -244,7 +248,7 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
                 pool.join()
 
 
-def _prepare(a: PrepArgs, found, out: Path, args: dict, pool, t0: float, log: Callable[[str], None]) -> dict:
+def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, log: Callable[[str], None]) -> dict:
     src = Path(a.src)
     window = WINDOW_PER_WORKER * a.workers
     rels = [c.rel for c in found.candidates if c.problem is None]
@@ -263,8 +267,6 @@ def _prepare(a: PrepArgs, found, out: Path, args: dict, pool, t0: float, log: Ca
         val_fraction=a.val_fraction,
         test_fraction=a.test_fraction,
     )
-    if found.layout == "presplit" and (a.val_fraction, a.test_fraction) != (0.1, 0.1):
-        log("note: SRC is pre-split, so --val-fraction/--test-fraction are not used")
     fingerprint = _fingerprint(args, found.fingerprint)
     if not plan.items:
         write_skipped(out, sorted([*plan.skipped, *plan.duplicates], key=lambda r: r["path"]))
@@ -321,7 +323,17 @@ def _prepare(a: PrepArgs, found, out: Path, args: dict, pool, t0: float, log: Ca
 
 
 def _finish(
-    a, found, plan: Plan, progress: Progress, encode_skips, out, args, t0, n_encoded, encode_seconds, log
+    a: PrepArgs,
+    found: Scan,
+    plan: Plan,
+    progress: Progress,
+    encode_skips: list[dict],
+    out: Path,
+    args: dict,
+    t0: float,
+    n_encoded: int,
+    encode_seconds: float,
+    log: Callable[[str], None],
 ) -> dict:
     """Write skipped.jsonl, then _info.json last; the progress file goes once _info.json is in place."""
     shards = progress.shards
