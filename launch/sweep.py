@@ -117,13 +117,17 @@ def summarize(root: str | os.PathLike, out: TextIO, states: dict[str, str] | Non
         f = Path(r["run_dir"]) / "final_metrics.json"
         metrics[r["point"]] = json.loads(f.read_text()) if f.is_file() else None
     keys = sorted({k for m in metrics.values() if m for k in m})
-    header = ["point", "job_id", "state", *keys]
-    table = [header]
-    for r in rows:
-        m = metrics[r["point"]] or {}
-        state = (states or {}).get(r["job_id"]) or ("done" if metrics[r["point"]] is not None else "no results")
-        table.append([r["point"], r["job_id"] or "-", state, *(_fmt(m.get(k)) for k in keys)])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    # One column per point, one row per metric: sweeps have a few points and ~20 metrics.
+    table = [["point", *(r["point"] for r in rows)], ["job_id", *(r["job_id"] or "-" for r in rows)]]
+    table.append(["state", *(_state(r, metrics[r["point"]], states) for r in rows)])
+    table += [[k, *(_fmt((metrics[r["point"]] or {}).get(k)) for r in rows)] for k in keys]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
     return sum(m is not None for m in metrics.values())
+
+
+def _state(row: dict[str, str], metrics: dict | None, states: dict[str, str] | None) -> str:
+    if states and row["job_id"] in states:
+        return states[row["job_id"]]
+    return "finished" if metrics is not None else "no results"

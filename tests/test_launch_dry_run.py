@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from launch.__main__ import main
+from launch.slurm import SlurmTrainer, job_config
 from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
 from launch.sweep import load_sweep
 from train.config import ConfigError
@@ -145,3 +146,19 @@ def test_sweep_file_errors(tmp_path: Path):
             load_sweep(p)
     p.write_text("points:\n  - {optim.lr: 0.1, model.name: scratch_cnn}\n  - {optim.lr: 0.2}\n")
     assert [q.overrides for q in load_sweep(p)] == [["optim.lr=0.1", "model.name=scratch_cnn"], ["optim.lr=0.2"]]
+
+
+def test_the_requeued_callable_resumes_automatically(train_yaml: Path, tmp_path: Path):
+    # checkpoint() hands submitit a fresh callable that resumes from the newest checkpoint, whatever the
+    # submission said (train.resume=none would otherwise restart from scratch after every preemption).
+    cfg = job_config(
+        train_yaml, [f"run.dir={tmp_path}", "train.resume=none"], load_slurm_config(None, {"tasks_per_node": 2})
+    )
+    delayed = SlurmTrainer(cfg, use_gpus=False).checkpoint()
+    assert isinstance(delayed.function, SlurmTrainer) and delayed.function.cfg.train.resume == "auto"
+    assert cfg.train.resume == "none" and cfg.train.cpu  # the submitted config is left alone; CPU job -> cpu
+
+
+def test_job_config_rejects_a_batch_that_does_not_split(train_yaml: Path):
+    with pytest.raises(ConfigError, match="not divisible"):
+        job_config(train_yaml, ["train.batch_size=9"], load_slurm_config(None, {"tasks_per_node": 2}))

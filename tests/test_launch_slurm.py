@@ -1,0 +1,207 @@
+"""Against a REAL single-node SLURM (tests/slurm/cluster.sh): training jobs, a sweep array, a requeue.
+
+The node has 2 CPUs: a 2-task job takes both. Every wait is bounded, so a stuck job fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import job_config, job_states, launch
+from launch.slurm_config import load_slurm_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CLUSTER = ROOT / "configs" / "slurm" / "cpu_local.yaml"  # 2 CPU ranks, partition debug
+JOB_TIMEOUT_S = 240  # one tiny training job: ~15 s of imports + a few seconds of training, on a busy box
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """Skip (or, with CATDOG_REQUIRE_SLURM set, fail) unless a SLURM node here accepts jobs."""
+    reason = ""
+    if shutil.which("sinfo") is None:
+        reason = "SLURM is not installed"
+    else:
+        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        if res.returncode or not re.search(r"^(idle|mix|alloc|completing)", res.stdout, re.M):
+            reason = f"no usable SLURM node (sinfo: {res.stdout.strip() or res.stderr.strip()})"
+    if reason:
+        msg = f"{reason}; start the test cluster with `sudo bash tests/slurm/cluster.sh start` (or `make test`)"
+        if os.environ.get("CATDOG_REQUIRE_SLURM"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shards(real_data: Path, tmp_path_factory) -> Path:
+    """Small real shards (16+16 train, 6+6 val photos at 64 px) written by catdog-prep."""
+    src = tmp_path_factory.mktemp("photos")
+    for split, first, n in (("train", 0, 16), ("val", 2000, 6)):
+        for cls in ("cat", "dog"):
+            (src / split / cls).mkdir(parents=True)
+            for i in range(first, first + n):
+                shutil.copy(real_data / split / cls / f"{cls}.{i}.jpg", src / split / cls)
+    out = tmp_path_factory.mktemp("shards")
+    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), "--image-size", "64", "--no-progress"]
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    return out
+
+
+@pytest.fixture
+def train_yaml(shards: Path, tmp_path: Path) -> Path:
+    """A tiny CNN at 32 px, W&B offline (so the run id is real), no data workers (2 CPUs in all)."""
+    p = tmp_path / "tiny.yaml"
+    p.write_text(
+        f"""
+data: {{dir: {shards}, num_workers: 0, shuffle_buffer: 16}}
+model: {{name: scratch_cnn, image_size: 32, width: 8, depth: 2}}
+train: {{epochs: 2, batch_size: 8, log_every: 1}}
+eval: {{batch_size: 16}}
+track: {{backends: [csv, wandb]}}
+"""
+    )
+    return p
+
+
+def cli(*argv: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch", *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def sacct(job_id: str, fields: str, *extra: str) -> list[list[str]]:
+    res = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", fields, "-j", job_id, *extra], capture_output=True, text=True, timeout=60
+    )
+    return [line.split("|") for line in res.stdout.splitlines()]
+
+
+def test_two_task_training_job(slurm_cluster, train_yaml: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    args = ["slurm", "--config", str(train_yaml), "--slurm-config", str(CPU_CLUSTER), f"run.dir={run}"]
+    dry = cli(*args, "--dry-run", timeout=60)
+    assert dry.returncode == 0, dry.stderr
+
+    res = cli(*args, "--wait")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    job_id = re.search(r"submitted job (\d+)", res.stdout)[1]
+    assert f"run dir {run}" in res.stdout and f"{run}/slurm/{job_id}_0_log.out" in res.stdout
+    assert "final state: run COMPLETED" in res.stdout
+    assert "2 process(es) (MULTI_CPU" in res.stdout  # --wait streamed rank 0's log, which saw 2 gloo ranks
+
+    # The script SLURM ran is the one --dry-run printed (same submitit machinery, job id aside).
+    submitted = (run / "slurm" / f"{job_id}_submission.sh").read_text()
+    assert submitted.strip() == dry.stdout.split("\n# run dir")[0].strip()
+    # SLURM ran 2 tasks of 1 CPU each, one log per rank.
+    steps = subprocess.run(
+        ["sacct", "-n", "-P", "-o", "JobID,NTasks,AllocCPUS,State", "-j", job_id], capture_output=True, text=True
+    ).stdout.split()
+    assert f"{job_id}.0|2|2|COMPLETED" in steps  # the srun step: 2 tasks on 2 CPUs
+    assert (run / "slurm" / f"{job_id}_1_log.err").is_file()
+
+    # The trainer's run dir, written by the job.
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "wandb_run_id", "slurm_job.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "checkpoints").iterdir())
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["epochs_completed"] == 2 and 0.0 <= final["val/accuracy"] <= 1.0
+    assert json.loads((run / "slurm_job.json").read_text())["job_id"] == job_id
+
+    status = cli("status", str(run), timeout=60)
+    assert status.returncode == 0 and f"job      {job_id}  COMPLETED" in status.stdout
+    assert re.search(r"val/accuracy\s+[0-9.]+", status.stdout)
+
+
+def test_sweep_of_two_points_is_one_array(slurm_cluster, train_yaml: Path, tmp_path: Path):
+    sweep = tmp_path / "lr.yaml"
+    sweep.write_text("grid:\n  optim.lr: [0.001, 0.01]\n")
+    root = tmp_path / "sweep"
+    # One CPU rank per point: both array elements fit on the 2-CPU node at once.
+    res = cli(
+        "slurm", "--config", str(train_yaml), "--slurm-config", str(CPU_CLUSTER), "--tasks-per-node", "1",
+        "--sweep", str(sweep), "--wait", f"run.dir={root}", "train.epochs=1",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = (root / "sweep.tsv").read_text().splitlines()
+    assert table[0].split("\t") == ["point", "job_id", "run_dir", "overrides"]
+    rows = [line.split("\t") for line in table[1:]]
+    assert [r[0] for r in rows] == ["00-optim.lr=0.001", "01-optim.lr=0.01"]
+    array_id = rows[0][1].split("_")[0]
+    assert [r[1] for r in rows] == [f"{array_id}_0", f"{array_id}_1"]  # one array, two elements
+    for _, _, run_dir, overrides in rows:
+        cfg = (Path(run_dir) / "config.yaml").read_text()
+        assert re.search(rf"lr: {overrides.split('=')[1]}\b", cfg), cfg  # each point trained with its own lr
+        assert (Path(run_dir) / "final_metrics.json").is_file()
+
+    summary = cli("summarize", str(root), timeout=60)
+    assert summary.returncode == 0, summary.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in summary.stdout.splitlines()}
+    assert lines["point"] == ["00-optim.lr=0.001", "01-optim.lr=0.01"]
+    finals = [json.loads((Path(r[2]) / "final_metrics.json").read_text()) for r in rows]
+    assert lines["val/accuracy"] == [f"{f['val/accuracy']:.4f}" for f in finals]
+
+
+def test_requeue_resumes_from_checkpoint_with_the_same_wandb_run(slurm_cluster, train_yaml: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    slurm = load_slurm_config(CPU_CLUSTER)
+    # 10 epochs of 4 steps, a checkpoint after each (~1 s apart here): the interrupt lands mid-run.
+    cfg = job_config(train_yaml, [f"run.dir={run}", "train.epochs=10", "eval.every_epochs=5"], slurm)
+    (job,) = [s.job for s in launch([("run", cfg)], slurm, run / "slurm", out=sys.stderr)]
+    ckpts = run / "checkpoints"
+    deadline = time.time() + JOB_TIMEOUT_S
+    while not (ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())):
+        assert time.time() < deadline, "no checkpoint before the deadline"
+        assert job_states([job.job_id])[job.job_id] not in ("FAILED", "COMPLETED", "CANCELLED")
+        time.sleep(0.2)
+    first_id = (run / "wandb_run_id").read_text().strip()
+    job._interrupt(timeout=True)  # USR2, as SLURM sends it signal_delay_s before the time limit
+
+    while job_states([job.job_id])[job.job_id] != "COMPLETED":
+        assert time.time() < deadline + JOB_TIMEOUT_S, "requeued job did not finish"
+        assert job_states([job.job_id])[job.job_id] not in ("FAILED", "CANCELLED", "TIMEOUT")
+        time.sleep(1)
+
+    history = [state for (state,) in sacct(job.job_id, "State", "--duplicates")]
+    assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
+    log = (run / "train.log").read_text()
+    resumed = re.search(r"resumed from \S+: epoch (\d+), batch \d+, step (\d+)", log)
+    assert resumed and int(resumed[2]) > 0, log[-2000:]  # continued from a checkpoint, not from scratch
+    assert (run / "wandb_run_id").read_text().strip() == first_id
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(p.name.endswith(first_id) for p in wandb_runs)  # one W&B run, resumed
+    assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 10
+    assert isinstance(job.results()[0], dict)  # the requeued callable returned the trainer's final metrics
+
+
+def test_bad_settings_fail_before_submitting(slurm_cluster, train_yaml: Path, tmp_path: Path):
+    before = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30).stdout
+    base = ["slurm", "--config", str(train_yaml), f"run.dir={tmp_path / 'run'}"]
+    cases = [
+        (["--partition", "nosuch"], "partition 'nosuch' does not exist on this cluster; partitions: debug"),
+        (["--gpus-per-node", "1"], "--gpus-per-node 1, but its nodes have at most 0 GPU(s)"),
+        (["--tasks-per-node", "2", "--cpus-per-task", "2"], "= 4 CPUs per node, but its nodes have at most"),
+        (["--mem", "100T"], "--mem 100T, but its nodes have at most"),
+        (["--nodes", "2"], "--nodes 2, but only 1 of its nodes"),
+        (["data.dir=/nonexistent"], "data.dir=/nonexistent has no _info.json"),
+    ]
+    for extra, message in cases:
+        res = cli(*base, *extra, timeout=60)
+        assert res.returncode == 2 and message in res.stderr, (extra, res.stderr)
+    assert not (tmp_path / "run").exists()
+    after = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30).stdout
+    assert after == before  # nothing was submitted
+
+    # What only SLURM knows is SLURM's to say: its own message, unchanged.
+    res = cli(*base, "--constraint", "nosuchfeature", timeout=60)
+    assert res.returncode == 1 and "Batch job submission failed: Invalid feature specification" in res.stderr
