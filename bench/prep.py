@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
 import sys
 import tarfile
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.encode import EncodeOptions, encode_image  # noqa: E402
-from data_prep.prepare import PrepArgs, run  # noqa: E402
+from data_prep.prepare import PrepArgs, default_workers, run  # noqa: E402
 from data_prep.scan import IMAGE_EXTENSIONS  # noqa: E402
 
 
@@ -91,7 +90,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "catsdogs")
     p.add_argument("--limit", type=int, default=0, help="use only this many images (spread over the folders)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--image-size", type=int, default=320)
     p.add_argument("--quality", type=int, default=90)
     a = p.parse_args()
@@ -99,7 +98,7 @@ def main() -> None:
     files = list_images(a.data, a.limit or None)
     blobs = [f.read_bytes() for f in files]  # also warms the page cache for all three measurements
     opts = EncodeOptions(image_size=a.image_size, quality=a.quality)
-    cores = os.cpu_count() or 1
+    cores = default_workers()
     print(f"{len(files):,} images from {a.data}; {cores} cores, catdog-prep --workers {a.workers}; {a.repeats} repeats")
     results: dict[str, list[float]] = {"catdog-prep": [], "naive loop": [], "floor (1 core)": []}
     with tempfile.TemporaryDirectory(prefix="bench-src-") as tmp:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
 
-from data_prep.prepare import PrepArgs, PrepError, run
+from data_prep.prepare import PrepArgs, PrepError, default_workers, run
 from data_prep.scan import LAYOUTS
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         metavar="N",
         type=int,
-        default=os.cpu_count() or 1,
+        default=default_workers(),
         help="decode/encode processes (default: all %(default)s cores); the output is identical for any value",
     )
     p.add_argument("--quality", metavar="Q", type=int, default=d.quality, help="JPEG quality (default %(default)s)")

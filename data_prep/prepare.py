@@ -51,6 +51,13 @@ class PrepError(Exception):
     """A fatal problem with the invocation; the message is one line saying what to do."""
 
 
+def default_workers() -> int:
+    """Cores this process may run on (respects taskset/SLURM/cgroup CPU affinity, unlike os.cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def tool_version() -> str:
     try:
         return version("catdog")
@@ -67,7 +74,7 @@ class PrepArgs:
     test_fraction: float = 0.1
     shard_max_count: int = 1000
     shard_max_size: int = 256_000_000
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=default_workers)
     quality: int = 90
     seed: int = 0
     max_pixels: int = 100_000_000
