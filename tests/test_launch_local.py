@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from launch_helpers import make_shards, tiny_config
 
 from launch.__main__ import main
 from launch.local import accelerate_command
@@ -61,3 +65,18 @@ def test_dry_run_prints_the_command(capsys, train_yaml: Path):
     assert main(["local", "--config", str(train_yaml), "--cpu-ranks", "2", "--dry-run", "train.epochs=1"]) == 0
     line = capsys.readouterr().out.strip()
     assert "launch" in line and "--num_processes 2" in line and line.endswith("train.epochs=1 train.cpu=true")
+
+
+@pytest.mark.slow
+def test_real_run_with_two_cpu_ranks(real_data: Path, tmp_path: Path, port: int):
+    cfg = tiny_config(tmp_path / "tiny.yaml", make_shards(real_data, tmp_path), backends="[csv]")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", "local", "--config", str(cfg), "--cpu-ranks", "2", "--port", str(port)]
+    res = subprocess.run([*cmd, f"run.dir={run}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    printed = res.stdout.splitlines()[0]  # the command comes first, before the trainer's output
+    assert (
+        " launch " in printed and "--num_processes 2" in printed and printed.endswith(f"run.dir={run} train.cpu=true")
+    )
+    assert "on 2 process(es) (MULTI_CPU" in (run / "train.log").read_text()  # two gloo ranks, not one
+    assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 2

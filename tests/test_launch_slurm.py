@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_helpers import make_shards, tiny_config
 
 from launch.slurm import job_config, job_states, launch
 from launch.slurm_config import load_slurm_config
@@ -45,33 +46,12 @@ def slurm_cluster() -> None:
 
 @pytest.fixture(scope="session")
 def shards(real_data: Path, tmp_path_factory) -> Path:
-    """Small real shards (16+16 train, 6+6 val photos at 64 px) written by catdog-prep."""
-    src = tmp_path_factory.mktemp("photos")
-    for split, first, n in (("train", 0, 16), ("val", 2000, 6)):
-        for cls in ("cat", "dog"):
-            (src / split / cls).mkdir(parents=True)
-            for i in range(first, first + n):
-                shutil.copy(real_data / split / cls / f"{cls}.{i}.jpg", src / split / cls)
-    out = tmp_path_factory.mktemp("shards")
-    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), "--image-size", "64", "--no-progress"]
-    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
-    return out
+    return make_shards(real_data, tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture
 def train_yaml(shards: Path, tmp_path: Path) -> Path:
-    """A tiny CNN at 32 px, W&B offline (so the run id is real), no data workers (2 CPUs in all)."""
-    p = tmp_path / "tiny.yaml"
-    p.write_text(
-        f"""
-data: {{dir: {shards}, num_workers: 0, shuffle_buffer: 16}}
-model: {{name: scratch_cnn, image_size: 32, width: 8, depth: 2}}
-train: {{epochs: 2, batch_size: 8, log_every: 1}}
-eval: {{batch_size: 16}}
-track: {{backends: [csv, wandb]}}
-"""
-    )
-    return p
+    return tiny_config(tmp_path / "tiny.yaml", shards)  # W&B offline: the run id is real
 
 
 def cli(*argv: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
