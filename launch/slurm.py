@@ -8,7 +8,6 @@ continues from the newest checkpoint in the same run dir, with the W&B run id ke
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -23,11 +22,12 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from data_prep.atomic import atomic_write_json
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, load_config, save_config
 
 from .slurm_config import SlurmConfig
 
 JOB_RECORD = "slurm_job.json"  # in each run dir: which SLURM job writes it, and where its logs are
+SUBMITTED_CONFIG = "submitted_config.yaml"  # in each run dir: the resolved config the job (re)loads at each start
 # Job states after which SLURM will not run the job again (REQUEUED/PENDING/RUNNING are not final).
 FINAL_STATES = {
     "COMPLETED",
@@ -43,26 +43,33 @@ FINAL_STATES = {
 
 
 class SlurmTrainer:
-    """The submitit callable: runs in every task of the job; rank 0's checkpoint() requeues it."""
+    """The submitit callable: runs in every task of the job; rank 0's checkpoint() requeues it.
 
-    def __init__(self, cfg: Config, use_gpus: bool) -> None:
-        self.cfg = cfg
+    It carries the path of the resolved config YAML, not a Config object: each start (and each requeue, maybe
+    after a code update) reads it through the trainer's own loader, so new fields get their defaults and a
+    removed one fails naming the key, instead of an unpickled dataclass missing attributes mid-run.
+    """
+
+    def __init__(self, config_path: str | os.PathLike, use_gpus: bool, resume: str = "") -> None:
+        self.config_path = str(config_path)
         self.use_gpus = use_gpus
+        self.resume = resume  # "" = as the config says
+
+    def config(self) -> Config:
+        return load_config(self.config_path, [f"train.resume={self.resume}"] if self.resume else [])
 
     def __call__(self) -> dict:
         # MASTER_ADDR = first node of the job, RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID.
         # overwrite: values inherited from the submitting shell (sbatch exports its environment) are wrong here.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus, overwrite=True)
-        from train.trainer import main  # late: keeps submission light and the pickle free of torch state
+        from train.trainer import main  # late: keeps submission light
 
-        return main(self.cfg)
+        return main(self.config())
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         # Nothing to save here: the trainer checkpoints atomically as it goes. The requeued job must resume
         # from the newest of those, whatever train.resume said at submission.
-        cfg = copy.deepcopy(self.cfg)
-        cfg.train.resume = "auto"
-        return submitit.helpers.DelayedSubmission(SlurmTrainer(cfg, self.use_gpus))
+        return submitit.helpers.DelayedSubmission(SlurmTrainer(self.config_path, self.use_gpus, resume="auto"))
 
 
 class _OfflineSlurmExecutor(submitit.SlurmExecutor):
@@ -233,7 +240,11 @@ def _check_not_running(run_dir: Path) -> None:
 def submit(points: Sequence[tuple[str, Config]], slurm: SlurmConfig, folder: Path) -> list[Submitted]:
     """Submit one job, or a job array with one element per (name, config); record each in its run dir."""
     ex = make_executor(slurm, folder)
-    callables = [SlurmTrainer(cfg, use_gpus=slurm.gpus_per_node > 0) for _, cfg in points]
+    callables = []
+    for _, cfg in points:
+        path = Path(cfg.run.dir) / SUBMITTED_CONFIG
+        save_config(cfg, path)
+        callables.append(SlurmTrainer(path, use_gpus=slurm.gpus_per_node > 0))
     if len(callables) == 1:
         jobs = [ex.submit(callables[0])]
     else:
@@ -242,7 +253,6 @@ def submit(points: Sequence[tuple[str, Config]], slurm: SlurmConfig, folder: Pat
     out = []
     for (name, cfg), job in zip(points, jobs, strict=True):
         s = Submitted(name, Path(cfg.run.dir), job)
-        s.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             s.run_dir / JOB_RECORD,
             {
@@ -275,7 +285,7 @@ def launch(
         for i, (name, cfg) in enumerate(points):
             print(f"# {f'array element {i}: {name}, ' if len(points) > 1 else ''}run dir {cfg.run.dir}", file=out)
         return []
-    slurm.partition = check_resources(slurm)
+    check_resources(slurm)
     for _, cfg in points:
         if not (Path(cfg.data.dir) / "_info.json").is_file():
             raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")

@@ -16,7 +16,7 @@ from launch.__main__ import main
 from launch.slurm import SlurmTrainer, job_config
 from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
 from launch.sweep import load_sweep
-from train.config import ConfigError
+from train.config import ConfigError, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,15 +148,19 @@ def test_sweep_file_errors(tmp_path: Path):
     assert [q.overrides for q in load_sweep(p)] == [["optim.lr=0.1", "model.name=scratch_cnn"], ["optim.lr=0.2"]]
 
 
-def test_the_requeued_callable_resumes_automatically(train_yaml: Path, tmp_path: Path):
+def test_the_requeued_callable_resumes_automatically(tmp_path: Path):
     # checkpoint() hands submitit a fresh callable that resumes from the newest checkpoint, whatever the
     # submission said (train.resume=none would otherwise restart from scratch after every preemption).
-    cfg = job_config(
-        train_yaml, [f"run.dir={tmp_path}", "train.resume=none"], load_slurm_config(None, {"tasks_per_node": 2})
-    )
-    delayed = SlurmTrainer(cfg, use_gpus=False).checkpoint()
-    assert isinstance(delayed.function, SlurmTrainer) and delayed.function.cfg.train.resume == "auto"
-    assert cfg.train.resume == "none" and cfg.train.cpu  # the submitted config is left alone; CPU job -> cpu
+    yaml = tmp_path / "train.yaml"
+    yaml.write_text("data:\n  dir: shards\ntrain:\n  resume: none\n")
+    cfg = job_config(yaml, [f"run.dir={tmp_path / 'run'}"], load_slurm_config(None, {"tasks_per_node": 2}))
+    assert cfg.train.cpu and cfg.data.dir == str(Path.cwd() / "shards")  # CPU job; paths made absolute
+    save_config(cfg, tmp_path / "submitted.yaml")
+    job = SlurmTrainer(tmp_path / "submitted.yaml", use_gpus=False)
+    assert job.config() == cfg  # the job reloads exactly what was validated at submission
+    delayed = job.checkpoint()
+    assert isinstance(delayed.function, SlurmTrainer) and delayed.function.config().train.resume == "auto"
+    assert job.config().train.resume == "none"
 
 
 def test_job_config_rejects_a_batch_that_does_not_split(train_yaml: Path):

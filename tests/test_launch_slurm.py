@@ -130,6 +130,8 @@ def test_sweep_of_two_points_is_one_array(slurm_cluster, train_yaml: Path, tmp_p
     assert lines["point"] == ["00-optim.lr=0.001", "01-optim.lr=0.01"]
     finals = [json.loads((Path(r[2]) / "final_metrics.json").read_text()) for r in rows]
     assert lines["val/accuracy"] == [f"{f['val/accuracy']:.4f}" for f in finals]
+    status = cli("status", str(root), timeout=60)  # a sweep's root: the same table, with SLURM's states
+    assert status.returncode == 0 and status.stdout.splitlines()[2].split() == ["state", "COMPLETED", "COMPLETED"]
 
 
 def test_requeue_resumes_from_checkpoint_with_the_same_wandb_run(slurm_cluster, train_yaml: Path, tmp_path: Path):
@@ -147,6 +149,10 @@ def test_requeue_resumes_from_checkpoint_with_the_same_wandb_run(slurm_cluster, 
     first_id = (run / "wandb_run_id").read_text().strip()
     job._interrupt(timeout=True)  # USR2, as SLURM sends it signal_delay_s before the time limit
 
+    # While it waits to be requeued, the run dir is still taken: a second job must not write into it.
+    again = cli("slurm", "--config", str(train_yaml), "--slurm-config", str(CPU_CLUSTER), f"run.dir={run}", timeout=60)
+    assert again.returncode == 2 and f"SLURM job {job.job_id} is still" in again.stderr, again.stderr
+
     while job_states([job.job_id])[job.job_id] != "COMPLETED":
         assert time.time() < deadline + JOB_TIMEOUT_S, "requeued job did not finish"
         assert job_states([job.job_id])[job.job_id] not in ("FAILED", "CANCELLED", "TIMEOUT")
@@ -162,6 +168,8 @@ def test_requeue_resumes_from_checkpoint_with_the_same_wandb_run(slurm_cluster, 
     assert len(wandb_runs) == 2 and all(p.name.endswith(first_id) for p in wandb_runs)  # one W&B run, resumed
     assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 10
     assert isinstance(job.results()[0], dict)  # the requeued callable returned the trainer's final metrics
+    status = cli("status", str(run), timeout=60)
+    assert f"job      {job.job_id}  COMPLETED  (requeued 1x)" in status.stdout, status.stdout
 
 
 def test_bad_settings_fail_before_submitting(slurm_cluster, train_yaml: Path, tmp_path: Path):
