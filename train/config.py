@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key or file and what to do."""
 
 
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+
+
 @dataclass
 class AugmentConfig:
     """Training-time augmentation (eval uses resize + centre crop only)."""
@@ -60,6 +65,7 @@ class ModelConfig:
     # scratch_cnn
     width: int = 32  # channels of the first block; doubles each block
     depth: int = 4  # conv blocks, each followed by 2x2 max-pool
+    convs_per_block: int = 1  # conv-norm-ReLU layers per block (compute grows ~linearly with it)
     dropout: float = 0.3  # before the classifier
     norm: str = "batch"  # batch | group | none
     # inception_v3
@@ -67,6 +73,13 @@ class ModelConfig:
     freeze_backbone: bool = False  # feature extraction: only the new head trains
     trainable_blocks: int = -1  # fine-tune only the last N blocks (+ head); -1 = all
     aux_loss_weight: float = 0.4  # InceptionV3 auxiliary logits weight in training
+
+    def __post_init__(self) -> None:
+        _choice("model.norm", self.norm, ("batch", "group", "none"))
+        if not -1 <= self.trainable_blocks <= 16:  # InceptionV3 has 16 trunk blocks (train/models.py)
+            raise ConfigError(f"model.trainable_blocks={self.trainable_blocks}: use -1 (all) or 0..16")
+        if self.depth < 1 or self.width < 1:
+            raise ConfigError(f"model.depth={self.depth}, model.width={self.width}: both must be >= 1")
 
     def input_size(self) -> int:
         if self.image_size > 0:
@@ -84,6 +97,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0  # 0 = off
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd"))
 
 
 @dataclass
@@ -105,6 +121,12 @@ class TrainConfig:
     early_stop_mode: str = "max"  # max | min
     max_steps: int = 0  # stop after this many optimizer steps (tests, smoke runs); 0 = no limit
     log_every: int = 10  # steps between tracker logs
+
+    def __post_init__(self) -> None:
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
+        if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
 
     def per_device_batch(self, world_size: int) -> int:
         """Micro-batch each rank feeds per forward pass."""
@@ -130,6 +152,9 @@ class WandbConfig:
     entity: str = ""
     mode: str = "offline"  # offline | online | disabled; WANDB_MODE in the environment wins
     tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("track.wandb.mode", self.mode, ("offline", "online", "disabled"))
 
 
 @dataclass
@@ -191,6 +216,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
             schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
+        where = f"config ({path or 'defaults'} + overrides)"
+        missing = sorted(OmegaConf.missing_keys(schema))
+        if missing:
+            raise ConfigError(
+                f"{where}: required key(s) {missing} not set; add them to the YAML or pass e.g. data.dir=PATH"
+            )
         cfg = OmegaConf.to_object(schema)
     except ConfigError:
         raise

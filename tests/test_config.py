@@ -1,0 +1,100 @@
+"""The config tree: every shipped YAML loads, and bad input fails at load time naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import ClusterConfig
+
+from train.__main__ import cli
+from train.config import ConfigError, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(path, ["data.dir=/data/shards"])
+    assert cfg.data.dir == "/data/shards"
+    assert cfg.model.input_size() == (299 if cfg.model.name == "inception_v3" else cfg.model.image_size)
+
+
+def test_configs_differ_where_they_should():
+    extract = load_config(CONFIGS / "inception_v3.yaml", ["data.dir=x"])
+    finetune = load_config(CONFIGS / "inception_v3_finetune.yaml", ["data.dir=x"])
+    assert extract.model.freeze_backbone and not finetune.model.freeze_backbone
+    assert finetune.model.weights == extract.model.weights == "imagenet"  # inherited through `defaults:`
+    assert load_config(CONFIGS / "debug_cpu.yaml", ["data.dir=x"]).train.cpu
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    raw = yaml.safe_load(path.read_text())
+    assert raw["distributed_type"] in ("NO", "MULTI_GPU")
+    # Accelerate's own parser accepts it (what `accelerate launch --config_file` does first).
+    assert ClusterConfig.from_yaml_file(str(path)).num_processes == raw["num_processes"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.widht=8"], "model.widht"),
+        (["train.epochs=three"], "train.epochs"),
+        (["train.mixed_precision=fp8"], "train.mixed_precision"),
+        (["model.norm=layer"], "model.norm"),
+        (["optim.name=adam"], "optim.name"),
+        (["track.backends=[wandb,mlflow]"], "track.backends"),
+        (["model.trainable_blocks=40"], "model.trainable_blocks"),
+        (["data.on_error=ignore"], "data.on_error"),
+        (["nosection.x=1"], "nosection"),
+        (["train.epochs"], "train.epochs"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "cnn.yaml", ["data.dir=x", *overrides])
+
+
+def test_missing_data_dir_is_named():
+    with pytest.raises(ConfigError, match=r"data\.dir"):
+        load_config(CONFIGS / "cnn.yaml")
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  width: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  widht: 8\n")
+    with pytest.raises(ConfigError, match="widht"):
+        load_config(unknown, ["data.dir=x"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_cannot_construct_objects(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("data:\n  dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="evil.yaml"):
+        load_config(evil)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "cnn.yaml", ["data.dir=/d", "train.epochs=3", "model.width=12"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_reports_config_errors(capsys):
+    assert cli(["--config", str(CONFIGS / "cnn.yaml"), "data.dir=x", "train.batchsize=3"]) == 2
+    assert "train.batchsize" in capsys.readouterr().err
+
+
+def test_per_device_batch_must_divide():
+    cfg = load_config(CONFIGS / "cnn.yaml", ["data.dir=x", "train.batch_size=64", "train.grad_accum=2"])
+    assert cfg.train.per_device_batch(world_size=4) == 8
+    with pytest.raises(ConfigError, match="train.batch_size=64"):
+        cfg.train.per_device_batch(world_size=3)

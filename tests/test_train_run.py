@@ -1,0 +1,95 @@
+"""End to end: a real 2-rank run (accelerate launch, gloo on CPU) over real shards writes every artefact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from train_helpers import TINY, make_shards, run_train
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key; must never land on disk
+
+
+@pytest.mark.slow
+def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_data, port):
+    shards = make_shards(real_data, tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"data.dir={shards}",
+        f"run.dir={run_dir}",
+        *TINY,
+        "train.epochs=3",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=1",
+        "train.log_every=1",
+        "data.num_workers=1",
+        "track.backends=[wandb,tensorboard,csv]",
+    ]
+    proc = run_train(overrides, procs=2, port=port, WANDB_API_KEY=FAKE_KEY)
+
+    # config.yaml is the resolved config and loads back.
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["dir"] == str(shards) and saved["train"]["epochs"] == 3
+
+    # metrics.jsonl: one line per epoch, sane values; 40 train samples / global batch 8 = 5 steps per epoch.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["step"] for r in rows] == [5, 10, 15]
+    for r in rows:
+        assert r["val/samples"] == 11  # every val sample exactly once across the two ranks
+        for k in ("val/accuracy", "val/precision", "val/recall", "val/f1", "val/auroc", "train/accuracy"):
+            assert 0.0 <= r[k] <= 1.0, (k, r)
+        assert 0.0 < r["val/loss"] < 5.0 and 0.0 < r["train/loss"] < 5.0 and r["train/images_per_s"] > 0
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["epochs_completed"] == 3 and final["steps"] == 15
+    assert final["test/samples"] == 5 and sum(map(sum, final["test/confusion_matrix"])) == 5
+    assert final["val/accuracy"] == rows[-1]["val/accuracy"]
+    best = max(rows, key=lambda r: r["val/accuracy"])
+    assert final["best/val/accuracy"] == best["val/accuracy"] and final["best_epoch"] == best["epoch"]
+
+    # Checkpoints: newest 1 plus the best, each complete; no temp folders left.
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == sorted({"step_00000015", final["best_checkpoint"]})
+    for c in ckpts:
+        names = {p.name for p in (run_dir / "checkpoints" / c).iterdir()}
+        assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= names
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= names  # one RNG file per rank
+
+    for plot in ("loss", "accuracy", "confusion_matrix", "roc"):
+        png = run_dir / "plots" / f"{plot}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    log = (run_dir / "train.log").read_text()
+    assert "2 process(es) (MULTI_CPU" in log and "epoch 3:" in log and "final:" in log
+    assert log.count("epoch 1:") == 1  # only rank 0 logs
+
+    csv_rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0] == "step,name,value" and any(r.startswith("15,val/accuracy,") for r in csv_rows)
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # W&B (offline, for real): one run with our persisted id; metrics, lr, images/s, config and plots recorded.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    wandb_runs = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(wandb_runs) == 1, list((run_dir / "wandb").iterdir())
+    record = (wandb_runs[0] / f"run-{run_id}.wandb").read_bytes()
+    for key in (b"val/accuracy", b"val/auroc", b"train/lr", b"train/images_per_s", b"train/loss", b"model.width"):
+        assert key in record, key
+    media = {p.name.split("_")[0] for p in (wandb_runs[0] / "files" / "media" / "images" / "plots").iterdir()}
+    assert {"loss", "accuracy", "roc", "confusion"} <= media
+
+    # The API key reaches no file in the run dir (W&B's own logs included) and no console output.
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+
+    # Same run.dir again: it resumes from the last checkpoint, trains nothing more, continues the same W&B run.
+    run_train(overrides, procs=2, port=port)
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log and "step 15" in log
+    assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    # wandb writes one offline folder per session; both carry the same run id (resume="allow").
+    sessions = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2 and all(p.name.endswith(f"-{run_id}") for p in sessions)
+

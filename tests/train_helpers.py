@@ -1,0 +1,69 @@
+"""Shared by the trainer tests: small real shards and a bounded `python -m train` / `accelerate launch` runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from data_shards import tiny_jpegs, write_shards
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Train 40 / val 11 / test 5 real photos in uneven shards (odd counts: uneven eval batches across ranks).
+LENGTHS = {"train": [16, 8, 16], "val": [6, 5], "test": [5]}
+
+# Tiny and fast: 64 px, width 8, three blocks. Every test adds what it checks on top.
+TINY = [
+    "model.image_size=64",
+    "model.width=8",
+    "model.depth=3",
+    "data.num_workers=0",
+    "data.shuffle_buffer=16",
+    "train.batch_size=8",
+    "eval.batch_size=8",
+    "track.backends=[csv]",
+]
+
+
+def make_shards(real_data: Path, root: Path) -> Path:
+    write_shards(root, tiny_jpegs(real_data, sum(sum(v) for v in LENGTHS.values())), LENGTHS)
+    return root
+
+
+def env(**extra: str) -> dict:
+    out = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out.pop("WANDB_API_KEY", None)
+    out.update(extra)
+    return out
+
+
+def train_cmd(overrides: list[str], *, procs: int = 1, port: int = 0) -> list[str]:
+    """`python -m train ...`, or `accelerate launch --multi_gpu --num_processes N` (gloo ranks on CPU)."""
+    if procs == 1:
+        return [sys.executable, "-m", "train", *overrides]
+    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(procs)]
+    return [*launch, "--main_process_port", str(port), "-m", "train", *overrides]
+
+
+def run_train(overrides: list[str], *, procs: int = 1, port: int = 0, timeout: int = 240, **extra_env: str):
+    """Run to completion; a hang becomes a TimeoutExpired failure instead of a stuck CI job."""
+    proc = subprocess.run(
+        train_cmd(overrides, procs=procs, port=port),
+        cwd=ROOT,
+        env=env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The model weights of the newest checkpoint (what a later resume or evaluation would load)."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert ckpts, f"no checkpoint in {run_dir}"
+    return load_file(str(ckpts[-1] / "model.safetensors"))

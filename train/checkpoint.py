@@ -1,0 +1,127 @@
+"""Atomic, resumable checkpoints: ``accelerator.save_state`` plus our own JSON state, renamed into place.
+
+Layout: ``run.dir/checkpoints/step_00000123/`` holds Accelerate's files (``model.safetensors``,
+``optimizer.bin``, ``random_states_<rank>.pkl``) and ``trainer_state.json`` (epoch, data position, best
+metric, history, W&B run id). Everything is written into a hidden ``.tmp-step_...`` folder first and renamed
+when every rank has finished, so a ``step_*`` folder is complete by construction; a kill leaves at most a
+hidden temp folder, which the next run deletes.
+
+Loading never unpickles code: the model is safetensors, and Accelerate's ``load_state`` reads the optimizer
+and RNG files with ``torch.load(weights_only=True)`` (it allow-lists only numpy's array reconstruction for the
+numpy RNG state). We do NOT use ``register_for_checkpointing``: Accelerate loads those files with
+``weights_only=False``. Our state is JSON instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from data_prep.atomic import atomic_write_json
+
+STATE_NAME = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs to continue exactly where it stopped."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, when batch_in_epoch == 0)
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already trained on: TrainStream.loader's start_batch
+    step: int = 0  # optimizer steps done
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # all-reduced EpochTotals so far
+    best_metric: float | None = None
+    best_epoch: int = -1
+    best_checkpoint: str = ""  # folder name under checkpoints/
+    epochs_since_best: int = 0
+    history: list[dict] = field(default_factory=list)  # one dict of scalar metrics per finished epoch
+    last_eval: dict = field(default_factory=dict)  # latest confusion matrix + ROC curve, for the plots
+    stopped_early: bool = False
+    train_seconds: float = 0.0  # wall time spent training (all sessions of this run)
+    wandb_run_id: str = ""
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainerState:
+        raw = json.loads(path.read_text())
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first (by step)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_partial(root: Path) -> None:
+    """Delete temp folders a killed save left behind (main process, before anything is written)."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, state: TrainerState) -> Path:
+    """Save model/optimizer/RNG + ``state`` as ``root/step_XXXXXXXX`` atomically. Every rank must call this.
+
+    A folder for the same step (an epoch end that is also a periodic checkpoint) is replaced.
+    """
+    final = root / step_dir_name(state.step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # Every rank writes its own RNG file into the shared temp folder; the main process writes the rest.
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / STATE_NAME, asdict(state))
+        if final.exists():
+            old = root / f".tmp-old-{final.name}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int, best: str) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints and the one named ``best``; returns deleted."""
+    found = complete_checkpoints(root)
+    keep_names = {p.name for p in found[-keep:]} if keep > 0 else set()
+    if best:
+        keep_names.add(best)
+    deleted = [p for p in found if p.name not in keep_names]
+    for p in deleted:
+        # Rename first: a kill during rmtree then leaves a temp folder, not a half-deleted "complete" one.
+        doomed = p.with_name(f".tmp-del-{p.name}")
+        p.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return deleted
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
+    """Restore model/optimizer/RNG from ``path`` (weights_only loads) and return its TrainerState."""
+    state = TrainerState.from_json(path / STATE_NAME)
+    accelerator.load_state(str(path))
+    return state

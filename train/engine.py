@@ -1,0 +1,269 @@
+"""The loop: ``train_one_epoch`` and ``evaluate`` are plain functions that take objects and return metric dicts.
+
+Neither knows how many processes there are beyond what ``accelerator`` says: gradients are synchronised by
+the DDP wrapper, and every cross-rank reduction happens once per epoch (never per eval batch, because ranks
+may hold different numbers of eval batches).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+    BinaryROC,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+    MulticlassROC,
+)
+from tqdm.auto import tqdm
+
+# ROC/AUROC are computed on a fixed grid of thresholds: their state is then a fixed-size count tensor
+# (summed across ranks) instead of every prediction, so a rank with few or no eval batches syncs cleanly
+# and memory does not grow with the split. 1001 thresholds move the AUROC by well under 1e-3.
+ROC_THRESHOLDS = 1001
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup_steps``, then cosine decay to ``base_lr * min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def classification_loss(
+    outputs: Tensor | tuple[Tensor, Tensor], targets: Tensor, *, label_smoothing: float, aux_weight: float
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy on the logits (+ ``aux_weight`` x the auxiliary head's, InceptionV3 in training).
+
+    Returns (loss, main logits). Computed in float32 whatever the autocast dtype of the logits.
+    """
+    aux = None
+    if isinstance(outputs, tuple):
+        outputs, aux = outputs
+    loss = F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
+    if aux is not None and aux_weight:
+        loss = loss + aux_weight * F.cross_entropy(aux.float(), targets, label_smoothing=label_smoothing)
+    return loss, outputs
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one training epoch on this rank (loss x samples, correct, samples).
+
+    Kept across a mid-epoch resume (the checkpoint stores the all-reduced sums), so the epoch's train
+    metrics cover the whole epoch, not only the part after the restart.
+    """
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+
+    def reduced(self, accelerator: Accelerator) -> EpochTotals:
+        """Sum over ranks: one collective, every rank must call it."""
+        t = torch.tensor([self.loss_sum, self.correct, self.seen], dtype=torch.float64, device=accelerator.device)
+        t = accelerator.reduce(t, reduction="sum")
+        return EpochTotals(*t.tolist())
+
+
+@dataclass
+class StepInfo:
+    """What ``on_step`` gets after each optimizer step."""
+
+    step: int  # optimizer steps done in the whole run
+    batch_in_epoch: int  # micro-batches of this epoch consumed so far (the resume position)
+    loss: float  # this rank's loss of the last micro-batch
+    lr: float
+    images_per_s: float  # all ranks together, since the epoch (or resume) started
+    totals: EpochTotals
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    *,
+    lr_fn: Callable[[int], float],
+    step: int,
+    start_batch: int,
+    num_batches: int,
+    totals: EpochTotals,
+    max_steps: int = 0,
+    clip_grad_norm: float = 0.0,
+    label_smoothing: float = 0.0,
+    aux_weight: float = 0.0,
+    channels_last: bool = False,
+    reseed: Callable[[int], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    desc: str = "train",
+) -> dict:
+    """Train on micro-batches ``start_batch..num_batches-1`` of one epoch (``batches`` yields exactly those).
+
+    Gradient accumulation goes through ``accelerator.accumulate``: the optimizer steps every
+    ``gradient_accumulation_steps`` micro-batches. Stops early once ``max_steps`` optimizer steps are done.
+    ``reseed(batch_index)`` (deterministic mode) seeds the model's RNG (dropout) per micro-batch, so the
+    stream of random numbers is a function of the data position and a resumed run draws the same ones.
+    Returns ``{"step", "batch_in_epoch", "totals", "stopped", "seconds", "images"}``.
+    """
+    model.train()
+    world = accelerator.num_processes
+    accum = accelerator.gradient_accumulation_steps
+    bar = tqdm(
+        total=num_batches // accum,
+        initial=start_batch // accum,
+        desc=desc,
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    batch_index = start_batch
+    images = 0
+    stopped = False
+    t0 = time.perf_counter()
+    for x, y in batches:
+        if batch_index >= num_batches:  # micro-batches that do not fill a whole accumulation group
+            break
+        x = x.to(accelerator.device, non_blocking=True)
+        y = y.to(accelerator.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if reseed is not None:
+            reseed(batch_index)
+        with accelerator.accumulate(model):
+            loss, logits = classification_loss(model(x), y, label_smoothing=label_smoothing, aux_weight=aux_weight)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if clip_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                lr = lr_fn(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        batch_index += 1
+        images += len(y) * world
+        # One host sync per micro-batch for the running sums: negligible next to a training step.
+        totals.loss_sum += float(loss.detach()) * len(y)
+        totals.correct += float((logits.detach().argmax(1) == y).sum())
+        totals.seen += len(y)
+        if accelerator.sync_gradients:
+            step += 1
+            ips = images / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+            if on_step is not None:
+                on_step(StepInfo(step, batch_index, loss.item(), lr, ips, totals))
+            if max_steps and step >= max_steps:
+                stopped = True
+                break
+    bar.close()
+    return {
+        "step": step,
+        "batch_in_epoch": batch_index,
+        "totals": totals,
+        "stopped": stopped,
+        "seconds": time.perf_counter() - t0,
+        "images": images,
+    }
+
+
+def _metric_collection(num_classes: int) -> tuple[MetricCollection, nn.Module]:
+    """Scalar metrics + the ROC curve. Binary problems report the positive class (index 1)."""
+    if num_classes == 2:
+        scalars = MetricCollection(
+            {
+                "accuracy": BinaryAccuracy(),
+                "precision": BinaryPrecision(),
+                "recall": BinaryRecall(),
+                "f1": BinaryF1Score(),
+                "auroc": BinaryAUROC(thresholds=ROC_THRESHOLDS),
+            }
+        )
+        return scalars, BinaryROC(thresholds=ROC_THRESHOLDS)
+    scalars = MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "precision": MulticlassPrecision(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "auroc": MulticlassAUROC(num_classes, thresholds=ROC_THRESHOLDS),
+        }
+    )
+    return scalars, MulticlassROC(num_classes, thresholds=ROC_THRESHOLDS)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    accelerator: Accelerator,
+    *,
+    num_classes: int,
+    prefix: str = "val",
+    channels_last: bool = False,
+) -> dict:
+    """Loss, accuracy, precision, recall, F1, ROC-AUC, confusion matrix and ROC curve over ``batches``.
+
+    ``model`` should be the unwrapped module: the DDP wrapper may broadcast buffers in forward, a
+    collective that would hang when ranks hold different numbers of eval batches. Metrics update locally
+    and sync once in ``compute()``; loss sum and count are all-reduced once. Every rank must call this.
+    Returns scalars under ``{prefix}/...`` plus ``{prefix}/confusion_matrix`` (list of rows, true x pred) and
+    ``{prefix}/roc`` (``{"fpr": [...], "tpr": [...]}``; per class for more than two classes).
+    """
+    model.eval()
+    device = accelerator.device
+    scalars, roc = _metric_collection(num_classes)
+    confusion = MulticlassConfusionMatrix(num_classes)
+    scalars, roc, confusion = scalars.to(device), roc.to(device), confusion.to(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in batches:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        count += len(y)
+        probs = logits.softmax(1)
+        scores = probs[:, 1] if num_classes == 2 else probs
+        scalars.update(scores, y)
+        roc.update(scores, y)
+        confusion.update(logits.argmax(1), y)
+    totals = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
+    n = int(totals[1].item())
+    out: dict = {f"{prefix}/loss": float(totals[0] / max(n, 1)), f"{prefix}/samples": n}
+    out.update({f"{prefix}/{k}": float(v) for k, v in scalars.compute().items()})
+    fpr, tpr, _ = roc.compute()
+    if num_classes == 2:
+        out[f"{prefix}/roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    else:
+        out[f"{prefix}/roc"] = {"fpr": [f.tolist() for f in fpr], "tpr": [t.tolist() for t in tpr]}
+    out[f"{prefix}/confusion_matrix"] = confusion.compute().cpu().numpy().astype(np.int64).tolist()
+    return out
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The JSON/tracker-friendly part of a metrics dict (drops curves and matrices)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

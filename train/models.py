@@ -1,0 +1,188 @@
+"""Model registry: ``MODELS[name](cfg, num_classes) -> nn.Module``.
+
+Models know nothing about training or processes. Every model returns logits in eval mode; in training mode
+InceptionV3 returns ``(logits, aux_logits)`` so the loss can weight the auxiliary head (see ``train/engine.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train.config import ConfigError, ModelConfig
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        # GroupNorm has no running statistics, so N ranks x batch b computes exactly what 1 rank x N*b does.
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    return nn.Identity()
+
+
+class ScratchCNN(nn.Module):
+    """conv-norm-ReLU blocks (``convs`` convs each, 2x2 max-pool after), global average pool, dropout, linear head."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        width: int = 32,
+        depth: int = 4,
+        convs: int = 1,
+        dropout: float = 0.3,
+        norm: str = "batch",
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for i in range(depth):
+            out_ch = width * 2**i
+            for j in range(convs):
+                layers += [
+                    nn.Conv2d(in_ch if j == 0 else out_ch, out_ch, 3, padding=1, bias=norm == "none"),
+                    _norm(norm, out_ch),
+                    nn.ReLU(inplace=True),
+                ]
+            layers.append(nn.MaxPool2d(2))
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(in_ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.head(self.dropout(x))
+
+
+def scratch_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    return ScratchCNN(
+        num_classes, width=cfg.width, depth=cfg.depth, convs=cfg.convs_per_block, dropout=cfg.dropout, norm=cfg.norm
+    )
+
+
+# InceptionV3's trunk in forward order; `trainable_blocks: N` unfreezes the last N of these.
+INCEPTION_BLOCKS = (
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+)
+_NEW_HEADS = ("fc", "AuxLogits.fc")  # replaced for num_classes, so never loaded from a 1000-class file
+
+
+class FrozenAwareInception(nn.Module):
+    """torchvision InceptionV3 whose frozen modules stay in eval mode, so BatchNorm statistics of a frozen
+    backbone do not drift while the head trains (feature extraction must leave the backbone unchanged)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor):
+        out = self.net(x)
+        # torchvision returns InceptionOutputs(logits, aux_logits) in training; a plain tuple pickles/compiles.
+        return (out.logits, out.aux_logits) if isinstance(out, tuple) and hasattr(out, "aux_logits") else out
+
+    def train(self, mode: bool = True) -> FrozenAwareInception:
+        super().train(mode)
+        if mode:
+            for m in self.net.modules():
+                params = list(m.parameters(recurse=False))
+                if params and not any(p.requires_grad for p in params):
+                    m.eval()
+        return self
+
+
+def _load_inception_weights(net: nn.Module, weights: str) -> None:
+    """Load ImageNet weights (torchvision API, or a local state_dict file) into ``net`` except the new heads."""
+    from torchvision.models import Inception_V3_Weights
+
+    if weights == "imagenet":
+        try:
+            state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except OSError as e:  # URLError is an OSError: no network, proxy, DNS...
+            raise ConfigError(
+                f"model.weights=imagenet: cannot download the torchvision InceptionV3 weights ({e}). Offline? "
+                f"Copy {Inception_V3_Weights.IMAGENET1K_V1.url} to this machine and set "
+                "model.weights=/path/to/inception_v3_google-0cc3c7bd.pth"
+            ) from e
+        source = "torchvision IMAGENET1K_V1"
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.weights={weights!r}: no such file; use none, imagenet or a state_dict path")
+        try:
+            # weights_only: a weights file is data, never code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"model.weights={weights!r} is not a loadable state_dict ({e})") from e
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.weights={weights!r} holds a {type(state).__name__}, not a state_dict")
+        source = str(path)
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(h + "." for h in _NEW_HEADS))}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(tuple(h + "." for h in _NEW_HEADS))]
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.weights={weights!r} ({source}) does not match torchvision's inception_v3: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+
+
+def inception_v3(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    from torchvision.models import inception_v3 as tv_inception_v3
+
+    # torchvision's ImageNet weights expect its transform_input step (ImageNet normalisation -> [-1, 1]);
+    # random init does not need it.
+    pretrained = cfg.weights != "none"
+    net = tv_inception_v3(weights=None, aux_logits=True, transform_input=pretrained, init_weights=not pretrained)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    net.AuxLogits.fc = nn.Linear(net.AuxLogits.fc.in_features, num_classes)
+    if pretrained:
+        _load_inception_weights(net, cfg.weights)
+    if cfg.freeze_backbone:
+        trainable = set(_NEW_HEADS)
+    elif cfg.trainable_blocks >= 0:
+        last = INCEPTION_BLOCKS[len(INCEPTION_BLOCKS) - cfg.trainable_blocks :] if cfg.trainable_blocks else ()
+        trainable = {*last, "fc", "AuxLogits"}
+    else:
+        trainable = None  # full fine-tuning
+    if trainable is not None:
+        for name, p in net.named_parameters():
+            p.requires_grad = any(name == t or name.startswith(t + ".") for t in trainable)
+    return FrozenAwareInception(net)
+
+
+MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "scratch_cnn": scratch_cnn,
+    "inception_v3": inception_v3,
+}
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Look ``cfg.name`` up in MODELS; an unknown name is a config error naming the key."""
+    if cfg.name not in MODELS:
+        raise ConfigError(f"model.name={cfg.name!r} is not a registered model; choose from {sorted(MODELS)}")
+    return MODELS[cfg.name](cfg, num_classes)

@@ -1,0 +1,142 @@
+"""Experiment trackers through Accelerate (W&B, TensorBoard) plus a CSV tracker of our own.
+
+Only the main process creates trackers or logs (Accelerate's trackers are main-process-only). W&B runs
+offline unless ``WANDB_MODE`` (or ``track.wandb.mode``) says otherwise; its run id lives in
+``run.dir/wandb_run_id`` so a resumed or requeued run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker, on_main_process
+
+from data_prep.atomic import atomic_write_text
+from train.config import Config, to_dict
+
+log = logging.getLogger(__name__)
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class CsvTracker(GeneralTracker):
+    """Appends ``step,name,value`` rows to ``run.dir/metrics.csv`` (long format: any key, any step)."""
+
+    name = "csv"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self._file = None
+
+    @on_main_process
+    def start(self) -> None:
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.writer(self._file)
+        if new:
+            self._writer.writerow(["step", "name", "value"])
+            self._file.flush()
+
+    @property
+    def tracker(self):
+        return self._file
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        """The config is in run.dir/config.yaml already."""
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self._writer.writerow([step, k, v])
+        self._file.flush()
+
+    @on_main_process
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def wandb_mode(cfg: Config) -> str:
+    """WANDB_MODE in the environment wins; otherwise track.wandb.mode (offline by default)."""
+    return os.environ.get("WANDB_MODE") or cfg.track.wandb.mode
+
+
+def wandb_run_id(run_dir: Path, saved: str = "") -> str:
+    """The run's W&B id: from the checkpoint state, else run.dir/wandb_run_id, else a new one (persisted)."""
+    path = run_dir / WANDB_ID_FILE
+    run_id = saved or (path.read_text().strip() if path.is_file() else "")
+    if not run_id:
+        run_id = secrets.token_hex(8)  # W&B accepts any [a-z0-9] id; chosen by us so it is known before init
+    if not path.is_file() or path.read_text().strip() != run_id:
+        atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def log_with(cfg: Config, run_dir: Path) -> list:
+    """The ``log_with`` argument for ``Accelerator`` from track.backends."""
+    out: list = []
+    for name in cfg.track.backends:
+        out.append(CsvTracker(run_dir / "metrics.csv") if name == "csv" else name)
+    return out
+
+
+def flat_config(cfg: Config) -> dict:
+    """Dotted keys with scalar values: what TensorBoard's hparams accept (W&B shows them just as well)."""
+    out: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def init_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str) -> None:
+    """Start the configured trackers (main process only; a no-op elsewhere). Every rank may call it."""
+    if not cfg.track.backends:
+        return
+    init_kwargs = {}
+    if "wandb" in cfg.track.backends:
+        w = cfg.track.wandb
+        init_kwargs["wandb"] = {
+            "dir": str(run_dir),
+            "id": run_id,
+            "resume": "allow",
+            "mode": wandb_mode(cfg),
+            "name": cfg.run.name or run_dir.name,
+            "tags": list(w.tags),
+            **({"entity": w.entity} if w.entity else {}),
+        }
+    # The project name is W&B's project; TensorBoard uses it as the sub-folder of run.dir/tensorboard.
+    accelerator.init_trackers(cfg.track.wandb.project, config=flat_config(cfg), init_kwargs=init_kwargs)
+
+
+def log_plots(accelerator: Accelerator, plots: dict[str, Path], step: int) -> None:
+    """Send the PNG plots to W&B (the only backend here that shows images usefully)."""
+    if not accelerator.is_main_process or not plots:
+        return
+    try:
+        tracker = accelerator.get_tracker("wandb", unwrap=True)
+    except ValueError:
+        return
+    if tracker is None or not hasattr(tracker, "log"):
+        return
+    import wandb
+
+    tracker.log({f"plots/{name}": wandb.Image(str(path)) for name, path in plots.items() if path.is_file()}, step=step)

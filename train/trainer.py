@@ -1,0 +1,411 @@
+"""``main(cfg)``: build everything, resume if run.dir has a checkpoint, train, evaluate, write the run dir.
+
+Works the same under ``accelerate launch``, ``torchrun``, SLURM (after submitit's
+``TorchDistributedEnvironment().export()`` sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and a
+plain ``python -m train`` (one process): Accelerate reads the process layout from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file
+
+from data_prep.atomic import atomic_write_json, atomic_write_text
+from data_prep.info import DatasetInfo, load_info
+from train import checkpoint as ckpt
+from train import plots, tracking
+from train.config import Config, ConfigError, save_config
+from train.data import TrainStream, eval_loader
+from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
+from train.models import build_model
+
+log = logging.getLogger("catdog")
+
+# Metrics evaluate() reports for a split; train.early_stop_metric must be one of these.
+VAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auroc")
+
+
+def local_world_size() -> int:
+    """Ranks on this node: torchrun/accelerate launch and submitit's export() set LOCAL_WORLD_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def cpu_threads() -> int:
+    """Intra-op threads per rank on CPU: an explicit OMP_NUM_THREADS wins, else this node's cores / local ranks.
+
+    N ranks each using every core oversubscribe the CPU and run several times slower than N x 1/N.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world_size())
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    """Main process: INFO to stderr and run.dir/train.log. Other ranks: warnings and errors only."""
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if is_main:
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    for name in ("train.data",):  # the data module's own warnings (corrupt samples) go to train.log too
+        logging.getLogger(name).handlers = log.handlers[:]
+        logging.getLogger(name).setLevel(log.level)
+
+
+def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if cpu and precision == "fp16":
+        # Accelerate does not autocast to fp16 on CPU; say so instead of silently training in fp32.
+        warnings.warn(
+            "train.mixed_precision=fp16 is not applied on CPU (Accelerate only autocasts fp16 on GPUs): "
+            "training in fp32. Use train.mixed_precision=bf16 for reduced precision on CPU.",
+            stacklevel=2,
+        )
+        precision = "no"
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=tracking.log_with(cfg, run_dir) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+    )
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW or SGD+momentum; no weight decay on biases and normalisation weights (1-d tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+
+
+def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
+    mode = cfg.train.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return ckpt.latest_checkpoint(ckpt_root)
+    path = Path(mode)
+    if not (path / ckpt.STATE_NAME).is_file():
+        raise ConfigError(f"train.resume={mode!r} is not a complete checkpoint folder (no {ckpt.STATE_NAME})")
+    return path
+
+
+def _broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics before evaluating (the checkpoint saves rank 0's).
+
+    DDP syncs buffers at the start of each training forward, so after the last step each rank has updated its
+    own copy once more. One broadcast per buffer per evaluation; never per eval batch.
+    """
+    if accelerator.num_processes > 1:
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf.data, src=0)
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+class Run:
+    """The state of one training run in this process: objects plus the run-dir writers (main process only)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, info: DatasetInfo):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.info = info
+        self.dir = Path(cfg.run.dir)
+        self.ckpt_root = self.dir / "checkpoints"
+        self.image_size = cfg.model.input_size()
+
+    def eval_split(self, model: torch.nn.Module, split: str) -> dict:
+        unwrapped = self.acc.unwrap_model(model)
+        _broadcast_buffers(self.acc, unwrapped)
+        world = self.acc.num_processes
+        batches = eval_loader(
+            self.cfg.data,
+            self.info,
+            split=split,
+            batch_size=max(1, self.cfg.eval.batch_size // world),
+            image_size=self.image_size,
+            rank=self.acc.process_index,
+            world_size=world,
+        )
+        return evaluate(
+            unwrapped,
+            batches,
+            self.acc,
+            num_classes=self.info.num_classes,
+            prefix="test" if split == self.cfg.data.test_split else "val",
+            channels_last=self.cfg.train.channels_last,
+        )
+
+    def write_outputs(self, state: ckpt.TrainerState, step: int) -> None:
+        """metrics.jsonl (rewritten from the checkpointed history, so a resume never duplicates an epoch) and
+        plots; plots also go to W&B. Main process only."""
+        if not self.acc.is_main_process:
+            return
+        atomic_write_text(self.dir / "metrics.jsonl", "".join(_jsonl(h) for h in state.history))
+        made = plots.write_plots(self.dir / "plots", state.history, state.last_eval, self.info.classes)
+        tracking.log_plots(self.acc, made, step)
+
+
+def _jsonl(row: dict) -> str:
+    return json.dumps(row, sort_keys=True) + "\n"
+
+
+def main(cfg: Config) -> dict:
+    """Train (resuming from run.dir when it holds a checkpoint) and return the final metrics."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.deterministic:
+        # cuBLAS needs this set before CUDA initialises to have deterministic GEMMs.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    accelerator = make_accelerator(cfg, run_dir)
+    is_main = accelerator.is_main_process
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
+    _setup_logging(run_dir, is_main)
+    metric_name = cfg.train.early_stop_metric.removeprefix("val/")
+    if metric_name not in VAL_METRICS:
+        raise ConfigError(
+            f"train.early_stop_metric={cfg.train.early_stop_metric!r}: choose from {['val/' + m for m in VAL_METRICS]}"
+        )
+    info = load_info(cfg.data.dir)
+    world = accelerator.num_processes
+    per_device = cfg.train.per_device_batch(world)
+    run = Run(cfg, accelerator, info)
+    if is_main:
+        ckpt.remove_partial(run.ckpt_root)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway), and the
+    # data order comes from (seed, epoch, position), not from this RNG.
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model, info.num_classes)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    stream = TrainStream(
+        cfg.data,
+        info,
+        split=cfg.data.train_split,
+        batch_size=per_device,
+        image_size=run.image_size,
+        rank=accelerator.process_index,
+        world_size=world,
+        seed=cfg.train.seed,
+    )
+    accum = cfg.train.grad_accum
+    steps_per_epoch = stream.batches_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} x grad_accum={accum}: one optimizer step needs more samples "
+            f"than split {cfg.data.train_split!r} has ({stream.num_samples}); lower train.batch_size"
+        )
+    micro_per_epoch = steps_per_epoch * accum
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    def lr_fn(step: int) -> float:
+        return lr_at(
+            step,
+            base_lr=cfg.optim.lr,
+            total_steps=total_steps,
+            warmup_steps=warmup,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+        )
+
+    state = ckpt.TrainerState()
+    resume = _resume_path(cfg, run.ckpt_root)
+    if resume is not None:
+        state = ckpt.load_checkpoint(accelerator, resume)
+        log.info("resumed from %s: epoch %d, batch %d, step %d", resume, state.epoch, state.batch_in_epoch, state.step)
+    if is_main:
+        state.wandb_run_id = tracking.wandb_run_id(run_dir, state.wandb_run_id) if "wandb" in cfg.track.backends else ""
+    tracking.init_trackers(accelerator, cfg, run_dir, state.wandb_run_id)
+    log.info(
+        "%s on %d process(es) (%s, %s, %d thread(s)/rank): %d train samples, %d steps/epoch of %d images "
+        "(%d per device x %d accumulation), %d epochs",
+        cfg.model.name,
+        world,
+        accelerator.distributed_type.value,
+        accelerator.mixed_precision,
+        torch.get_num_threads(),
+        stream.num_samples,
+        steps_per_epoch,
+        cfg.train.batch_size,
+        per_device,
+        accum,
+        cfg.train.epochs,
+    )
+
+    def reseed(batch_index: int) -> None:
+        seq = np.random.SeedSequence([cfg.train.seed, accelerator.process_index, epoch, batch_index])
+        torch.manual_seed(int(seq.generate_state(1, np.uint64)[0]))
+
+    def on_step(info_: StepInfo) -> None:
+        if is_main and cfg.train.log_every and info_.step % cfg.train.log_every == 0:
+            accelerator.log(
+                {"train/loss_step": info_.loss, "train/lr": info_.lr, "train/images_per_s": info_.images_per_s},
+                step=info_.step,
+            )
+        if cfg.train.checkpoint_every and info_.step % cfg.train.checkpoint_every == 0:
+            if info_.batch_in_epoch < micro_per_epoch:  # the epoch end saves its own, with the epoch's metrics
+                save(info_.step, info_.batch_in_epoch, info_.totals)
+
+    def save(step: int, batch_in_epoch: int, totals: EpochTotals) -> Path:
+        state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
+        state.totals = list(asdict(totals.reduced(accelerator)).values()) if batch_in_epoch else [0.0, 0.0, 0.0]
+        state.train_seconds = train_seconds + (time.perf_counter() - session_start)
+        path = ckpt.save_checkpoint(accelerator, run.ckpt_root, state)
+        if is_main:
+            ckpt.prune_checkpoints(run.ckpt_root, cfg.train.keep_checkpoints, state.best_checkpoint)
+        log.info("checkpoint %s", path)
+        return path
+
+    train_seconds = state.train_seconds
+    session_start = time.perf_counter()
+    mode_max = cfg.train.early_stop_mode == "max"
+    epoch = state.epoch
+    stopped = state.stopped_early or (cfg.train.max_steps and state.step >= cfg.train.max_steps)
+    while epoch < cfg.train.epochs and not stopped:
+        start = state.batch_in_epoch
+        totals = EpochTotals(*state.totals) if is_main else EpochTotals()
+        result = train_one_epoch(
+            model,
+            stream.loader(epoch, start_batch=start),
+            optimizer,
+            accelerator,
+            lr_fn=lr_fn,
+            step=state.step,
+            start_batch=start,
+            num_batches=micro_per_epoch,
+            totals=totals,
+            max_steps=cfg.train.max_steps,
+            clip_grad_norm=cfg.optim.clip_grad_norm,
+            label_smoothing=cfg.optim.label_smoothing,
+            aux_weight=cfg.model.aux_loss_weight if cfg.model.name == "inception_v3" else 0.0,
+            channels_last=cfg.train.channels_last,
+            reseed=reseed if cfg.train.deterministic else None,
+            on_step=on_step,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        )
+        if result["stopped"] and result["batch_in_epoch"] < micro_per_epoch:
+            save(result["step"], result["batch_in_epoch"], result["totals"])
+            log.info("stopped at train.max_steps=%d (mid-epoch %d)", cfg.train.max_steps, epoch)
+            stopped = True
+            break
+        t = result["totals"].reduced(accelerator)
+        row = {
+            "epoch": epoch + 1,
+            "step": result["step"],
+            "lr": lr_fn(max(result["step"] - 1, 0)),
+            "train/loss": t.loss_sum / max(t.seen, 1),
+            "train/accuracy": t.correct / max(t.seen, 1),
+            "train/images_per_s": result["images"] / max(result["seconds"], 1e-9),
+        }
+        step_dir = ckpt.step_dir_name(result["step"])
+        if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+            metrics = run.eval_split(model, cfg.data.val_split)
+            row.update(scalar_metrics(metrics))
+            state.last_eval = {
+                "split": cfg.data.val_split,
+                "epoch": epoch + 1,
+                "auroc": metrics["val/auroc"],
+                "confusion_matrix": metrics["val/confusion_matrix"],
+                "roc": metrics["val/roc"],
+            }
+            value = row[f"val/{metric_name}"]
+            improved = state.best_metric is None or (
+                value > state.best_metric if mode_max else value < state.best_metric
+            )
+            if improved:
+                state.best_metric, state.best_epoch, state.best_checkpoint = value, epoch + 1, step_dir
+                state.epochs_since_best = 0
+            else:
+                state.epochs_since_best += 1
+            patience = cfg.train.early_stop_patience
+            if patience and state.epochs_since_best >= patience:
+                state.stopped_early = stopped = True
+                log.info("early stop: %s did not improve for %d epochs", cfg.train.early_stop_metric, patience)
+        row["time_s"] = train_seconds + (time.perf_counter() - session_start)  # wall clock since the run began
+        state.history.append(row)
+        log.info("epoch %d: %s", epoch + 1, _fmt({k: v for k, v in row.items() if k != "epoch"}))
+        if is_main:
+            accelerator.log(
+                {k: v for k, v in row.items() if k not in ("epoch", "step")} | {"epoch": epoch + 1}, step=row["step"]
+            )
+        epoch += 1
+        save(result["step"], 0, EpochTotals())
+        run.write_outputs(state, row["step"])
+        if cfg.train.max_steps and result["step"] >= cfg.train.max_steps:
+            stopped = True
+
+    final = finish(run, model, state)
+    accelerator.end_training()
+    return final
+
+
+def finish(run: Run, model: torch.nn.Module, state: ckpt.TrainerState) -> dict:
+    """final_metrics.json (+ the test split on the best checkpoint), plots, metrics.jsonl. Idempotent."""
+    cfg, acc = run.cfg, run.acc
+    final: dict = {
+        "epochs_completed": len(state.history),
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "train_seconds": round(state.train_seconds, 3),
+        "best_epoch": state.best_epoch,
+        "best_checkpoint": state.best_checkpoint,
+        f"best/{cfg.train.early_stop_metric}": state.best_metric,
+    }
+    if state.history:
+        final.update({k: v for k, v in state.history[-1].items() if k not in ("epoch", "step")})
+    test = run.info.splits.get(cfg.data.test_split)
+    best = run.ckpt_root / state.best_checkpoint if state.best_checkpoint else None
+    if cfg.eval.test_at_end and test is not None and test.num_samples > 0 and best is not None and best.is_dir():
+        # Evaluate the best weights, not the last ones: that is the model early stopping selected.
+        acc.unwrap_model(model).load_state_dict(load_file(str(best / "model.safetensors"), device="cpu"))
+        metrics = run.eval_split(model, cfg.data.test_split)
+        final.update(scalar_metrics(metrics))
+        final["test/confusion_matrix"] = metrics["test/confusion_matrix"]
+        final["test/checkpoint"] = state.best_checkpoint
+    if acc.is_main_process:
+        run.write_outputs(state, state.step)
+        atomic_write_json(run.dir / "final_metrics.json", final)
+        acc.log({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step=state.step)
+        log.info("final: %s", _fmt({k: v for k, v in final.items() if isinstance(v, (int, float))}))
+        log.info("run dir: %s (plots in %s)", run.dir, run.dir / "plots")
+    acc.wait_for_everyone()
+    return final
