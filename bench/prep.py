@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import tarfile
@@ -100,6 +101,7 @@ def main() -> None:
     opts = EncodeOptions(image_size=a.image_size, quality=a.quality)
     cores = default_workers()
     print(f"{len(files):,} images from {a.data}; {cores} cores, catdog-prep --workers {a.workers}; {a.repeats} repeats")
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on the machine skew every figure)")
     results: dict[str, list[float]] = {"catdog-prep": [], "naive loop": [], "floor (1 core)": []}
     with tempfile.TemporaryDirectory(prefix="bench-src-") as tmp:
         src = mirror(files, a.data, Path(tmp)) if a.limit else a.data
@@ -109,6 +111,7 @@ def main() -> None:
             results["naive loop"].append(bench_naive(files, a.image_size, a.quality))
             results["floor (1 core)"].append(bench_floor(blobs, opts))
             print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     med = {k: statistics.median(v) for k, v in results.items()}
     for k, v in med.items():
         print(f"{k:<16} {v:>8,.0f} images/s (median)")
