@@ -20,21 +20,21 @@ from .slurm import SubmitError
 
 # SLURM flags -> SlurmConfig fields; a flag left out keeps the value from --slurm-config (or the default).
 _SLURM_FLAGS = {
-    "nodes": int,
-    "gpus_per_node": int,
-    "tasks_per_node": int,
-    "cpus_per_task": int,
-    "mem": str,
-    "time": str,
-    "partition": str,
-    "account": str,
-    "qos": str,
-    "constraint": str,
-    "exclude": str,
-    "job_name": str,
-    "array_parallelism": int,
-    "signal_delay_s": int,
-    "max_num_timeout": int,
+    "nodes": (int, "nodes (default 1)"),
+    "gpus_per_node": (int, "GPUs per node; one task (rank) per GPU. 0 = CPU ranks (default)"),
+    "tasks_per_node": (int, "CPU ranks per node when --gpus-per-node is 0 (default 1)"),
+    "cpus_per_task": (int, "CPUs per rank: the rank + its data workers (default 1)"),
+    "mem": (str, "memory per node, e.g. 64G (default: the partition's)"),
+    "time": (str, "time limit, e.g. 4:00:00 or 1-00:00:00 (default 4:00:00)"),
+    "partition": (str, "partition (default: the cluster's default)"),
+    "account": (str, "account to charge"),
+    "qos": (str, "quality of service"),
+    "constraint": (str, "node features, e.g. a100"),
+    "exclude": (str, "nodes to avoid, e.g. node[1-3]"),
+    "job_name": (str, "job name (default catdog)"),
+    "array_parallelism": (int, "sweep points running at once (default 256)"),
+    "signal_delay_s": (int, "USR2 this many seconds before the time limit -> checkpoint + requeue (default 120)"),
+    "max_num_timeout": (int, "requeues after a time limit before giving up (default 3)"),
 }
 
 
@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     slu.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
     slu.add_argument("--slurm-config", help="SLURM settings YAML (configs/slurm/*.yaml); flags override it")
     slu.add_argument("--sweep", help="sweep YAML (sweeps/*.yaml): one job-array element per point")
-    for name, typ in _SLURM_FLAGS.items():
-        slu.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    for name, (typ, text) in _SLURM_FLAGS.items():
+        slu.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
     slu.add_argument("--dry-run", action="store_true", help="print the sbatch script submitit would submit")
     slu.add_argument("--wait", action="store_true", help="follow the job(s), streaming rank 0's log, until done")
     slu.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-3")

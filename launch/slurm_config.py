@@ -59,7 +59,11 @@ class SlurmConfig:
                 f"slurm.tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: the launcher "
                 "runs one task (rank) per GPU; leave tasks_per_node at 0"
             )
-        self.time_minutes()  # validate the format now, not at submission
+        if self.signal_delay_s >= self.time_minutes() * 60:
+            raise ConfigError(
+                f"slurm.signal_delay_s={self.signal_delay_s} is not shorter than slurm.time={self.time!r}: "
+                "the requeue signal would come before the job starts training"
+            )
         self.mem_mb()
 
     def ntasks_per_node(self) -> int:

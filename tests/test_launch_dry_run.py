@@ -104,6 +104,7 @@ def test_bad_settings_fail_before_anything(capsys, train_yaml: Path, tmp_path: P
         (["--config", str(train_yaml), "optim.lrr=1"], "optim.lrr"),
         (["--config", str(train_yaml), "--gpus-per-node", "4", "--tasks-per-node", "2"], "one task (rank) per GPU"),
         (["--config", str(train_yaml), "--time", "forever"], "slurm.time='forever'"),
+        (["--config", str(train_yaml), "--time", "2"], "signal_delay_s=120 is not shorter than slurm.time='2'"),
         (["--config", str(train_yaml), "--tasks-per-node", "3"], "batch_size=16 is not divisible"),
         (["--config", str(train_yaml), "--slurm-config", str(tmp_path / "x.yaml")], "x.yaml does not exist"),
     ]
