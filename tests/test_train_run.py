@@ -92,4 +92,3 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
     # wandb writes one offline folder per session; both carry the same run id (resume="allow").
     sessions = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(sessions) == 2 and all(p.name.endswith(f"-{run_id}") for p in sessions)
-

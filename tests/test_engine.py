@@ -1,0 +1,170 @@
+"""engine (schedule, evaluate's metrics) and checkpoint (atomic layout, pruning, weights_only loading), in-process."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
+from torch import nn
+
+from train.checkpoint import (
+    STATE_NAME,
+    TrainerState,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_partial,
+    save_checkpoint,
+)
+from train.config import load_config
+from train.engine import evaluate, lr_at
+from train.trainer import cpu_threads, make_accelerator
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    kw = dict(base_lr=1.0, total_steps=110, warmup_steps=10, min_lr_ratio=0.01)
+    lrs = [lr_at(s, **kw) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # non-increasing after warmup
+    assert lrs[60] == pytest.approx(0.505) and lrs[110] == pytest.approx(0.01)
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits stored for each input id: evaluate() is then checked against hand counts."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
+def test_evaluate_matches_hand_computed_metrics():
+    torch.manual_seed(0)
+    n = 37
+    labels = torch.randint(0, 2, (n,))
+    logits = torch.randn(n, 2) + 1.5 * nn.functional.one_hot(labels, 2)  # mostly right, some wrong
+    ids = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2)
+    batches = [(ids[i : i + 8], labels[i : i + 8]) for i in range(0, n, 8)]  # uneven last batch
+    acc = Accelerator(cpu=True)
+    out = evaluate(FixedLogits(logits), batches, acc, num_classes=2)
+    pred = logits.argmax(1)
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+    tn = n - tp - fp - fn
+    assert out["val/samples"] == n
+    assert out["val/accuracy"] == pytest.approx((tp + tn) / n)
+    assert out["val/precision"] == pytest.approx(tp / (tp + fp))
+    assert out["val/recall"] == pytest.approx(tp / (tp + fn))
+    assert out["val/f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert out["val/confusion_matrix"] == [[tn, fp], [fn, tp]]
+    assert out["val/loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    # Exact AUROC by pair counting; the 1001-threshold grid stays within 1e-2.
+    p1 = logits.softmax(1)[:, 1]
+    pos, neg = p1[labels == 1], p1[labels == 0]
+    exact = float((pos[:, None] > neg[None, :]).float().mean())
+    assert out["val/auroc"] == pytest.approx(exact, abs=1e-2)
+    roc = out["val/roc"]
+    assert min(roc["fpr"]) == 0.0 and max(roc["fpr"]) == 1.0 and max(roc["tpr"]) == 1.0
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _trained_accelerator():
+    acc = Accelerator(cpu=True)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    return acc, model, opt
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_state(tmp_path):
+    acc, model, opt = _trained_accelerator()
+    state = TrainerState(epoch=2, batch_in_epoch=7, step=19, best_metric=0.8, wandb_run_id="abc123")
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    path = save_checkpoint(acc, tmp_path, state)
+    assert path.name == "step_00000019" and (path / STATE_NAME).is_file()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt_step = opt.state_dict()["state"][0]["step"].clone()
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    restored = load_checkpoint(acc, path)
+    assert restored == state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved_weights[k])
+    assert torch.equal(opt.state_dict()["state"][0]["step"], saved_opt_step)
+    # The RNG file loads under weights_only (Accelerate swallows a failure here, so check it directly) ...
+    assert set(accelerate_load(path / "random_states_0.pkl")) >= {"random_state", "torch_manual_seed"}
+    # ... and the streams continue exactly where they were at save time.
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_plain_torch_load_refuses_pickled_code(tmp_path):
+    # What weights_only buys us: a checkpoint file carrying a pickled callable is refused, not executed.
+    bad = tmp_path / "optimizer.bin"
+    torch.save({"state": {}, "hook": print}, bad)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        accelerate_load(bad)
+
+
+def test_partial_checkpoints_are_ignored_and_removed(tmp_path):
+    acc, _, _ = _trained_accelerator()
+    save_checkpoint(acc, tmp_path, TrainerState(step=4))
+    (tmp_path / ".tmp-step_00000008").mkdir()  # a save killed before its rename
+    (tmp_path / "step_00000009").mkdir()  # no trainer_state.json: never trusted
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    remove_partial(tmp_path)
+    assert not (tmp_path / ".tmp-step_00000008").exists()
+
+
+def test_prune_keeps_newest_k_and_best(tmp_path):
+    acc, _, _ = _trained_accelerator()
+    for step in (1, 2, 3, 4, 5):
+        save_checkpoint(acc, tmp_path, TrainerState(step=step))
+    deleted = prune_checkpoints(tmp_path, keep=2, best="step_00000002")
+    assert sorted(p.name for p in deleted) == ["step_00000001", "step_00000003"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004", "step_00000005"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # Saving the same step again (epoch end == periodic save) replaces the folder.
+    save_checkpoint(acc, tmp_path, TrainerState(step=5, epoch=1))
+    assert TrainerState.from_json(tmp_path / "step_00000005" / STATE_NAME).epoch == 1
+
+
+def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path):
+    cfg = load_config(None, ["data.dir=x", "train.mixed_precision=fp16", "train.cpu=true", "track.backends=[]"])
+    with pytest.warns(UserWarning, match="fp16 is not applied on CPU"):
+        acc = make_accelerator(cfg, tmp_path)
+    assert acc.mixed_precision == "no"
+
+
+def test_cpu_threads_split_cores_between_local_ranks(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads() == max(1, cores // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit choice wins
+    assert cpu_threads() == 3

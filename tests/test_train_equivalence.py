@@ -1,0 +1,37 @@
+"""2 ranks x batch b and 1 rank x batch 2b give the same weights after k steps (real gloo ranks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import TINY, make_shards, run_train
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, real_data, port):
+    shards = make_shards(real_data, tmp_path / "shards")
+    # GroupNorm (no running statistics that differ per rank) and no dropout; augmentation stays on: it is
+    # seeded per sample position, so both layouts see identical images.
+    common = [
+        f"data.dir={shards}",
+        *TINY,
+        "model.norm=group",
+        "model.dropout=0",
+        "train.batch_size=8",
+        "train.epochs=2",
+        "train.max_steps=7",  # crosses the epoch boundary (5 steps per epoch)
+        "train.deterministic=true",
+        "eval.every_epochs=10",
+    ]
+    run_train([*common, f"run.dir={tmp_path / 'one'}"])
+    run_train([*common, f"run.dir={tmp_path / 'two'}"], procs=2, port=port)
+    for step in ("step_00000005", "step_00000007"):  # the epoch-end checkpoint and the final one
+        one = load_file(str(tmp_path / "one" / "checkpoints" / step / "model.safetensors"))
+        two = load_file(str(tmp_path / "two" / "checkpoints" / step / "model.safetensors"))
+        assert one.keys() == two.keys() and len(one) > 0
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=f"{step} {k}")
+    # Training moved the weights between the two checkpoints: the comparison is not between two idle copies.
+    at5 = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000005" / "model.safetensors"))
+    assert not torch.equal(at5["head.weight"], one["head.weight"])

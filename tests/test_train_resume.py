@@ -1,0 +1,76 @@
+"""kill -9 mid-epoch, restart with the same run.dir: the run resumes by itself and ends with the same weights
+as an uninterrupted run (train.deterministic)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from train_helpers import ROOT, TINY, env, final_weights, make_shards, run_train, train_cmd
+
+from train.checkpoint import STATE_NAME
+
+
+@pytest.mark.slow
+def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
+    shards = make_shards(real_data, tmp_path / "shards")
+    # Dropout and augmentation on: the resumed run must redraw exactly the same random numbers.
+    common = [
+        f"data.dir={shards}",
+        *TINY,
+        "model.dropout=0.3",
+        "train.batch_size=4",
+        "train.epochs=2",
+        "train.deterministic=true",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=1",
+    ]
+    straight = tmp_path / "straight"
+    run_train([*common, f"run.dir={straight}"])
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        train_cmd([*common, f"run.dir={killed}"]),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # 10 steps per epoch, a checkpoint every 3: kill as soon as the first (mid-epoch) one is complete.
+        deadline = time.monotonic() + 180
+        while not (killed / "checkpoints" / "step_00000003" / STATE_NAME).exists():
+            assert proc.poll() is None, "training exited before the first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "final_metrics.json").exists(), "killed too late: the run had finished"
+
+    run_train([*common, f"run.dir={killed}"])
+    m = re.search(r"resumed from \S+: epoch (\d+), batch (\d+), step (\d+)", (killed / "train.log").read_text())
+    assert m, "the restart did not resume"
+    epoch, batch, step = map(int, m.groups())
+    assert step >= 3 and step < 20 and (epoch, batch) != (0, 0)
+
+    a, b = final_weights(straight), final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows_b] == [1, 2]  # no epoch counted twice
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for k in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
