@@ -44,7 +44,7 @@ from data_prep.shards import (
 
 HASH_BATCH = 64  # files per hashing task
 ENCODE_BATCH = 8  # images per encoding task: amortises inter-process overhead, keeps the window small
-WINDOW_PER_WORKER = 4  # tasks in flight per worker: enough to keep workers busy, bounded memory
+WINDOW_PER_WORKER = 8  # tasks in flight per worker: slack for one slow image, memory still bounded (~64 images)
 
 
 class PrepError(Exception):
