@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ class SlurmTrainer:
     def __call__(self) -> dict:
         # MASTER_ADDR = first node of the job, RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID.
         # overwrite: values inherited from the submitting shell (sbatch exports its environment) are wrong here.
+        job = submitit.JobEnvironment()
+        os.environ["MASTER_PORT"] = str(master_port(job.job_id, os.environ.get("SLURM_RESTART_COUNT", "0")))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus, overwrite=True)
         from train.trainer import main  # late: keeps submission light
 
@@ -70,6 +73,17 @@ class SlurmTrainer:
         # Nothing to save here: the trainer checkpoints atomically as it goes. The requeued job must resume
         # from the newest of those, whatever train.resume said at submission.
         return submitit.helpers.DelayedSubmission(SlurmTrainer(self.config_path, self.use_gpus, resume="auto"))
+
+
+def master_port(job_id: str, restart_count: str) -> int:
+    """The rendezvous port all tasks of one (re)start of a job agree on without talking to each other.
+
+    Below Linux's ephemeral range (32768-60999), where bind(0) and outgoing connections take their ports:
+    submitit's default (20000-60000, from the job id alone) collided with those on a busy node, and a job's
+    rank 0 then died with EADDRINUSE. The restart count gives a requeued job a new port in case a process of
+    the previous start still holds the old one.
+    """
+    return 20000 + zlib.crc32(f"{job_id}.{restart_count}".encode()) % 12000
 
 
 class _OfflineSlurmExecutor(submitit.SlurmExecutor):
@@ -94,6 +108,8 @@ def make_executor(slurm: SlurmConfig, folder: Path, *, offline: bool = False) ->
         "array_parallelism": slurm.array_parallelism,
         # torch would start one thread per core of the node in every rank; give each rank its own CPUs.
         "setup": ["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", *slurm.setup],
+        # A rank that dies takes the job down: otherwise the others wait in a collective until the time limit.
+        "srun_args": ["--kill-on-bad-exit=1"],
         # requeue on node failure too (the trainer resumes), and allow `scontrol requeue` where JobRequeue=0.
         "additional_parameters": {"requeue": True},
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from launch.__main__ import main
-from launch.slurm import SlurmTrainer, job_config
+from launch.slurm import SlurmTrainer, job_config, master_port
 from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
 from launch.sweep import load_sweep
 from train.config import ConfigError, save_config
@@ -67,6 +67,7 @@ def test_gpu_job_resources_signal_and_environment(capsys, train_yaml: Path, tmp_
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert f"{sys.executable} -u -m submitit.core._submit {run}/slurm" in srun
     assert f"{run}/slurm/%j_%t_log.out" in srun  # every rank logs to its own file
+    assert "--kill-on-bad-exit=1" in srun  # a dead rank ends the job instead of leaving the others hanging
     assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
 
 
@@ -167,3 +168,10 @@ def test_the_requeued_callable_resumes_automatically(tmp_path: Path):
 def test_job_config_rejects_a_batch_that_does_not_split(train_yaml: Path):
     with pytest.raises(ConfigError, match="not divisible"):
         job_config(train_yaml, ["train.batch_size=9"], load_slurm_config(None, {"tasks_per_node": 2}))
+
+
+def test_master_port_is_shared_by_the_tasks_and_fresh_after_a_requeue():
+    ports = {master_port(str(job), str(restart)) for job in range(200) for restart in range(3)}
+    assert all(20000 <= p < 32768 for p in ports)  # never in the ephemeral range bind(0) hands out
+    assert len(ports) > 500  # job ids and restarts spread over the range
+    assert master_port("123_4", "1") == master_port("123_4", "1") != master_port("123_4", "0")

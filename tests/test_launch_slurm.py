@@ -54,6 +54,22 @@ def train_yaml(shards: Path, tmp_path: Path) -> Path:
     return tiny_config(tmp_path / "tiny.yaml", shards)  # W&B offline: the run id is real
 
 
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs(slurm_cluster):
+    """A test that fails mid-job must not leave its job holding the node's 2 CPUs for the next tests."""
+    before = set(_queued())
+    yield
+    leftover = sorted(set(_queued()) - before)
+    if leftover:
+        subprocess.run(["scancel", *leftover], timeout=30)
+
+
+def _queued() -> list[str]:
+    if shutil.which("squeue") is None:
+        return []
+    return subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30).stdout.split()
+
+
 def cli(*argv: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "launch", *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT
