@@ -5,6 +5,7 @@ No cluster needed: the script comes from submitit's own SlurmExecutor, minus its
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -175,3 +176,16 @@ def test_master_port_is_shared_by_the_tasks_and_fresh_after_a_requeue():
     assert all(20000 <= p < 32768 for p in ports)  # never in the ephemeral range bind(0) hands out
     assert len(ports) > 500  # job ids and restarts spread over the range
     assert master_port("123_4", "1") == master_port("123_4", "1") != master_port("123_4", "0")
+
+
+def test_slurm_tests_skip_here_but_fail_in_ci_without_a_cluster(tmp_path: Path):
+    # A user's machine without SLURM skips the SLURM tests, saying why; CI (CATDOG_REQUIRE_SLURM=1) fails them.
+    env = {k: v for k, v in os.environ.items() if k != "CATDOG_REQUIRE_SLURM"}
+    env["PATH"] = str(tmp_path)  # no sinfo here
+    test = f"{ROOT / 'tests' / 'test_launch_slurm.py'}::test_bad_settings_fail_before_submitting"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test]
+    skipped = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout[-2000:]
+    assert "SLURM is not installed; start the test cluster with" in skipped.stdout
+    failed = subprocess.run(cmd, env={**env, "CATDOG_REQUIRE_SLURM": "1"}, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "SLURM is not installed" in failed.stdout, failed.stdout[-2000:]
