@@ -54,6 +54,8 @@ def accelerate_command(
         raise ConfigError("--gpus and --cpu-ranks are exclusive: pick GPUs or CPU ranks")
     if gpus is not None and gpus < 1 or cpu_ranks is not None and cpu_ranks < 1:
         raise ConfigError("--gpus / --cpu-ranks must be >= 1")
+    if gpus is not None and cfg.train.cpu:
+        raise ConfigError(f"--gpus {gpus} with train.cpu=true in {config}: drop one (CPU ranks: --cpu-ranks N)")
     if gpus is not None and gpus > available_gpus:
         raise ConfigError(
             f"--gpus {gpus}: only {available_gpus} GPU(s) visible here"
@@ -85,8 +87,6 @@ def run_local(
     dry_run: bool = False,
 ) -> int:
     """Print the command, then (unless dry_run) run it in the foreground and return its exit code."""
-    if not Path(config).is_file():
-        raise ConfigError(f"config file {config} does not exist; pass a YAML from configs/ (e.g. configs/cnn.yaml)")
     cmd = accelerate_command(
         config,
         overrides,

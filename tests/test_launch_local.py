@@ -56,6 +56,8 @@ def test_bad_requests_fail_before_launch(train_yaml: Path, tmp_path: Path):
         accelerate_command(train_yaml, gpus=1, available_gpus=0, port=1)
     with pytest.raises(ConfigError, match="exclusive"):
         accelerate_command(train_yaml, gpus=1, cpu_ranks=2, available_gpus=1, port=1)
+    with pytest.raises(ConfigError, match="with train.cpu=true"):
+        accelerate_command(train_yaml, ["train.cpu=true"], gpus=2, available_gpus=4, port=1)
     with pytest.raises(ConfigError, match="optim.nope"):
         accelerate_command(train_yaml, ["optim.nope=1"], available_gpus=1, port=1)
     assert main(["local", "--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
