@@ -2,6 +2,7 @@
 # A real single-node SLURM cluster on this machine, for the launch tests (tests/test_launch_slurm.py).
 #
 #   bash tests/slurm/cluster.sh start    # install (only what is missing) and start; no-op if already up
+#                                        # (ours with this config, or any usable cluster someone else started)
 #   bash tests/slurm/cluster.sh status   # daemons + node state; exit 1 if the cluster is not usable
 #   bash tests/slurm/cluster.sh stop     # cancel jobs, stop the daemons we started (by PID), keep packages
 #
@@ -194,6 +195,18 @@ start() {
         log "already running"
         status
         return 0
+    fi
+    local f ours=0
+    for f in $ALL_PIDS; do alive "$f" && ours=1; done
+    if [ "$ours" = 0 ] && [ -z "${CLUSTER_FORCE_RESTART:-}" ]; then
+        case "$(node_state)" in
+            idle* | mix* | alloc* | completing*)
+                # Someone else's daemons (systemd, another script) already run a usable cluster: use it as it is.
+                log "a SLURM cluster not started by this script is already running here; using it"
+                sinfo
+                return 0
+                ;;
+        esac
     fi
     stop_all
 
