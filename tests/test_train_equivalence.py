@@ -1,11 +1,14 @@
-"""2 ranks x batch b and 1 rank x batch 2b give the same weights after k steps (real gloo ranks)."""
+"""2 ranks x batch b and 1 rank x batch 2b give the same weights after k steps (real gloo ranks).
+
+The 2 ranks are started the way a SLURM task starts them (RANK/WORLD_SIZE/MASTER_* in the environment, no
+launcher), so this also covers main() outside `accelerate launch` (tests/test_train_run.py covers that path)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import TINY, make_shards, run_train
+from train_helpers import TINY, make_shards, run_env_ranks, run_train
 
 
 @pytest.mark.slow
@@ -25,7 +28,8 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, real_data, port):
         "eval.every_epochs=10",
     ]
     run_train([*common, f"run.dir={tmp_path / 'one'}"])
-    run_train([*common, f"run.dir={tmp_path / 'two'}"], procs=2, port=port)
+    run_env_ranks([*common, f"run.dir={tmp_path / 'two'}"], world=2, port=port)
+    assert "2 process(es) (MULTI_CPU" in (tmp_path / "two" / "train.log").read_text()
     for step in ("step_00000005", "step_00000007"):  # the epoch-end checkpoint and the final one
         one = load_file(str(tmp_path / "one" / "checkpoints" / step / "model.safetensors"))
         two = load_file(str(tmp_path / "two" / "checkpoints" / step / "model.safetensors"))

@@ -67,3 +67,36 @@ def final_weights(run_dir: Path) -> dict:
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     assert ckpts, f"no checkpoint in {run_dir}"
     return load_file(str(ckpts[-1] / "model.safetensors"))
+
+
+def run_env_ranks(overrides: list[str], *, world: int, port: int, timeout: int = 240) -> None:
+    """Start `world` plain `python -m train` processes with the variables submitit's
+    TorchDistributedEnvironment().export() sets (no launcher): what a SLURM task runs."""
+    procs = []
+    for rank in range(world):
+        rank_env = env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                train_cmd(overrides),
+                cwd=ROOT,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} exit {p.returncode}\n{out[-6000:]}"
