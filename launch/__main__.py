@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     loc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
 
     slu = sub.add_parser("slurm", help="submit to SLURM through submitit (one task per GPU)")
-    slu.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
+    slu.add_argument("--config", help="training YAML (configs/*.yaml); optional with a --sweep that names one")
     slu.add_argument("--slurm-config", help="SLURM settings YAML (configs/slurm/*.yaml); flags override it")
     slu.add_argument("--sweep", help="sweep YAML (sweeps/*.yaml): one job-array element per point")
     for name, (typ, text) in _SLURM_FLAGS.items():
@@ -86,10 +86,13 @@ def _slurm(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None}
     slurm = load_slurm_config(args.slurm_config, given)
     if args.sweep:
-        root = Path(load_config(args.config, args.overrides).run.dir).resolve()
         sweep = load_sweep(args.sweep)
+        args.config = args.config or sweep.config
+        if args.config is None:
+            raise ConfigError(f"pass --config: {args.sweep} names no `config:`")
+        root = Path(load_config(args.config, args.overrides).run.dir).resolve()
         points = []
-        for p in sweep:
+        for p in sweep.points:
             try:
                 cfg = job_config(args.config, [*args.overrides, *p.overrides, f"run.dir={root / p.name}"], slurm)
             except ConfigError as e:
@@ -97,6 +100,8 @@ def _slurm(args: argparse.Namespace) -> int:
             points.append((p.name, cfg))
         folder = root / "slurm"
     else:
+        if args.config is None:
+            raise ConfigError("pass --config (a training YAML from configs/)")
         cfg = job_config(args.config, args.overrides, slurm)
         points = [(Path(cfg.run.dir).name, cfg)]
         folder = Path(cfg.run.dir) / "slurm"
@@ -105,7 +110,7 @@ def _slurm(args: argparse.Namespace) -> int:
     if args.sweep and submitted:
         rows = [
             {"point": s.name, "job_id": s.job.job_id, "run_dir": str(s.run_dir), "overrides": " ".join(p.overrides)}
-            for s, p in zip(submitted, sweep, strict=True)
+            for s, p in zip(submitted, sweep.points, strict=True)
         ]
         print(f"sweep table {write_table(root, rows)}; results: catdog-launch summarize {root}")
     if not (args.wait and submitted):

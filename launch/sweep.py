@@ -3,6 +3,7 @@
 A sweep file (sweeps/*.yaml) holds exactly one of
     grid:   {optim.lr: [1e-3, 3e-3], optim.weight_decay: [0.0, 0.05]}   # the cartesian product
     points: [{optim.lr: 1e-3}, {optim.lr: 3e-3, train.epochs: 20}]     # these points only
+and optionally `config: ../configs/cnn.yaml` (relative to the sweep file; --config wins).
 Every point gets run.dir = <the run.dir given on the command line>/<point name>.
 """
 
@@ -43,7 +44,13 @@ def _name(i: int, items: Sequence[tuple[str, Any]]) -> str:
     return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:120]
 
 
-def load_sweep(path: str | os.PathLike) -> list[Point]:
+@dataclass
+class Sweep:
+    points: list[Point]
+    config: Path | None  # the training YAML the sweep is meant for, if the file names one
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
     """The points of a sweep file, in order; fails naming the file and key on a malformed sweep."""
     path = Path(path)
     if not path.is_file():
@@ -52,10 +59,13 @@ def load_sweep(path: str | os.PathLike) -> list[Point]:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml errors: name the file
         raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from e
-    if not isinstance(node, DictConfig) or set(node.keys()) - {"grid", "points"} or len(node) != 1:
-        raise ConfigError(f"sweep file {path} must hold exactly one of `grid:` or `points:`")
+    if not isinstance(node, DictConfig) or set(node.keys()) - {"grid", "points", "config"}:
+        raise ConfigError(f"sweep file {path} may only hold `grid:` or `points:`, and `config:`")
     raw = OmegaConf.to_container(node, resolve=True)
     assert isinstance(raw, dict)
+    config = (path.parent / str(raw.pop("config"))).resolve() if "config" in raw else None
+    if len(raw) != 1:
+        raise ConfigError(f"sweep file {path} must hold exactly one of `grid:` or `points:`")
     if "grid" in raw:
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -76,7 +86,7 @@ def load_sweep(path: str | os.PathLike) -> list[Point]:
         out.append(Point(_name(i, items), [f"{k}={_value(v)}" for k, v in items]))
     if len({tuple(p.overrides) for p in out}) != len(out):
         raise ConfigError(f"{path}: two points are identical")
-    return out
+    return Sweep(out, config)
 
 
 def write_table(root: Path, rows: Sequence[dict[str, str]]) -> Path:

@@ -84,12 +84,12 @@ def test_cpu_job_has_no_gpu_request_and_yaml_then_flags(capsys, train_yaml: Path
 
 
 def test_sweep_dry_run_is_one_array(capsys, train_yaml: Path, tmp_path: Path):
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("grid:\n  optim.lr: [0.001, 0.003]\n  train.seed: [0, 1]\n")
+    sweep = tmp_path / "sweeps" / "sweep.yaml"
+    sweep.parent.mkdir()
+    # The sweep names its training config (relative to the sweep file), so --config can be left out.
+    sweep.write_text("config: ../train.yaml\ngrid:\n  optim.lr: [0.001, 0.003]\n  train.seed: [0, 1]\n")
     root = tmp_path / "sweep-runs"
-    out = dry_run(
-        capsys, "--config", str(train_yaml), "--sweep", str(sweep), "--array-parallelism", "3", f"run.dir={root}"
-    )
+    out = dry_run(capsys, "--sweep", str(sweep), "--array-parallelism", "3", f"run.dir={root}")
     flags = sbatch_flags(out)
     assert flags["array"] == "0-3%3"
     assert flags["output"] == f"{root}/slurm/%A_%a_0_log.out"
@@ -131,14 +131,17 @@ def test_shipped_slurm_configs_and_sweeps_load():
     for path in configs:
         assert isinstance(load_slurm_config(path), SlurmConfig)
     for path in sweeps:
-        points = load_sweep(path)
-        assert len(points) >= 2 and all(p.overrides for p in points)
+        sweep = load_sweep(path)
+        assert len(sweep.points) >= 2 and all(p.overrides for p in sweep.points)
+        assert sweep.config is None or sweep.config.is_file()
 
 
 def test_sweep_file_errors(tmp_path: Path):
     cases = {
         "grid:\n  optim.lr: 0.1\n": "needs a non-empty list",
         "grid: {}\npoints: []\n": "exactly one of",
+        "config: x.yaml\n": "exactly one of",
+        "grid: {a: [1]}\nseed: 1\n": "may only hold",
         "points:\n  - {run.dir: x}\n": "must not set run.dir",
         "points:\n  - {optim.lr: 0.1}\n  - {optim.lr: 0.1}\n": "identical",
     }
@@ -148,7 +151,7 @@ def test_sweep_file_errors(tmp_path: Path):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_sweep(p)
     p.write_text("points:\n  - {optim.lr: 0.1, model.name: scratch_cnn}\n  - {optim.lr: 0.2}\n")
-    assert [q.overrides for q in load_sweep(p)] == [["optim.lr=0.1", "model.name=scratch_cnn"], ["optim.lr=0.2"]]
+    assert [q.overrides for q in load_sweep(p).points] == [["optim.lr=0.1", "model.name=scratch_cnn"], ["optim.lr=0.2"]]
 
 
 def test_the_requeued_callable_resumes_automatically(tmp_path: Path):
