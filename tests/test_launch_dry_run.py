@@ -17,7 +17,7 @@ from launch.__main__ import main
 from launch.slurm import SlurmTrainer, job_config, master_port
 from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
 from launch.sweep import load_sweep
-from train.config import ConfigError, save_config
+from train.config import ConfigError, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,8 @@ def test_shipped_slurm_configs_and_sweeps_load():
     for path in sweeps:
         sweep = load_sweep(path)
         assert len(sweep.points) >= 2 and all(p.overrides for p in sweep.points)
-        assert sweep.config is None or sweep.config.is_file()
+        for point in sweep.points:  # every point is a valid config (keys and types) for the config it names
+            load_config(sweep.config or ROOT / "configs" / "cnn.yaml", [*point.overrides, "data.dir=x"])
 
 
 def test_sweep_file_errors(tmp_path: Path):
