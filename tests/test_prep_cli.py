@@ -130,3 +130,11 @@ def test_shard_size_and_count_limits(tiny_tree: Path, tmp_path: Path):
     assert len(shards) >= 2 and all(p.stat().st_size <= 10_000 for p in shards)
     run(PrepArgs(out=tmp_path / "by_count", shard_max_count=4, **kw), log=lambda _: None)
     assert load_info(tmp_path / "by_count").split("train").shard_lengths == (4, 2)
+
+
+def test_only_one_class_left_after_skipping(tmp_path: Path, tiny_tree: Path):
+    for p in (tiny_tree / "dog").iterdir():
+        p.write_bytes(p.read_bytes()[:100])  # every dog photo truncated
+    r = run_cli(tiny_tree, tmp_path / "out")
+    _assert_one_error_line(r, "only class 'cat' has usable images", "skipped.jsonl")
+    assert not (tmp_path / "out" / "_info.json").exists()
