@@ -191,10 +191,13 @@ def test_requeue_resumes_from_checkpoint_with_the_same_wandb_run(slurm_cluster, 
 def test_bad_settings_fail_before_submitting(slurm_cluster, train_yaml: Path, tmp_path: Path):
     before = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30).stdout
     base = ["slurm", "--config", str(train_yaml), f"run.dir={tmp_path / 'run'}"]
+    cpus = int(
+        subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout.split()[0]
+    )
     cases = [
         (["--partition", "nosuch"], "partition 'nosuch' does not exist on this cluster; partitions: debug"),
         (["--gpus-per-node", "1"], "--gpus-per-node 1, but its nodes have at most 0 GPU(s)"),
-        (["--tasks-per-node", "2", "--cpus-per-task", "2"], "= 4 CPUs per node, but its nodes have at most"),
+        (["--cpus-per-task", str(cpus + 1)], f"= {cpus + 1} CPUs per node, but its nodes have at most {cpus}"),
         (["--mem", "100T"], "--mem 100T, but its nodes have at most"),
         (["--nodes", "2"], "--nodes 2, but only 1 of its nodes"),
         (["data.dir=/nonexistent"], "data.dir=/nonexistent has no _info.json"),
