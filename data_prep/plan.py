@@ -139,8 +139,8 @@ def make_plan(
     for i, (c, sha) in enumerate(ordered):
         split = split_of[sha]
         key = f"{split}_{safe_key_part(c.label)}_{sha[:16]}"
-        if key in used_keys:  # a 64-bit prefix collision: fall back to the full digest, still deterministic
-            key = f"{split}_{safe_key_part(c.label)}_{sha}"
+        if key in used_keys:  # a 64-bit prefix collision: a longer prefix, still deterministic and < 100 bytes
+            key = f"{split}_{safe_key_part(c.label)}_{sha[:48]}"
         used_keys.add(key)
         items.append(Item(i, c.rel, sha, index[c.label], c.label, split, key))
 

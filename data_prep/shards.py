@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import tarfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +35,32 @@ def is_prep_output(name: str) -> bool:
     return bool(SHARD_RE.match(name) or _TEMP_RE.match(name)) or name in (INFO_NAME, SKIPPED_NAME, PROGRESS_NAME)
 
 
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header tarfile would write for a regular file with fixed metadata.
+
+    Built directly because tarfile.TarInfo.tobuf costs ~80 us per member, which made the writer
+    process a bottleneck next to the encoding workers.
+    """
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    h = bytearray(_BLOCK)
+    h[0 : len(raw)] = raw
+    h[100:108] = b"0000644\0"  # mode
+    h[108:116] = b"0000000\0"  # uid
+    h[116:124] = b"0000000\0"  # gid
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"  # mtime 0: no clock in the output
+    h[148:156] = b" " * 8  # checksum field counts as spaces while summing
+    h[156] = ord("0")  # regular file
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
 def tar_member(name: str, data: bytes) -> bytes:
-    """One ustar member with fixed metadata, padded to the 512-byte block size."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * (-len(data) % _BLOCK)
+    """One ustar member (mode 644, uid/gid 0, mtime 0, no user names), padded to the 512-byte block size."""
+    return _ustar_header(name, len(data)) + data + b"\0" * (-len(data) % _BLOCK)
 
 
 _END = b"\0" * (2 * _BLOCK)
