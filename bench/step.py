@@ -102,6 +102,7 @@ def main() -> int:
         for fn in order:
             ips = len(batches) * batch / fn()
             (bare_ips if fn is run_bare else ours_ips).append(ips)
+    print()  # end the progress bar's line
     print(f"bare PyTorch loop : median {statistics.median(bare_ips):7.1f} img/s  {[round(v, 1) for v in bare_ips]}")
     print(f"catdog trainer    : median {statistics.median(ours_ips):7.1f} img/s  {[round(v, 1) for v in ours_ips]}")
     print(f"ratio trainer/bare (target >= 0.95): {statistics.median(ours_ips) / statistics.median(bare_ips):.3f}")

@@ -192,6 +192,8 @@ def main(cfg: Config) -> dict:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     _setup_logging(run_dir, is_main)
+    if cfg.train.mixed_precision == "fp16" and accelerator.mixed_precision == "no":
+        log.warning("train.mixed_precision=fp16 is not applied on CPU: training in fp32 (bf16 works on CPU)")
     metric_name = cfg.train.early_stop_metric.removeprefix("val/")
     if metric_name not in VAL_METRICS:
         raise ConfigError(
