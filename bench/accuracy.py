@@ -1,6 +1,6 @@
 """Long benchmark: the scratch CNN (configs/cnn.yaml) on cats_and_dogs_filtered, time to 80% / 85% val accuracy.
 
-    .venv/bin/python bench/accuracy.py --shards SHARDS [--epochs N] [--procs 1|2] [key=value ...]
+    .venv/bin/python bench/accuracy.py --shards SHARDS [--epochs 40] [--procs 1|2] [key=value ...]
 
 SHARDS is a catdog-prep folder of the 3,000 photos (e.g. ``catdog-prep ../shared/data/catsdogs /tmp/cd --image-size
 144``). Runs the real trainer (``python -m train`` or ``accelerate launch`` with --procs 2) into a fresh run dir,
@@ -29,11 +29,12 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "cnn.yaml"))
     ap.add_argument("--procs", type=int, default=1, help="CPU ranks (2 = accelerate launch --multi_gpu over gloo)")
     ap.add_argument("--run-dir", default="")
+    ap.add_argument("--epochs", type=int, default=40, help="longer than cnn.yaml's demo schedule (24)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="catdog-acc-"))
     train_args = ["-m", "train", "--config", args.config, f"data.dir={args.shards}", f"run.dir={run_dir}"]
-    train_args += ["train.checkpoint_every=0", *args.overrides]
+    train_args += ["train.checkpoint_every=0", f"train.epochs={args.epochs}", *args.overrides]
     bin_dir = Path(sys.executable).parent
     if args.procs > 1:
         cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(args.procs)]
