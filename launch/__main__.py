@@ -16,7 +16,7 @@ from pathlib import Path
 
 from train.config import ConfigError, load_config
 
-from .slurm import SubmitError
+from .slurm import JobLostError, SubmitError
 
 # SLURM flags -> SlurmConfig fields; a flag left out keeps the value from --slurm-config (or the default).
 _SLURM_FLAGS = {
@@ -46,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     loc.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
     loc.add_argument("--gpus", type=int, help="GPUs to use (default: all visible)")
     loc.add_argument(
-        "--cpu-ranks", type=int, help="train on CPU with N ranks over gloo (default on a machine without GPUs: 1)"
+        "--cpu-ranks",
+        type=int,
+        metavar="N",
+        help="train on CPU with N ranks over gloo. Default with no GPU visible: 1 CPU process (no gloo), whose "
+        "torch threads use every core",
     )
     loc.add_argument("--port", type=int, help="rendezvous port for several ranks (default: a free one)")
     loc.add_argument("--dry-run", action="store_true", help="print the command without running it")
@@ -59,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, (typ, text) in _SLURM_FLAGS.items():
         slu.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
     slu.add_argument("--dry-run", action="store_true", help="print the sbatch script submitit would submit")
-    slu.add_argument("--wait", action="store_true", help="follow the job(s), streaming rank 0's log, until done")
+    slu.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job(s), streaming rank 0's log, until done; exit 1 unless all COMPLETED, or if SLURM "
+        "reports no state for a job for 60 s (sacct and squeue both do not know it)",
+    )
     slu.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-3")
 
     st = sub.add_parser("status", help="state, logs and newest metrics of a run dir (or a sweep)")
@@ -153,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SubmitError as e:  # sbatch's own message was printed above it
         print(f"catdog-launch: {e}", file=sys.stderr)
+        return 1
+    except JobLostError as e:  # --wait stopped following; the job itself may still run
+        print(f"catdog-launch: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from train.config import ConfigError, load_config
 
+NO_GPU_NOTE = "no GPU visible: 1 CPU process; use --cpu-ranks N for N gloo ranks"
+
 
 def visible_gpus() -> int:
     """GPUs this process may use (honours CUDA_VISIBLE_DEVICES)."""
@@ -44,7 +46,7 @@ def accelerate_command(
 ) -> list[str]:
     """The `accelerate launch ... -m train --config ...` argv.
 
-    gpus=None uses every visible GPU. Without GPUs (or with cpu_ranks set) the ranks run on CPU over gloo:
+    gpus=None uses every visible GPU; without GPUs, one CPU process unless cpu_ranks asks for N gloo ranks.
     `accelerate launch --cpu` starts a single process whatever --num_processes says, so several CPU ranks go
     through the multi-GPU launcher (torchrun underneath) with train.cpu=true, which makes the trainer's
     Accelerator(cpu=True) pick the MULTI_CPU/gloo path.
@@ -87,14 +89,14 @@ def run_local(
     dry_run: bool = False,
 ) -> int:
     """Print the command, then (unless dry_run) run it in the foreground and return its exit code."""
+    available = 0 if cpu_ranks else visible_gpus()
     cmd = accelerate_command(
-        config,
-        overrides,
-        gpus=gpus,
-        cpu_ranks=cpu_ranks,
-        available_gpus=0 if cpu_ranks else visible_gpus(),
-        port=port or free_port(),
+        config, overrides, gpus=gpus, cpu_ranks=cpu_ranks, available_gpus=available, port=port or free_port()
     )
+    if available == 0 and cpu_ranks is None:
+        # One process, not gloo ranks: its torch threads already use every core, and N ranks would split those
+        # cores N ways and add an all-reduce per step. Say so: users coming from multi-GPU expect ranks.
+        print(NO_GPU_NOTE, file=sys.stderr, flush=True)
     print(shlex.join(cmd), flush=True)
     if dry_run:
         return 0

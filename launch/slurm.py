@@ -187,6 +187,10 @@ def partition_nodes(partition: str) -> tuple[str, list[Node]]:
 def check_resources(slurm: SlurmConfig) -> str:
     """Fail before submitting when no node of the partition can hold one node's share of the job."""
     part, nodes = partition_nodes(slurm.partition)
+    if not nodes:  # sinfo lists partitions whose nodes were all removed (retired or moved hardware)
+        raise ConfigError(
+            f"partition {part!r} has no nodes (`sinfo -N -p {part}` lists none); pick another with --partition"
+        )
     need_cpus = slurm.ntasks_per_node() * slurm.cpus_per_task
     need_mem = slurm.mem_mb()
     fits = [
@@ -196,17 +200,18 @@ def check_resources(slurm: SlurmConfig) -> str:
     ]
     if len(fits) >= slurm.nodes:
         return part
-    most = max(nodes, key=lambda n: (n.gpus, n.cpus, n.mem_mb), default=Node("none", 0, 0, 0))
-    if slurm.gpus_per_node > max((n.gpus for n in nodes), default=0):
-        why = f"--gpus-per-node {slurm.gpus_per_node}, but its nodes have at most {max(n.gpus for n in nodes)} GPU(s)"
-    elif need_cpus > max((n.cpus for n in nodes), default=0):
+    most_gpus, most_cpus, most_mem = (max(getattr(n, k) for n in nodes) for k in ("gpus", "cpus", "mem_mb"))
+    if slurm.gpus_per_node > most_gpus:
+        why = f"--gpus-per-node {slurm.gpus_per_node}, but its nodes have at most {most_gpus} GPU(s)"
+    elif need_cpus > most_cpus:
         why = (
             f"{slurm.ntasks_per_node()} task(s) x --cpus-per-task {slurm.cpus_per_task} = {need_cpus} CPUs per node, "
-            f"but its nodes have at most {max(n.cpus for n in nodes)}"
+            f"but its nodes have at most {most_cpus}"
         )
-    elif need_mem is not None and need_mem > max((n.mem_mb for n in nodes), default=0):
-        why = f"--mem {slurm.mem}, but its nodes have at most {max(n.mem_mb for n in nodes)} MB"
+    elif need_mem is not None and need_mem > most_mem:
+        why = f"--mem {slurm.mem}, but its nodes have at most {most_mem} MB"
     else:
+        most = max(nodes, key=lambda n: (n.gpus, n.cpus, n.mem_mb))
         why = f"--nodes {slurm.nodes}, but only {len(fits)} of its nodes can hold a node's share (e.g. {most.name})"
     raise ConfigError(f"partition {part!r} cannot run this job: {why}")
 
@@ -240,11 +245,32 @@ def job_config(config: str | os.PathLike, overrides: Sequence[str], slurm: Slurm
     return cfg
 
 
+def read_job_record(run_dir: Path) -> dict | None:
+    """run_dir/slurm_job.json as `submit` wrote it, or None when no SLURM job was launched into run_dir."""
+    path = run_dir / JOB_RECORD
+    if not path.is_file():
+        return None
+    fix = (
+        "catdog-launch slurm writes it at submission; restore it, or delete it if no SLURM job writes this run dir "
+        "any more (`squeue --me` lists yours)"
+    )
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from e
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} holds a {type(record).__name__}, not a JSON object; {fix}")
+    bad = [k for k in ("job_id", "stdout", "stderr") if not isinstance(record.get(k), str) or not record[k]]
+    if bad:
+        raise ConfigError(f"{path} has no valid {', '.join(bad)} (non-empty strings); {fix}")
+    return record
+
+
 def _check_not_running(run_dir: Path) -> None:
-    record = run_dir / JOB_RECORD
-    if not record.is_file():
+    record = read_job_record(run_dir)
+    if record is None:
         return
-    job_id = json.loads(record.read_text())["job_id"]
+    job_id = record["job_id"]
     state = job_states([job_id]).get(job_id, "UNKNOWN")
     if state not in FINAL_STATES and state != "UNKNOWN":
         raise ConfigError(
@@ -339,7 +365,8 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
         )
         for line in res.stdout.splitlines():
             jid, _, state = line.partition("|")
-            states[jid] = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+            if state.strip():  # else squeue may know it
+                states[jid] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
         for jid in set(job_ids) - set(states):
             res = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True, timeout=60)
             states[jid] = res.stdout.strip() or "UNKNOWN"
@@ -348,8 +375,24 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
     return {j: states.get(j, "UNKNOWN") for j in job_ids}
 
 
-def follow(submitted: Sequence[Submitted], *, poll_s: float = 2.0, out: TextIO | None = None) -> dict[str, str]:
-    """Stream the rank-0 logs of these jobs until every job is in a final state; return the states."""
+class JobLostError(RuntimeError):
+    """--wait gave up: neither sacct nor squeue has reported a job's state for a while."""
+
+
+def follow(
+    submitted: Sequence[Submitted],
+    *,
+    poll_s: float = 2.0,
+    unknown_limit_s: float = 60.0,
+    unknown_polls: int = 3,
+    out: TextIO | None = None,
+) -> dict[str, str]:
+    """Stream the rank-0 logs of these jobs until every job is in a final state; return the states.
+
+    UNKNOWN (sacct down or purged, and squeue past MinJobAge or unreachable) is not final, and may not last:
+    a job only counts as lost after unknown_polls consecutive UNKNOWN polls spanning unknown_limit_s.
+    Then JobLostError, instead of polling forever.
+    """
     out = out or sys.stdout
     offsets: dict[Path, int] = {}
     prefix = len(submitted) > 1
@@ -371,11 +414,35 @@ def follow(submitted: Sequence[Submitted], *, poll_s: float = 2.0, out: TextIO |
                     out.flush()
 
     ids = [s.job.job_id for s in submitted]
+    unknown: dict[str, tuple[float, int]] = {}  # job id -> (first of its consecutive UNKNOWN polls, their count)
     while True:
         pump()
         states = job_states(ids)
+        now = time.monotonic()
+        for jid, state in states.items():
+            if state == "UNKNOWN":
+                first, n = unknown.get(jid, (now, 0))
+                unknown[jid] = (first, n + 1)
+            else:
+                unknown.pop(jid, None)
+        lost = [s for s in submitted if _lost(unknown.get(s.job.job_id), now, unknown_limit_s, unknown_polls)]
+        if lost:
+            pump()
+            raise JobLostError(
+                "\n".join(
+                    f"SLURM has reported no state for job {s.job.job_id} ({s.name}) for "
+                    f"{now - unknown[s.job.job_id][0]:.0f} s: neither sacct nor squeue knows it. It may still be "
+                    f"running: check `squeue -j {s.job.job_id}`, `sacct -j {s.job.job_id}` (sacct needs slurmdbd up) "
+                    f"and `catdog-launch status {s.run_dir}`"
+                    for s in lost
+                )
+            )
         if all(st in FINAL_STATES for st in states.values()):
             time.sleep(1)  # slurmstepd may flush the last lines after the state changes
             pump()
             return states
         time.sleep(poll_s)
+
+
+def _lost(streak: tuple[float, int] | None, now: float, limit_s: float, polls: int) -> bool:
+    return streak is not None and streak[1] >= polls and now - streak[0] >= limit_s

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from train.config import ConfigError
 
-from .slurm import JOB_RECORD, job_states
+from .slurm import job_states, read_job_record
 from .sweep import TABLE, read_table, summarize
 
 
@@ -59,9 +59,8 @@ def show_status(run_dir: str | Path, out: TextIO) -> None:
         summarize(run_dir, out, states=job_states([r["job_id"] for r in rows if r["job_id"]]))
         return
     out.write(f"run dir  {run_dir.resolve()}\n")
-    record_path = run_dir / JOB_RECORD
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
+    record = read_job_record(run_dir)
+    if record is not None:
         job_id = record["job_id"]
         state = job_states([job_id])[job_id]
         requeues = requeue_count(job_id)

@@ -69,7 +69,7 @@ def test_gpu_job_resources_signal_and_environment(capsys, train_yaml: Path, tmp_
     assert f"{sys.executable} -u -m submitit.core._submit {run}/slurm" in srun
     assert f"{run}/slurm/%j_%t_log.out" in srun  # every rank logs to its own file
     assert "--kill-on-bad-exit=1" in srun  # a dead rank ends the job instead of leaving the others hanging
-    assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
+    assert subprocess.run(["bash", "-n"], input=out, text=True, timeout=30).returncode == 0
 
 
 def test_cpu_job_has_no_gpu_request_and_yaml_then_flags(capsys, train_yaml: Path, tmp_path: Path):
@@ -193,3 +193,21 @@ def test_slurm_tests_skip_here_but_fail_in_ci_without_a_cluster(tmp_path: Path):
     assert "SLURM is not installed; start the test cluster with" in skipped.stdout
     failed = subprocess.run(cmd, env={**env, "CATDOG_REQUIRE_SLURM": "1"}, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "SLURM is not installed" in failed.stdout, failed.stdout[-2000:]
+
+
+def test_status_names_a_malformed_job_record(capsys, tmp_path: Path):
+    run = tmp_path / "run"
+    run.mkdir()
+    record = run / "slurm_job.json"
+    cases = {
+        '{"job_id": "12", "stdout": ': "is not valid JSON",
+        '["12"]': "holds a list, not a JSON object",
+        '{"job_id": 12, "stdout": "a.out", "stderr": "a.err"}': "has no valid job_id",
+        '{"job_id": "12"}': "has no valid stdout, stderr",
+    }
+    for text, reason in cases.items():
+        record.write_text(text)
+        assert main(["status", str(run)]) == 2, text
+        err = capsys.readouterr().err
+        assert f"{record} {reason}" in err and "delete it if no SLURM job writes this run dir" in err, err
+        assert "Traceback" not in err

@@ -11,7 +11,7 @@ import pytest
 from launch_helpers import make_shards, tiny_config
 
 from launch.__main__ import main
-from launch.local import accelerate_command
+from launch.local import NO_GPU_NOTE, accelerate_command
 from train.config import ConfigError
 
 
@@ -65,8 +65,25 @@ def test_bad_requests_fail_before_launch(train_yaml: Path, tmp_path: Path):
 
 def test_dry_run_prints_the_command(capsys, train_yaml: Path):
     assert main(["local", "--config", str(train_yaml), "--cpu-ranks", "2", "--dry-run", "train.epochs=1"]) == 0
-    line = capsys.readouterr().out.strip()
+    printed = capsys.readouterr()
+    line = printed.out.strip()
     assert "launch" in line and "--num_processes 2" in line and line.endswith("train.epochs=1 train.cpu=true")
+    assert NO_GPU_NOTE not in printed.err  # ranks were asked for: nothing to explain
+
+
+def test_no_gpu_means_one_cpu_process_and_says_so(capsys, monkeypatch, train_yaml: Path):
+    # This machine has no GPU; hiding the devices makes that true on a GPU box too.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert main(["local", "--config", str(train_yaml), "--dry-run"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.strip() == "no GPU visible: 1 CPU process; use --cpu-ranks N for N gloo ranks"
+    cmd = printed.out.split()
+    assert after(cmd, "--num_processes") == "1" and "--cpu" in cmd and "--multi_gpu" not in cmd
+    with pytest.raises(SystemExit) as e:
+        main(["local", "--help"])
+    assert e.value.code == 0
+    helptext = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
+    assert "--cpu-ranks N train on CPU with N ranks over gloo. Default with no GPU visible: 1 CPU process" in helptext
 
 
 @pytest.mark.slow
