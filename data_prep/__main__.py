@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="catdog-prep",
         description=(
             "Shard a folder of photos into WebDataset tars (OUT/{split}-000000.tar + OUT/_info.json). "
-            "Layouts: SRC/<class>/..., SRC/{train,val,validation,test}/<class>/..., or Kaggle-flat "
-            "SRC/<class>.<id>.jpg. Images are EXIF-rotated, converted to RGB (alpha flattened on white), "
+            "Layouts: SRC/<class>/..., SRC/{train,val,validation,test}/<class>/..., Kaggle-flat "
+            "SRC/<class>.<id>.jpg, or Kaggle-flat inside split folders (SRC/train/<class>.<id>.jpg). "
+            "Images are EXIF-rotated, converted to RGB (alpha flattened on white), "
             "resized so the shorter side is --image-size, and stored as JPEG. Bad files are skipped and "
             "listed in OUT/skipped.jsonl. A killed run resumes when rerun with the same arguments."
         ),

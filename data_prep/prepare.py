@@ -18,6 +18,8 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -25,11 +27,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.atomic import atomic_write_json
+from data_prep.atomic import atomic_write_json, tmp_path_for
 from data_prep.encode import EncodeOptions, encode_batch
 from data_prep.info import INFO_NAME, SPLITS
 from data_prep.plan import Plan, hash_file, make_plan
-from data_prep.scan import LAYOUTS, Scan, ScanError, scan
+from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
 from data_prep.shards import (
     PROGRESS_NAME,
     Progress,
@@ -130,7 +132,10 @@ class PrepArgs:
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """Exclusive lock on OUT for the run (released by the kernel even on kill -9)."""
-    fd = os.open(out, os.O_RDONLY)
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise PrepError(f"cannot open OUT {out} ({e.strerror}): pass a folder you may read and write") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -142,24 +147,68 @@ def _locked(out: Path) -> Iterator[None]:
 
 
 def _worker_init() -> None:
-    """Pool initializer: Ctrl-C is the parent's to handle, and a worker dies with its parent (kill -9)."""
+    """Worker initializer: Ctrl-C is the parent's to handle, and a worker dies with its parent (kill -9)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int) -> Iterator:
-    """fn over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process)."""
+@contextmanager
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The decode/encode processes (None for one worker), stopped at once when the run fails or is interrupted.
+
+    A ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies (kill -9, the out-of-memory
+    killer) Pool silently replaces it and the task it held never completes, so the run would wait forever;
+    the executor instead fails every task in flight with BrokenProcessPool.
+    """
+    if workers == 1:
+        yield None
+        return
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init)
+    procs: list = []
+    try:
+        # The executor forks all its workers at the first submit: do it now, before any thread exists
+        # (tqdm starts a monitor thread), because forking a threaded process is unsafe.
+        pool.submit(int).result()
+        procs = [p for p in multiprocessing.active_children() if p not in before]
+        yield pool
+    except BaseException:
+        for p in procs:
+            p.terminate()  # after an error or Ctrl-C, do not let workers finish the tasks already queued
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Callable[[tuple], list[str]]) -> Iterator:
+    """fn over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process).
+
+    ``images(task)`` names a task's images for the error raised when a worker process dies.
+    """
     if pool is None:
         yield from map(fn, tasks)
         return
     pending: deque = deque()
-    for task in tasks:
-        pending.append(pool.apply_async(fn, (task,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    try:
+        for task in tasks:
+            pending.append((task, pool.submit(fn, task)))
+            if len(pending) >= window:
+                result = pending[0][1].result()
+                pending.popleft()
+                yield result
+        while pending:
+            result = pending[0][1].result()
+            pending.popleft()
+            yield result
+    except BrokenProcessPool:
+        names = [name for task, _ in pending for name in images(task)]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
+        raise PrepError(
+            f"a worker process died (killed, e.g. by the out-of-memory killer) while processing {shown or 'images'}; "
+            "the shards written so far are kept: rerun the same command to resume, with fewer --workers or a "
+            "lower --max-pixels if memory ran out"
+        ) from None
 
 
 def _batches(seq: list, n: int) -> Iterator[list]:
@@ -167,30 +216,63 @@ def _batches(seq: list, n: int) -> Iterator[list]:
         yield seq[i : i + n]
 
 
-def _hash_batch(paths: list[str]) -> list:
-    return [hash_file(p) for p in paths]
+def _hash_batch(task: tuple[str, list[str]]) -> list:
+    src, rels = task
+    return [hash_file(os.path.join(src, r)) for r in rels]
+
+
+def _require_writable(out: Path) -> None:
+    """Fail now with one clear line, not with a PermissionError traceback at the first shard."""
+    probe = tmp_path_for(out / "write-check")  # a temp-file name, so a later run removes it if we are killed here
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+        probe.unlink()
+    except OSError as e:
+        raise PrepError(
+            f"cannot write to OUT {out} ({e.strerror}): pass a folder you may write to, or fix its permissions"
+        ) from None
+
+
+def _read_info(path: Path) -> dict | None:
+    """OUT's _info.json as a dict, or None when it is not one catdog-prep could have written."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not all(
+        isinstance(raw.get(k), dict) for k in ("args", "source", "shards", "counts")
+    ):
+        return None
+    return raw
 
 
 def _check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
-    """What OUT holds: 'done' (same args and inputs, finished), 'ours' (resumable or empty). Refuses others."""
+    """What OUT holds: 'done' (same args and inputs, finished), 'ours' (resumable or empty).
+
+    Refuses output of other runs or other tools (unless ``force``) and an OUT that cannot be written.
+    """
     names = sorted(os.listdir(out))
     info_path = out / INFO_NAME
-    if info_path.is_file():
-        try:
-            raw = json.loads(info_path.read_text())
-        except ValueError:
-            raw = {}
-        same_args = raw.get("args") == args
-        same_src = raw.get("source", {}).get("fingerprint") == source_fp
-        shards = raw.get("shards", {})
-        intact = all((out / f).is_file() and (out / f).stat().st_size == s["bytes"] for f, s in shards.items())
+    raw = _read_info(info_path) if info_path.is_file() else None
+    if info_path.is_file() and raw is None and not force:
+        raise PrepError(
+            f"{info_path} is not an {INFO_NAME} written by catdog-prep (not a JSON object with args, source, "
+            "shards and counts); use a new OUT or pass --force to rebuild it"
+        )
+    if raw is not None:
+        same_args = raw["args"] == args
+        same_src = raw["source"].get("fingerprint") == source_fp
+        intact = all(
+            isinstance(s, dict) and (out / f).is_file() and (out / f).stat().st_size == s.get("bytes")
+            for f, s in raw["shards"].items()
+        )
         if same_args and same_src and intact and not force:
             return "done"
         if not force:
             if not same_args:
-                old = raw.get("args", {})
+                old = raw["args"]
                 diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in args.items() if old.get(k) != v)
-                why = f"with other arguments ({diff or 'unreadable _info.json'})"
+                why = f"with other arguments ({diff or 'argument names this version does not use'})"
             elif not same_src:
                 why = "from different files (SRC changed since)"
             else:
@@ -208,6 +290,7 @@ def _check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
             f"{out} is not empty and was not written by catdog-prep (it holds {foreign[0]!r}); use an empty "
             "folder or pass --force (only catdog-prep's own files are replaced)"
         )
+    _require_writable(out)
     if force:
         remove_outputs(out)
     return "ours"
@@ -230,11 +313,16 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
         raise PrepError(str(e)) from None
     log(f"layout: {how}")
     log(f"found {len(found.candidates):,} image files in {len(found.classes)} classes: {', '.join(found.classes)}")
-    if found.layout == "presplit":
+    if found.layout in PRESPLIT_LAYOUTS:
         log("splits: kept as the folders give them (--val-fraction/--test-fraction do not apply)")
     else:
         log(f"splits: {a.val_fraction:.0%} val and {a.test_fraction:.0%} test of each class, by a seeded content hash")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepError(
+            f"cannot create OUT {out} ({e.strerror}: {e.filename}): pass a folder path where you may create folders"
+        ) from None
     args = a.output_args()
     with _locked(out):
         if _check_out(out, args, found.fingerprint, a.force) == "done":
@@ -245,14 +333,8 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
             log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
-        # Fork before any thread exists (tqdm starts a monitor thread): forking a threaded process is unsafe.
-        pool = multiprocessing.get_context("fork").Pool(a.workers, _worker_init) if a.workers > 1 else None
-        try:
+        with _worker_pool(a.workers) as pool:
             return _prepare(a, found, out, args, pool, t0, log)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
 
 
 def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, log: Callable[[str], None]) -> dict:
@@ -261,8 +343,8 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
     rels = [c.rel for c in found.candidates if c.problem is None]
     hashes: dict = {}
     with tqdm(total=len(rels), desc="hash", unit="img", disable=not a.progress, leave=False) as bar:
-        tasks = _batches([str(src / r) for r in rels], HASH_BATCH)
-        for i, results in enumerate(_ordered_map(pool, _hash_batch, tasks, window)):
+        tasks = ((str(src), batch) for batch in _batches(rels, HASH_BATCH))
+        for i, results in enumerate(_ordered_map(pool, _hash_batch, tasks, window, lambda t: t[1])):
             for r, h in zip(rels[i * HASH_BATCH : (i + 1) * HASH_BATCH], results, strict=True):
                 hashes[r] = h
             bar.update(len(results))
@@ -313,7 +395,7 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
         with tqdm(
             total=len(plan.items), initial=progress.next_index, desc="encode", unit="img", disable=not a.progress
         ) as bar:
-            for samples in _ordered_map(pool, encode_batch, tasks, window):
+            for samples in _ordered_map(pool, encode_batch, tasks, window, lambda t: [it.rel for it in t[1]]):
                 for s in samples:
                     if s.skip is not None:
                         encode_skips.append(

@@ -14,10 +14,12 @@ from pathlib import Path
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 # Folder names that mean "this split was given"; `validation` is the Keras/TF spelling of val.
 SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-LAYOUTS = ("auto", "folders", "presplit", "flat")
+LAYOUTS = ("auto", "folders", "presplit", "presplit-flat", "flat")
+PRESPLIT_LAYOUTS = ("presplit", "presplit-flat")  # the folders give the split
 LAYOUT_TEXT = {
     "folders": "class-per-folder (SRC/<class>/...)",
     "presplit": "pre-split (SRC/{train,val,test}/<class>/...)",
+    "presplit-flat": "pre-split Kaggle flat (SRC/{train,val,test}/<class>.<id>.<ext>, label from the filename)",
     "flat": "Kaggle flat (SRC/<class>.<id>.<ext>, label from the filename)",
 }
 
@@ -100,11 +102,24 @@ def _walk(src: Path, exclude: Path | None) -> tuple[list[tuple[str, str, int]], 
     return found, ignored
 
 
+def _name_label(name: str) -> tuple[str | None, tuple[str, str] | None]:
+    """(label, problem) from a Kaggle-style file name <class>.<id>.<ext>."""
+    pieces = name.split(".")
+    if len(pieces) < 3 or not pieces[0]:
+        return None, ("no_label", "no class prefix in the filename (expected <class>.<id>.<ext>)")
+    return pieces[0], None
+
+
 def _detect(rels: list[str]) -> tuple[str, str]:
     """Pick a layout from where the image files sit; returns (layout, why)."""
     top_dirs = {r.split("/", 1)[0] for r in rels if "/" in r}
     split_dirs = sorted(d for d in top_dirs if d.lower() in SPLIT_DIRS)
     if split_dirs:
+        # Kaggle's dogs-vs-cats unpacks to train/cat.0.jpg: a split folder holding flat-named files.
+        in_splits = [r.split("/") for r in rels if r.split("/", 1)[0] in split_dirs]
+        named = sum(len(p) == 2 and _name_label(p[1])[0] is not None for p in in_splits)
+        if named > sum(len(p) > 2 for p in in_splits):
+            return "presplit-flat", f"{named:,} files named <class>.<id>.<ext> in split folders {', '.join(split_dirs)}"
         return "presplit", f"split folders {', '.join(split_dirs)}"
     nested = sum("/" in r for r in rels)
     if nested >= len(rels) - nested and top_dirs:
@@ -115,10 +130,13 @@ def _detect(rels: list[str]) -> tuple[str, str]:
 def _label(rel: str, layout: str) -> tuple[str | None, str | None, tuple[str, str] | None]:
     """(label, split, problem) for one file under the given layout."""
     parts = rel.split("/")
-    if layout == "presplit":
+    if layout in PRESPLIT_LAYOUTS:
         split = SPLIT_DIRS.get(parts[0].lower())
         if split is None:
             return None, None, ("no_label", "not under a train/val/validation/test folder")
+        if layout == "presplit-flat":
+            label, problem = _name_label(parts[-1])
+            return label, split, problem
         if len(parts) < 3:
             return None, split, ("no_label", f"directly in {parts[0]}/, expected {parts[0]}/<class>/<file>")
         return parts[1], split, None
@@ -126,10 +144,8 @@ def _label(rel: str, layout: str) -> tuple[str | None, str | None, tuple[str, st
         if len(parts) < 2:
             return None, None, ("no_label", "not inside a class folder (expected <class>/<file>)")
         return parts[0], None, None
-    pieces = parts[-1].split(".")
-    if len(pieces) < 3 or not pieces[0]:
-        return None, None, ("no_label", "no class prefix in the filename (expected <class>.<id>.<ext>)")
-    return pieces[0], None, None
+    label, problem = _name_label(parts[-1])
+    return label, None, problem
 
 
 _KIND_PROBLEMS = {

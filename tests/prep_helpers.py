@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,22 +33,43 @@ def small_jpeg(src: Path, short_side: int = 96) -> bytes:
 
 
 def make_tree(real_data: Path, dest: Path, n: int, *, layout: str = "folders", short_side: int | None = 96) -> Path:
-    """n cats and n dogs from the real photos in the given layout (folders | presplit | flat).
+    """n cats and n dogs from the real photos in the given layout (folders | presplit | presplit-flat | flat).
 
     short_side=None copies the original bytes (slower to process: used where a run must take a while).
     """
     for cls in ("cat", "dog"):
         for p in real_photos(real_data, "train", cls, n):
             data = p.read_bytes() if short_side is None else small_jpeg(p, short_side)
+            split = "val" if int(p.stem.split(".")[1]) % 4 == 0 else "train"
             if layout == "folders":
                 target = dest / cls / p.name
             elif layout == "presplit":
-                target = dest / ("val" if int(p.stem.split(".")[1]) % 4 == 0 else "train") / cls / p.name
+                target = dest / split / cls / p.name
+            elif layout == "presplit-flat":
+                target = dest / split / p.name  # Kaggle's train/cat.0.jpg
             else:
                 target = dest / p.name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
     return dest
+
+
+def as_unprivileged() -> tuple[str, ...]:
+    """A command prefix under which file permissions bind (chmod 000 unreadable, chmod 555 unwritable).
+
+    Tests run as root here, and root ignores file modes; dropping the DAC override capabilities
+    (setpriv) makes the permission checks apply to root too, without changing user. Without setpriv the
+    test cannot check what it is for: that fails in CI (CATDOG_REQUIRE_REAL_DATA set) and skips elsewhere.
+    """
+    if os.geteuid() != 0:
+        return ()
+    if not shutil.which("setpriv"):
+        msg = "running as root without setpriv (util-linux): cannot make a file unreadable or unwritable"
+        if os.environ.get("CATDOG_REQUIRE_REAL_DATA"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    caps = "-dac_override,-dac_read_search"
+    return ("setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}")
 
 
 def run_cli(*args: str | Path, timeout: float = 120, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

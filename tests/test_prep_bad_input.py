@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from prep_helpers import make_tree, read_shards, real_photos, run_cli, skipped_by_path, small_jpeg
+from prep_helpers import as_unprivileged, make_tree, read_shards, real_photos, run_cli, skipped_by_path, small_jpeg
 
 from data_prep.prepare import PrepArgs, run
-
-
-def _as_unprivileged() -> tuple[str, ...]:
-    """A command prefix under which chmod 000 really makes a file unreadable.
-
-    Tests run as root here, and root reads any file regardless of mode; dropping the DAC override
-    capabilities (setpriv) makes the permission check apply to root too, without changing user.
-    """
-    if os.geteuid() != 0:
-        return ()
-    if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: cannot make a file unreadable")
-    caps = "-dac_override,-dac_read_search"
-    return ("setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}")
 
 
 def test_every_kind_of_bad_file_is_skipped_with_its_reason(real_data: Path, tmp_path: Path):
@@ -49,7 +34,7 @@ def test_every_kind_of_bad_file_is_skipped_with_its_reason(real_data: Path, tmp_
     (src / "README.txt").write_text("not an image extension: ignored\n")
 
     out = tmp_path / "out"
-    r = run_cli(src, out, "--image-size", "64", "--workers", "2", prefix=_as_unprivileged())
+    r = run_cli(src, out, "--image-size", "64", "--workers", "2", prefix=as_unprivileged())
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
 
@@ -96,3 +81,16 @@ def test_duplicate_across_given_splits_is_leakage_kept_in_eval_split(real_data: 
     by_source = {s["json"]["source"]: s["split"] for s in read_shards(out).values()}
     assert by_source["val/dog/leaked.jpg"] == "val"
     assert "train/dog/dog.1.jpg" not in by_source and "train/dog/again.jpg" not in by_source
+
+
+def test_root_without_setpriv_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no setpriv to be found
+    if os.geteuid() != 0:
+        monkeypatch.setattr(os, "geteuid", lambda: 0)  # stands in for root, which this user cannot be
+    outcomes = []
+    for ci in ("1", ""):
+        monkeypatch.setenv("CATDOG_REQUIRE_REAL_DATA", ci)
+        with pytest.raises(BaseException, match="without setpriv") as e:  # a skip or a failure, caught here
+            as_unprivileged()
+        outcomes.append(e.type)
+    assert outcomes == [pytest.fail.Exception, pytest.skip.Exception]

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from prep_helpers import make_tree, read_shards, run_cli, small_jpeg
+from prep_helpers import as_unprivileged, make_tree, read_shards, run_cli, small_jpeg
 
 from data_prep.__main__ import parse_size
 from data_prep.info import load_info
-from data_prep.prepare import PrepArgs, run
+from data_prep.prepare import PrepArgs, PrepError, run
 from data_prep.scan import scan
 
 
@@ -48,6 +48,48 @@ def test_single_class(real_data: Path, tmp_path: Path, tiny_tree: Path):
 def test_out_is_a_file(tmp_path: Path, tiny_tree: Path):
     (tmp_path / "out").write_text("I am a file")
     _assert_one_error_line(run_cli(tiny_tree, tmp_path / "out"), "is a file")
+
+
+def test_out_that_cannot_be_created_or_written(tmp_path: Path, tiny_tree: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where OUT's parent folder should be")
+    r = run_cli(tiny_tree, blocker / "out")
+    _assert_one_error_line(r, f"cannot create OUT {blocker / 'out'}", "Not a directory")
+    assert r.returncode == 2
+
+    locked = tmp_path / "locked"
+    (locked / "existing").mkdir(parents=True)
+    (locked / "sealed").mkdir()
+    for path, mode in ((locked / "existing", 0o555), (locked / "sealed", 0o000), (locked, 0o555)):
+        path.chmod(mode)
+    try:
+        prefix = as_unprivileged()
+        cases = {
+            "new": ("cannot create OUT", "Permission denied"),  # the parent is read-only
+            "existing": ("cannot write to OUT", "Permission denied"),
+            "sealed": ("cannot open OUT", "Permission denied"),
+        }
+        for name, needles in cases.items():
+            r = run_cli(tiny_tree, locked / name, prefix=prefix)
+            _assert_one_error_line(r, str(locked / name), *needles)
+            assert r.returncode == 2
+    finally:
+        for path in (locked, locked / "existing", locked / "sealed"):
+            path.chmod(0o755)
+    assert not list((locked / "existing").iterdir())  # the write check left nothing behind
+
+
+def test_info_json_that_is_not_an_object_is_a_clear_error(tmp_path: Path, tiny_tree: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    kw = dict(src=tiny_tree, out=out, image_size=32, workers=1, progress=False)
+    for text in ("[1, 2]\n", '{"args": {}, "source": "elsewhere", "shards": [], "counts": {}}\n'):
+        (out / "_info.json").write_text(text)
+        with pytest.raises(PrepError) as e:
+            run(PrepArgs(**kw), log=lambda _: None)
+        assert str(out / "_info.json") in str(e.value) and "--force" in str(e.value)
+    assert run(PrepArgs(force=True, **kw), log=lambda _: None)["status"] == "written"
+    assert load_info(out).split("train").num_samples > 0
 
 
 def test_no_usable_image(tmp_path: Path):
@@ -117,6 +159,34 @@ def test_layouts_are_detected_printed_and_forceable(real_data: Path, tmp_path: P
     assert r.returncode == 0, r.stderr
     assert "layout: detected Kaggle flat" in r.stdout
     assert "skipped no_label: 1" in r.stdout
+
+
+def test_kaggle_split_folder_of_flat_named_files(real_data: Path, tmp_path: Path):
+    src = make_tree(real_data, tmp_path / "kaggle", 4, layout="presplit-flat", short_side=48)
+    (src / "test1").mkdir()  # Kaggle's unlabelled test folder: not a split name, its files are skipped
+    (src / "test1" / "1.jpg").write_bytes((src / "train" / "cat.1.jpg").read_bytes()[:-2] + b"\xff\xd9")
+    s, how = scan(src)
+    assert s.layout == "presplit-flat" and s.classes == ("cat", "dog") and "pre-split Kaggle flat" in how
+    # Label from the file name's prefix, split from the folder it sits in.
+    labelled = [p for p in src.glob("*/*.jpg") if p.parent.name != "test1"]
+    expected = {p.relative_to(src).as_posix(): (p.name.split(".")[0], p.parent.name) for p in labelled}
+    assert len(expected) == 8 and {split for _, split in expected.values()} == {"train", "val"}
+    assert {c.rel: (c.label, c.split) for c in s.candidates if c.problem is None} == expected
+    assert {c.rel for c in s.candidates if c.problem} == {"test1/1.jpg"}
+
+    r = run_cli(src, tmp_path / "out", "--image-size", "32")
+    assert r.returncode == 0, r.stderr
+    assert "layout: detected pre-split Kaggle flat" in r.stdout and "splits: kept as the folders give them" in r.stdout
+    samples = read_shards(tmp_path / "out")
+    assert {x["json"]["source"]: (x["json"]["class"], x["split"]) for x in samples.values()} == expected
+    assert all(x["cls"] == ("cat", "dog").index(x["json"]["class"]) for x in samples.values())
+
+    # Class folders inside split folders stay the plain pre-split layout: a stray flat-named file is not a class.
+    pre = make_tree(real_data, tmp_path / "pre", 3, layout="presplit", short_side=48)
+    (pre / "train" / "IMG.0001.jpg").write_bytes((pre / "train" / "cat" / "cat.1.jpg").read_bytes())
+    s, _ = scan(pre)
+    assert s.layout == "presplit" and s.classes == ("cat", "dog")
+    assert {c.rel: c.problem[0] for c in s.candidates if c.problem} == {"train/IMG.0001.jpg": "no_label"}
 
 
 def test_shard_size_and_count_limits(tiny_tree: Path, tmp_path: Path):

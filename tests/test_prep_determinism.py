@@ -89,3 +89,49 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(real_data: Path, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     assert tree_bytes(out) == tree_bytes(ref)  # no temp or progress files left, every byte equal
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (its pool workers), read from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_fails_promptly_then_rerun_completes(real_data: Path, tmp_path: Path):
+    # What the out-of-memory killer does to a worker decoding a huge image: SIGKILL to that worker alone.
+    src = make_tree(real_data, tmp_path / "src", 60, short_side=None)
+    args = ["--image-size", "224", "--shard-max-count", "10", "--workers", "2"]
+    ref = tmp_path / "ref"
+    assert run_cli(src, ref, *args).returncode == 0
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *args, "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*.tar")):  # encoding is under way: some shards done, more to go
+            assert proc.poll() is None, "finished before a worker could be killed"
+            assert time.monotonic() < deadline, "no shard appeared within 60 s"
+            time.sleep(0.002)
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)  # a lost task used to make the run wait forever
+    finally:
+        proc.kill()
+    assert proc.returncode == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "worker process died" in lines[0] and "rerun" in lines[0], stderr
+    assert not (out / "_info.json").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no half-written shard left
+
+    r = run_cli(src, out, *args)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert tree_bytes(out) == tree_bytes(ref)
