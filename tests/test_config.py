@@ -9,7 +9,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
 from train.__main__ import cli
-from train.config import ConfigError, load_config, save_config
+from train.config import VAL_METRICS, ConfigError, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -48,6 +48,9 @@ def test_accelerate_configs_parse(path):
         (["track.backends=[wandb,mlflow]"], "track.backends"),
         (["model.trainable_blocks=40"], "model.trainable_blocks"),
         (["data.on_error=ignore"], "data.on_error"),
+        (["model.name=resnet50"], "model.name"),
+        (["train.early_stop_metric=val/acc"], "train.early_stop_metric"),
+        (["train.early_stop_metric=test/accuracy"], "train.early_stop_metric"),
         (["nosection.x=1"], "nosection"),
         (["train.epochs"], "train.epochs"),
     ],
@@ -55,6 +58,11 @@ def test_accelerate_configs_parse(path):
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIGS / "cnn.yaml", ["data.dir=x", *overrides])
+
+
+def test_every_val_metric_is_a_valid_early_stop_metric():
+    for metric in VAL_METRICS:
+        assert load_config(None, ["data.dir=x", f"train.early_stop_metric=val/{metric}"]).train.early_stop_metric
 
 
 def test_missing_data_dir_is_named():
@@ -86,6 +94,7 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "cnn.yaml", ["data.dir=/d", "train.epochs=3", "model.width=12"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left beside it
 
 
 def test_cli_reports_config_errors(capsys):

@@ -1,9 +1,13 @@
-"""engine (schedule, evaluate's metrics) and checkpoint (atomic layout, pruning, weights_only loading), in-process."""
+"""engine (schedule, evaluate's metrics), checkpoint (atomic layout, pruning, weights_only loading, resume checks)
+and the CSV tracker, in-process."""
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +18,9 @@ from torch import nn
 
 from train.checkpoint import (
     STATE_NAME,
+    CheckpointError,
     TrainerState,
+    check_resumable,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -22,8 +28,9 @@ from train.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from train.config import load_config
+from train.config import VAL_METRICS, ConfigError, load_config
 from train.engine import evaluate, lr_at
+from train.tracking import CsvTracker, truncate_csv
 from train.trainer import cpu_threads, make_accelerator
 
 
@@ -74,6 +81,16 @@ def test_evaluate_matches_hand_computed_metrics():
     assert out["val/auroc"] == pytest.approx(exact, abs=1e-2)
     roc = out["val/roc"]
     assert min(roc["fpr"]) == 0.0 and max(roc["fpr"]) == 1.0 and max(roc["tpr"]) == 1.0
+    # train.early_stop_metric is validated against VAL_METRICS at config load: it must be what evaluate reports.
+    assert {k for k, v in out.items() if isinstance(v, float)} == {f"val/{m}" for m in VAL_METRICS}
+
+
+def test_evaluate_auroc_is_nan_when_val_has_one_class():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.5]])
+    ids = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 3, 2, 2)
+    out = evaluate(FixedLogits(logits), [(ids, torch.zeros(3, dtype=torch.long))], Accelerator(cpu=True), num_classes=2)
+    assert math.isnan(out["val/auroc"])  # undefined, not the 0.0 the binned metric would report
+    assert out["val/accuracy"] == pytest.approx(2 / 3) and out["val/confusion_matrix"] == [[2, 1], [0, 0]]
 
 
 class Tiny(nn.Module):
@@ -123,12 +140,65 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_state(tmp_path
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_plain_torch_load_refuses_pickled_code(tmp_path):
-    # What weights_only buys us: a checkpoint file carrying a pickled callable is refused, not executed.
-    bad = tmp_path / "optimizer.bin"
-    torch.save({"state": {}, "hook": print}, bad)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        accelerate_load(bad)
+class WritesMarker:
+    """Unpickling this calls open(marker, "w"): a harmless stand-in for the code a poisoned checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
+def test_load_checkpoint_refuses_pickled_code(tmp_path, name):
+    acc, model, _ = _trained_accelerator()
+    path = save_checkpoint(acc, tmp_path / "checkpoints", TrainerState(step=3))
+    marker = tmp_path / "pwned"
+    torch.save({"state": {}, "param_groups": [], "payload": WritesMarker(marker)}, path / name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"{name}.*weights_only=True"):
+        load_checkpoint(acc, path)
+    assert not marker.exists()
+    for k, v in model.state_dict().items():  # refused before anything was loaded
+        assert torch.equal(v, moved[k])
+    # The payload is live: an unsafe load runs it. So the refusal above is what kept the marker away.
+    torch.load(path / name, weights_only=False)["payload"].close()
+    assert marker.exists()
+
+
+def test_resume_is_refused_under_a_different_config(tmp_path):
+    saved = TrainerState(fingerprint={"model": "scratch_cnn", "batch_size": 8, "grad_accum": 1, "world_size": 2})
+    check_resumable(tmp_path, saved, {"model": "scratch_cnn", "batch_size": 8, "grad_accum": 1, "world_size": 1})
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(str(tmp_path))}.*train\.batch_size: checkpoint 8, now 4.*train\.resume=none"
+    ):
+        check_resumable(tmp_path, saved, {"model": "scratch_cnn", "batch_size": 4, "grad_accum": 1, "world_size": 2})
+    # A checkpoint from before fingerprints were recorded resumes as it did.
+    check_resumable(tmp_path, TrainerState(), {"model": "inception_v3", "batch_size": 4})
+
+
+def test_csv_rows_after_the_resumed_step_are_dropped(tmp_path):
+    path = tmp_path / "metrics.csv"
+    tracker = CsvTracker(path)
+    tracker.start()
+    for step in range(1, 7):
+        tracker.log({"train/loss_step": 1.0 / step}, step=step)
+    tracker.log({"final/val/accuracy": 0.5}, step=6)
+    tracker.finish()
+    with open(path, "a") as f:
+        f.write("7,train/lo")  # a row cut short by kill -9
+    truncate_csv(path, 3)  # the resumed checkpoint is at step 3
+    tracker = CsvTracker(path)
+    tracker.start()
+    tracker.log({"train/loss_step": 0.2}, step=4)
+    tracker.finish()
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["step", "name", "value"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [(str(s), "train/loss_step") for s in (1, 2, 3, 4)]
 
 
 def test_partial_checkpoints_are_ignored_and_removed(tmp_path):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from train_helpers import ROOT, TINY, env, final_weights, make_shards, run_train, train_cmd
+from train_helpers import ROOT, TINY, env, final_weights, make_shards, run_train, run_train_failing, train_cmd
 
 from train.checkpoint import STATE_NAME
 
@@ -30,6 +30,7 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
         "train.deterministic=true",
         "train.checkpoint_every=3",
         "train.keep_checkpoints=1",
+        "train.log_every=1",
     ]
     straight = tmp_path / "straight"
     run_train([*common, f"run.dir={straight}"])
@@ -71,6 +72,33 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows_b] == [1, 2]  # no epoch counted twice
+    # metrics.csv: the steps the killed session logged after its checkpoint were dropped, then logged again once.
+    csv_rows = [line.split(",")[:2] for line in (killed / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(s) for s, name in csv_rows if name == "train/loss_step"] == list(range(1, 21))
+    assert [int(s) for s, name in csv_rows if name == "val/accuracy"] == [10, 20]
     for ra, rb in zip(rows_a, rows_b, strict=True):
         for k in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.slow
+def test_resume_under_a_changed_config_is_refused(tmp_path, real_data):
+    shards = make_shards(real_data, tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    common = [f"data.dir={shards}", f"run.dir={run_dir}", *TINY, "train.max_steps=2", "eval.test_at_end=false"]
+    run_train(common)
+    saved = json.loads((run_dir / "checkpoints" / "step_00000002" / STATE_NAME).read_text())["fingerprint"]
+    assert saved["batch_size"] == 8 and saved["grad_accum"] == 1 and saved["model"] == "scratch_cnn"
+
+    where = f"cannot resume from {run_dir / 'checkpoints' / 'step_00000002'}"
+    # A different global batch: batch 2 of the old layout is another set of samples now.
+    proc = run_train_failing([*common, "train.batch_size=4"])
+    assert proc.returncode == 2 and where in proc.stderr
+    assert "train.batch_size: checkpoint 8, now 4" in proc.stderr and "train.resume=none" in proc.stderr
+    # Another model shape: the weights do not fit.
+    proc = run_train_failing([*common, "model.width=16"])
+    assert proc.returncode == 2 and where in proc.stderr and "model.* (parameter names/shapes" in proc.stderr
+    # Nothing was overwritten: config.yaml is still the config the checkpoint belongs to, and it resumes.
+    assert "batch_size: 8" in (run_dir / "config.yaml").read_text()
+    run_train([*common, "train.max_steps=3"])
+    assert "resumed from" in (run_dir / "train.log").read_text()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from data_shards import rewrite_member
 from train_helpers import TINY, make_shards, run_train
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key; must never land on disk
@@ -14,6 +15,9 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key; m
 @pytest.mark.slow
 def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_data, port):
     shards = make_shards(real_data, tmp_path / "shards")
+    # Every JPEG of the 8-sample train shard is corrupt: each epoch both ranks meet some of them (shuffled).
+    for j in range(8):
+        rewrite_member(shards / "train-000001.tar", f"train_01_{j:03d}", "jpg", b"\xff\xd8 not a jpeg")
     run_dir = tmp_path / "run"
     overrides = [
         f"data.dir={shards}",
@@ -25,6 +29,7 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
         "train.log_every=1",
         "data.num_workers=1",
         "track.backends=[wandb,tensorboard,csv]",
+        "train.mixed_precision=fp16",  # not applied on CPU (fp32 either way): warned once, not once per rank
     ]
     proc = run_train(overrides, procs=2, port=port, WANDB_API_KEY=FAKE_KEY)
 
@@ -40,7 +45,9 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
         for k in ("val/accuracy", "val/precision", "val/recall", "val/f1", "val/auroc", "train/accuracy"):
             assert 0.0 <= r[k] <= 1.0, (k, r)
         assert 0.0 < r["val/loss"] < 5.0 and 0.0 < r["train/loss"] < 5.0 and r["train/images_per_s"] > 0
+        assert r["data/corrupt_skipped"] == 8  # each corrupt sample met once per epoch, summed over both ranks
     final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["data/corrupt_skipped"] == 24
     assert final["epochs_completed"] == 3 and final["steps"] == 15
     assert final["test/samples"] == 5 and sum(map(sum, final["test/confusion_matrix"])) == 5
     assert final["val/accuracy"] == rows[-1]["val/accuracy"]
@@ -61,7 +68,12 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
 
     log = (run_dir / "train.log").read_text()
     assert "2 process(es) (MULTI_CPU" in log and "epoch 3:" in log and "final:" in log
-    assert log.count("epoch 1:") == 1  # only rank 0 logs
+    assert log.count("INFO epoch 1:") == 1  # only rank 0 logs
+    assert "epoch 1: skipped 8 corrupt training sample(s) on all ranks" in log
+    # Rank 0 met only some of them itself (train.log holds its per-sample warnings): the 8 is a sum over ranks.
+    assert 0 < log.count("skipped corrupt sample") < 24
+    assert proc.stderr.count("Accelerate only autocasts fp16 on GPUs") == 1
+    assert proc.stderr.count("fp16 is not applied on CPU: training in fp32") == 1
 
     csv_rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert csv_rows[0] == "step,name,value" and any(r.startswith("15,val/accuracy,") for r in csv_rows)
@@ -87,6 +99,7 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
     run_train(overrides, procs=2, port=port)
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log and "step 15" in log
+    assert json.loads((run_dir / "final_metrics.json").read_text())["data/corrupt_skipped"] == 24
     assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     # wandb writes one offline folder per session; both carry the same run id (resume="allow").

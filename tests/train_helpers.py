@@ -62,6 +62,15 @@ def run_train(overrides: list[str], *, procs: int = 1, port: int = 0, timeout: i
     return proc
 
 
+def run_train_failing(overrides: list[str], *, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run `python -m train` on bad input: it must exit non-zero with one `catdog-train: ...` line, no traceback."""
+    proc = subprocess.run(train_cmd(overrides), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode != 0, f"expected a failure\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-6000:]
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("catdog-train:")]) == 1, proc.stderr
+    return proc
+
+
 def final_weights(run_dir: Path) -> dict:
     """The model weights of the newest checkpoint (what a later resume or evaluation would load)."""
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))

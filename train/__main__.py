@@ -22,14 +22,28 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"catdog-train: config error: {e}", file=sys.stderr)
         return 2
     from data_prep.info import InfoError
+    from train.checkpoint import CheckpointError
+    from train.data import DataError
     from train.trainer import main  # heavy imports (torch, accelerate) only after the config is valid
 
+    # Bad input becomes one line naming what to fix (the exceptions' messages do); anything else is a bug and
+    # keeps its traceback.
     try:
         main(cfg)
     except (ConfigError, InfoError) as e:
         print(f"catdog-train: {e}", file=sys.stderr)
         return 2
+    except (DataError, CheckpointError) as e:
+        print(f"catdog-train: {_last_line(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _last_line(e: Exception) -> str:
+    """The message itself: an error raised in a DataLoader worker arrives wrapped in the worker's traceback,
+    whose last line is ``module.Type: message``."""
+    line = str(e).strip().splitlines()[-1]
+    return line.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
 
 
 if __name__ == "__main__":

@@ -8,24 +8,49 @@ hidden temp folder, which the next run deletes.
 
 Loading never unpickles code: the model is safetensors, and Accelerate's ``load_state`` reads the optimizer
 and RNG files with ``torch.load(weights_only=True)`` (it allow-lists only numpy's array reconstruction for the
-numpy RNG state). We do NOT use ``register_for_checkpointing``: Accelerate loads those files with
-``weights_only=False``. Our state is JSON instead.
+numpy RNG state). A file that fails that check is refused with a ``CheckpointError``, never retried unsafely.
+We do NOT use ``register_for_checkpointing``: Accelerate loads those files with ``weights_only=False``. Our
+state is JSON instead.
+
+``trainer_state.json`` also records what the saved weights and data position mean (``TrainerState.fingerprint``:
+model shapes, global batch, accumulation, ...); ``check_resumable`` refuses a checkpoint written under another
+config instead of failing deep in ``load_state`` or resuming at a position that means something else now.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import load as weights_only_load
 
 from data_prep.atomic import atomic_write_json
+from train.config import ConfigError
 
 STATE_NAME = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+# Fingerprint keys a resume must match, with the config key a user would change to cause a mismatch.
+# world_size is recorded but not compared: the data position counts global micro-batches
+# (train.batch_size / grad_accum samples each), so it means the same on any number of ranks.
+RESUME_KEYS = {
+    "model": "model.name",
+    "model_shapes": "model.* (parameter names/shapes or which layers train)",
+    "optimizer": "optim.name",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
+    "train_samples": "the train split in data.dir (its sample count)",
+    "seed": "train.seed (it fixes the data order)",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be loaded safely; the message names the file and what to do."""
 
 
 @dataclass
@@ -45,6 +70,8 @@ class TrainerState:
     stopped_early: bool = False
     train_seconds: float = 0.0  # wall time spent training (all sessions of this run)
     wandb_run_id: str = ""
+    corrupt_in_epoch: int = 0  # corrupt samples skipped (all ranks) in `epoch` before batch_in_epoch
+    fingerprint: dict = field(default_factory=dict)  # what weights and position depend on; see RESUME_KEYS
 
     @classmethod
     def from_json(cls, path: Path) -> TrainerState:
@@ -120,8 +147,42 @@ def prune_checkpoints(root: Path, keep: int, best: str) -> list[Path]:
     return deleted
 
 
+def check_resumable(path: Path, state: TrainerState, current: dict) -> None:
+    """Raise ConfigError when ``state`` (read from checkpoint ``path``) was saved under a config whose weights or
+    data position do not carry over to ``current``. Keys missing from an older checkpoint are not compared."""
+    saved = state.fingerprint
+    diffs = [
+        f"{RESUME_KEYS[k]}: checkpoint {saved[k]!r}, now {current[k]!r}"
+        for k in RESUME_KEYS
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {path}: it was saved under a different config ({'; '.join(diffs)}). "
+            "Use a new run.dir for the new config, restore the old values, or pass train.resume=none to start over"
+        )
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore model/optimizer/RNG from ``path`` (weights_only loads) and return its TrainerState."""
+    """Restore model/optimizer/RNG from ``path`` (weights_only loads) and return its TrainerState.
+
+    Raises CheckpointError when a file holds anything but tensors and plain containers (e.g. pickled code).
+    """
     state = TrainerState.from_json(path / STATE_NAME)
+    # Check each pickled file on its own first, so the error names it. Accelerate would load the optimizer
+    # with weights_only too, but it swallows any failure on the RNG file and resumes with other random numbers.
+    pickled = sorted(path.glob("*.bin")) + [path / f"random_states_{accelerator.process_index}.pkl"]
+    for f in pickled:
+        if not f.is_file():
+            continue
+        try:
+            weights_only_load(f, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            reason = next((line for line in str(e).splitlines() if "Unsupported" in line), str(e).splitlines()[0])
+            raise CheckpointError(
+                f"{f} does not load with torch.load(weights_only=True) ({reason.strip()}): it is not a file we "
+                f"wrote (tampered or corrupt), and is never unpickled. Delete {path} to resume from an older "
+                "checkpoint, or pass train.resume=none"
+            ) from e
     accelerator.load_state(str(path))
     return state

@@ -15,6 +15,14 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_prep.atomic import atomic_write_text
+
+# The names in train.models.MODELS. Kept here (tests/test_models.py checks they agree) so a bad model.name fails
+# when the config loads, before `catdog-launch` starts ranks, without importing torch.
+MODEL_NAMES = ("scratch_cnn", "inception_v3")
+# The scalars train.engine.evaluate() reports per split; train.early_stop_metric must name one of them.
+VAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auroc")
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key or file and what to do."""
@@ -75,6 +83,7 @@ class ModelConfig:
     aux_loss_weight: float = 0.4  # InceptionV3 auxiliary logits weight in training
 
     def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODEL_NAMES)
         _choice("model.norm", self.norm, ("batch", "group", "none"))
         if not -1 <= self.trainable_blocks <= 16:  # InceptionV3 has 16 trunk blocks (train/models.py)
             raise ConfigError(f"model.trainable_blocks={self.trainable_blocks}: use -1 (all) or 0..16")
@@ -116,8 +125,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = epoch ends only
     keep_checkpoints: int = 2  # newest K kept (the best is kept as well)
     resume: str = "auto"  # auto | none | path to a checkpoint dir
-    early_stop_patience: int = 0  # epochs without improvement before stopping; 0 = off
-    early_stop_metric: str = "val/accuracy"
+    early_stop_patience: int = 0  # epochs (not evaluations) without improvement before stopping; 0 = off
+    early_stop_metric: str = "val/accuracy"  # val/<one of VAL_METRICS>; a NaN value counts as no improvement
     early_stop_mode: str = "max"  # max | min
     max_steps: int = 0  # stop after this many optimizer steps (tests, smoke runs); 0 = no limit
     log_every: int = 10  # steps between tracker logs
@@ -125,6 +134,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
+        _choice("train.early_stop_metric", self.early_stop_metric, tuple(f"val/{m}" for m in VAL_METRICS))
         if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
 
@@ -240,9 +250,5 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    os.replace(tmp, path)
+    """Write the resolved config as YAML, atomically (temp file, fsync, rename)."""
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -139,43 +139,46 @@ def train_one_epoch(
     images = 0
     stopped = False
     t0 = time.perf_counter()
-    for x, y in batches:
-        if batch_index >= num_batches:  # micro-batches that do not fill a whole accumulation group
-            break
-        x = x.to(accelerator.device, non_blocking=True)
-        y = y.to(accelerator.device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if reseed is not None:
-            reseed(batch_index)
-        with accelerator.accumulate(model):
-            loss, logits = classification_loss(model(x), y, label_smoothing=label_smoothing, aux_weight=aux_weight)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
-                lr = lr_fn(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        batch_index += 1
-        images += len(y) * world
-        # One host sync per micro-batch for the running sums: negligible next to a training step.
-        totals.loss_sum += float(loss.detach()) * len(y)
-        totals.correct += float((logits.detach().argmax(1) == y).sum())
-        totals.seen += len(y)
-        if accelerator.sync_gradients:
-            step += 1
-            ips = images / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
-            if on_step is not None:
-                on_step(StepInfo(step, batch_index, loss.item(), lr, ips, totals))
-            if max_steps and step >= max_steps:
-                stopped = True
+    try:
+        for x, y in batches:
+            if batch_index >= num_batches:  # micro-batches that do not fill a whole accumulation group
                 break
-    bar.close()
+            x = x.to(accelerator.device, non_blocking=True)
+            y = y.to(accelerator.device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if reseed is not None:
+                reseed(batch_index)
+            with accelerator.accumulate(model):
+                loss, logits = classification_loss(model(x), y, label_smoothing=label_smoothing, aux_weight=aux_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if clip_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                    lr = lr_fn(step)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_index += 1
+            images += len(y) * world
+            # One host sync per micro-batch for the running sums: negligible next to a training step.
+            totals.loss_sum += float(loss.detach()) * len(y)
+            totals.correct += float((logits.detach().argmax(1) == y).sum())
+            totals.seen += len(y)
+            if accelerator.sync_gradients:
+                step += 1
+                ips = images / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                if on_step is not None:
+                    on_step(StepInfo(step, batch_index, loss.item(), lr, ips, totals))
+                if max_steps and step >= max_steps:
+                    stopped = True
+                    break
+    finally:
+        # Also on an error (a DataError from the loader): clears the bar so the error starts its own line.
+        bar.close()
     return {
         "step": step,
         "batch_in_epoch": batch_index,
@@ -221,7 +224,8 @@ def evaluate(
     prefix: str = "val",
     channels_last: bool = False,
 ) -> dict:
-    """Loss, accuracy, precision, recall, F1, ROC-AUC, confusion matrix and ROC curve over ``batches``.
+    """Loss, accuracy, precision, recall, F1, ROC-AUC (NaN when a class has no samples), confusion matrix and
+    ROC curve over ``batches``.
 
     ``model`` should be the unwrapped module: the DDP wrapper may broadcast buffers in forward, a
     collective that would hang when ranks hold different numbers of eval batches. Metrics update locally
@@ -260,7 +264,12 @@ def evaluate(
         out[f"{prefix}/roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     else:
         out[f"{prefix}/roc"] = {"fpr": [f.tolist() for f in fpr], "tpr": [t.tolist() for t in tpr]}
-    out[f"{prefix}/confusion_matrix"] = confusion.compute().cpu().numpy().astype(np.int64).tolist()
+    matrix = confusion.compute().cpu().numpy().astype(np.int64)
+    out[f"{prefix}/confusion_matrix"] = matrix.tolist()
+    if (matrix.sum(1) == 0).any():
+        # ROC-AUC is undefined when a class has no samples; the binned torchmetrics version returns 0 (or a
+        # mean over the present classes) instead, which would read as a real score.
+        out[f"{prefix}/auroc"] = float("nan")
     return out
 
 

@@ -182,7 +182,5 @@ MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Look ``cfg.name`` up in MODELS; an unknown name is a config error naming the key."""
-    if cfg.name not in MODELS:
-        raise ConfigError(f"model.name={cfg.name!r} is not a registered model; choose from {sorted(MODELS)}")
+    """Look ``cfg.name`` up in MODELS (ModelConfig checked it against train.config.MODEL_NAMES at load)."""
     return MODELS[cfg.name](cfg, num_classes)

@@ -8,6 +8,7 @@ offline unless ``WANDB_MODE`` (or ``track.wandb.mode``) says otherwise; its run 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import secrets
@@ -22,10 +23,15 @@ from train.config import Config, to_dict
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
+CSV_NAME = "metrics.csv"
 
 
 class CsvTracker(GeneralTracker):
-    """Appends ``step,name,value`` rows to ``run.dir/metrics.csv`` (long format: any key, any step)."""
+    """Appends ``step,name,value`` rows to ``run.dir/metrics.csv`` (long format: any key, any step).
+
+    Appending keeps a crash from losing rows; ``truncate_csv`` at (re)start drops the rows a resumed run
+    will log again, so each (step, name) appears once.
+    """
 
     name = "csv"
     requires_logging_directory = False
@@ -68,6 +74,28 @@ class CsvTracker(GeneralTracker):
             self._file = None
 
 
+def truncate_csv(path: Path, step: int) -> None:
+    """Keep only the rows a checkpoint at ``step`` covers: steps <= ``step``, minus ``final/*`` (written after
+    the last checkpoint, and written again at the end of this session). Atomic; no file, nothing to do."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [r for r in rows[1:] if _covered(r, step)]
+    if len(kept) < len(rows):
+        out = io.StringIO()
+        csv.writer(out).writerows(kept)
+        atomic_write_text(path, out.getvalue())
+        log.info("%s: dropped %d row(s) logged after the checkpoint at step %d", path, len(rows) - len(kept), step)
+
+
+def _covered(row: list[str], step: int) -> bool:
+    try:
+        return int(row[0]) <= step and not row[1].startswith("final/")
+    except (ValueError, IndexError):  # a row cut short by a kill mid-write
+        return False
+
+
 def wandb_mode(cfg: Config) -> str:
     """WANDB_MODE in the environment wins; otherwise track.wandb.mode (offline by default)."""
     return os.environ.get("WANDB_MODE") or cfg.track.wandb.mode
@@ -88,7 +116,7 @@ def log_with(cfg: Config, run_dir: Path) -> list:
     """The ``log_with`` argument for ``Accelerator`` from track.backends."""
     out: list = []
     for name in cfg.track.backends:
-        out.append(CsvTracker(run_dir / "metrics.csv") if name == "csv" else name)
+        out.append(CsvTracker(run_dir / CSV_NAME) if name == "csv" else name)
     return out
 
 

@@ -7,8 +7,10 @@ plain ``python -m train`` (one process): Accelerate reads the process layout fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -23,7 +25,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file
 
 from data_prep.atomic import atomic_write_json, atomic_write_text
-from data_prep.info import DatasetInfo, load_info
+from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
 from train import checkpoint as ckpt
 from train import plots, tracking
 from train.config import Config, ConfigError, save_config
@@ -32,9 +34,6 @@ from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics,
 from train.models import build_model
 
 log = logging.getLogger("catdog")
-
-# Metrics evaluate() reports for a split; train.early_stop_metric must be one of these.
-VAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auroc")
 
 
 def local_world_size() -> int:
@@ -66,7 +65,8 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
         file.setFormatter(fmt)
         log.addHandler(file)
     log.setLevel(logging.INFO if is_main else logging.WARNING)
-    for name in ("train.data",):  # the data module's own warnings (corrupt samples) go to train.log too
+    # The data module's warnings (corrupt samples) and the trackers' notes go to train.log too.
+    for name in ("train.data", "train.tracking"):
         logging.getLogger(name).handlers = log.handlers[:]
         logging.getLogger(name).setLevel(log.level)
 
@@ -74,21 +74,22 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
 def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     cpu = cfg.train.cpu or not torch.cuda.is_available()
     precision = cfg.train.mixed_precision
-    if cpu and precision == "fp16":
+    fp16_on_cpu = cpu and precision == "fp16"
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision="no" if fp16_on_cpu else precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=tracking.log_with(cfg, run_dir) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+    )
+    if fp16_on_cpu and accelerator.is_main_process:  # once per run, not once per rank
         # Accelerate does not autocast to fp16 on CPU; say so instead of silently training in fp32.
         warnings.warn(
             "train.mixed_precision=fp16 is not applied on CPU (Accelerate only autocasts fp16 on GPUs): "
             "training in fp32. Use train.mixed_precision=bf16 for reduced precision on CPU.",
             stacklevel=2,
         )
-        precision = "no"
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with=tracking.log_with(cfg, run_dir) or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
-    )
+    return accelerator
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -114,6 +115,24 @@ def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
     if not (path / ckpt.STATE_NAME).is_file():
         raise ConfigError(f"train.resume={mode!r} is not a complete checkpoint folder (no {ckpt.STATE_NAME})")
     return path
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of parameter/buffer names, shapes and trainability: what the saved weights and optimizer state fit."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{name in trainable};".encode())
+    return h.hexdigest()[:16]
+
+
+def check_train_split(info: DatasetInfo, split: str) -> None:
+    """A missing or empty train split is bad input, named with the file to fix, not a traceback from the loader."""
+    if info.split(split).num_samples == 0:  # split() raises InfoError naming _info.json when it is absent
+        raise InfoError(
+            f"{info.root / INFO_NAME}: split {split!r} has no samples, so there is nothing to train on; point "
+            "data.dir at shards with training samples (catdog-prep) or set data.train_split"
+        )
 
 
 def _broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
@@ -180,6 +199,8 @@ def _jsonl(row: dict) -> str:
 
 def main(cfg: Config) -> dict:
     """Train (resuming from run.dir when it holds a checkpoint) and return the final metrics."""
+    info = load_info(cfg.data.dir)
+    check_train_split(info, cfg.data.train_split)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.deterministic:
@@ -192,26 +213,21 @@ def main(cfg: Config) -> dict:
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     _setup_logging(run_dir, is_main)
-    if cfg.train.mixed_precision == "fp16" and accelerator.mixed_precision == "no":
+    if is_main and cfg.train.mixed_precision == "fp16" and accelerator.mixed_precision == "no":
         log.warning("train.mixed_precision=fp16 is not applied on CPU: training in fp32 (bf16 works on CPU)")
-    metric_name = cfg.train.early_stop_metric.removeprefix("val/")
-    if metric_name not in VAL_METRICS:
-        raise ConfigError(
-            f"train.early_stop_metric={cfg.train.early_stop_metric!r}: choose from {['val/' + m for m in VAL_METRICS]}"
-        )
-    info = load_info(cfg.data.dir)
+    metric = cfg.train.early_stop_metric  # validated against train.config.VAL_METRICS when the config loaded
     world = accelerator.num_processes
     per_device = cfg.train.per_device_batch(world)
     run = Run(cfg, accelerator, info)
     if is_main:
         ckpt.remove_partial(run.ckpt_root)
-        save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway), and the
     # data order comes from (seed, epoch, position), not from this RNG.
     set_seed(cfg.train.seed)
     model = build_model(cfg.model, info.num_classes)
+    shapes = model_fingerprint(model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -249,12 +265,35 @@ def main(cfg: Config) -> dict:
             min_lr_ratio=cfg.optim.min_lr_ratio,
         )
 
-    state = ckpt.TrainerState()
+    fingerprint = {
+        "model": cfg.model.name,
+        "model_shapes": shapes,
+        "optimizer": cfg.optim.name,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": accum,
+        "train_samples": stream.num_samples,
+        "seed": cfg.train.seed,
+        "world_size": world,
+    }
+    state = ckpt.TrainerState(fingerprint=fingerprint)
     resume = _resume_path(cfg, run.ckpt_root)
     if resume is not None:
+        # Read the JSON state first: a checkpoint from another config is refused before any tensor is loaded.
+        ckpt.check_resumable(resume, ckpt.TrainerState.from_json(resume / ckpt.STATE_NAME), fingerprint)
         state = ckpt.load_checkpoint(accelerator, resume)
         log.info("resumed from %s: epoch %d, batch %d, step %d", resume, state.epoch, state.batch_in_epoch, state.step)
+        if state.fingerprint.get("world_size", world) != world:
+            log.warning(
+                "resuming a run saved on %d process(es) on %d: the data position carries over (it counts global "
+                "batches), the per-rank random number streams do not",
+                state.fingerprint["world_size"],
+                world,
+            )
+        state.fingerprint = fingerprint
     if is_main:
+        save_config(cfg, run_dir / "config.yaml")  # only once the checkpoint (if any) was accepted for it
+        # Rows the killed session logged after its last checkpoint are re-logged by this one: drop them first.
+        tracking.truncate_csv(run_dir / tracking.CSV_NAME, state.step)
         state.wandb_run_id = tracking.wandb_run_id(run_dir, state.wandb_run_id) if "wandb" in cfg.track.backends else ""
     tracking.init_trackers(accelerator, cfg, run_dir, state.wandb_run_id)
     log.info(
@@ -287,9 +326,15 @@ def main(cfg: Config) -> dict:
             if info_.batch_in_epoch < micro_per_epoch:  # the epoch end saves its own, with the epoch's metrics
                 save(info_.step, info_.batch_in_epoch, info_.totals)
 
+    def corrupt_in_epoch() -> int:
+        """Corrupt samples skipped so far this epoch, all ranks (and sessions) together. A collective."""
+        local = torch.tensor([stream.stats()["corrupt_skipped"] - corrupt_base], device=accelerator.device)
+        return int(accelerator.reduce(local, reduction="sum").item()) + corrupt_before_resume
+
     def save(step: int, batch_in_epoch: int, totals: EpochTotals) -> Path:
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
         state.totals = list(asdict(totals.reduced(accelerator)).values()) if batch_in_epoch else [0.0, 0.0, 0.0]
+        state.corrupt_in_epoch = corrupt_in_epoch() if batch_in_epoch else 0
         state.train_seconds = train_seconds + (time.perf_counter() - session_start)
         path = ckpt.save_checkpoint(accelerator, run.ckpt_root, state)
         if is_main:
@@ -305,6 +350,9 @@ def main(cfg: Config) -> dict:
     while epoch < cfg.train.epochs and not stopped:
         start = state.batch_in_epoch
         totals = EpochTotals(*state.totals) if is_main else EpochTotals()
+        # stats() counts over this process's lifetime; the part of a resumed epoch before the kill is in state.
+        corrupt_base = stream.stats()["corrupt_skipped"]
+        corrupt_before_resume = state.corrupt_in_epoch
         result = train_one_epoch(
             model,
             stream.loader(epoch, start_batch=start),
@@ -337,7 +385,15 @@ def main(cfg: Config) -> dict:
             "train/loss": t.loss_sum / max(t.seen, 1),
             "train/accuracy": t.correct / max(t.seen, 1),
             "train/images_per_s": result["images"] / max(result["seconds"], 1e-9),
+            "data/corrupt_skipped": corrupt_in_epoch(),
         }
+        if row["data/corrupt_skipped"] and is_main:
+            log.warning(
+                "epoch %d: skipped %d corrupt training sample(s) on all ranks (data.on_error=skip; each is named "
+                "in a warning above, from its rank); the batches were refilled from valid samples",
+                epoch + 1,
+                row["data/corrupt_skipped"],
+            )
         step_dir = ckpt.step_dir_name(result["step"])
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
             metrics = run.eval_split(model, cfg.data.val_split)
@@ -349,19 +405,31 @@ def main(cfg: Config) -> dict:
                 "confusion_matrix": metrics["val/confusion_matrix"],
                 "roc": metrics["val/roc"],
             }
-            value = row[f"val/{metric_name}"]
-            improved = state.best_metric is None or (
-                value > state.best_metric if mode_max else value < state.best_metric
-            )
+            value = row[metric]
+            if math.isnan(value):
+                # Undefined (e.g. AUROC on a one-class val split): no improvement, but never no best checkpoint,
+                # so the test split is still scored and the best weights still kept.
+                log.warning("epoch %d: %s is NaN; counted as no improvement", epoch + 1, metric)
+                improved = False
+                if not state.best_checkpoint:
+                    state.best_epoch, state.best_checkpoint = epoch + 1, step_dir
+            else:
+                improved = state.best_metric is None or (
+                    value > state.best_metric if mode_max else value < state.best_metric
+                )
             if improved:
                 state.best_metric, state.best_epoch, state.best_checkpoint = value, epoch + 1, step_dir
-                state.epochs_since_best = 0
-            else:
-                state.epochs_since_best += 1
+            # Epochs, not evaluations: with eval.every_epochs=k each evaluation without improvement adds k.
+            state.epochs_since_best = epoch + 1 - state.best_epoch
             patience = cfg.train.early_stop_patience
             if patience and state.epochs_since_best >= patience:
                 state.stopped_early = stopped = True
-                log.info("early stop: %s did not improve for %d epochs", cfg.train.early_stop_metric, patience)
+                log.info(
+                    "early stop: %s did not improve for %d epochs (patience %d)",
+                    metric,
+                    state.epochs_since_best,
+                    patience,
+                )
         row["time_s"] = train_seconds + (time.perf_counter() - session_start)  # wall clock since the run began
         state.history.append(row)
         log.info("epoch %d: %s", epoch + 1, _fmt({k: v for k, v in row.items() if k != "epoch"}))
@@ -394,6 +462,8 @@ def finish(run: Run, model: torch.nn.Module, state: ckpt.TrainerState) -> dict:
     }
     if state.history:
         final.update({k: v for k, v in state.history[-1].items() if k not in ("epoch", "step")})
+    # The whole run's count (each metrics.jsonl row holds its epoch's).
+    final["data/corrupt_skipped"] = sum(h.get("data/corrupt_skipped", 0) for h in state.history)
     test = run.info.splits.get(cfg.data.test_split)
     best = run.ckpt_root / state.best_checkpoint if state.best_checkpoint else None
     if cfg.eval.test_at_end and test is not None and test.num_samples > 0 and best is not None and best.is_dir():

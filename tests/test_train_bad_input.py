@@ -1,0 +1,26 @@
+"""`python -m train` on bad data: one line naming what to fix and a non-zero exit, not a traceback."""
+
+from __future__ import annotations
+
+from data_shards import rewrite_member, tiny_jpegs, write_shards
+from train_helpers import TINY, make_shards, run_train_failing
+
+
+def test_empty_train_split_is_one_clear_line(tmp_path, real_data):
+    shards = tmp_path / "shards"
+    write_shards(shards, tiny_jpegs(real_data, 3), {"train": [], "val": [3]})
+    run_dir = tmp_path / "run"
+    proc = run_train_failing([f"data.dir={shards}", f"run.dir={run_dir}", *TINY])
+    assert proc.returncode == 2
+    assert f"catdog-train: {shards / '_info.json'}: split 'train' has no samples" in proc.stderr
+    assert not run_dir.exists()  # refused before anything was written
+
+
+def test_corrupt_sample_with_on_error_raise_names_shard_and_key(tmp_path, real_data):
+    shards = make_shards(real_data, tmp_path / "shards")
+    rewrite_member(shards / "train-000000.tar", "train_00_003", "jpg", b"\xff\xd8 not a jpeg")
+    # One loader worker: the error is raised in the worker and re-raised wrapped in its traceback.
+    args = [f"data.dir={shards}", f"run.dir={tmp_path / 'run'}", *TINY, "data.num_workers=1", "data.on_error=raise"]
+    proc = run_train_failing([*args, "data.shuffle=false"])
+    assert proc.returncode == 1
+    assert f"catdog-train: corrupt sample in shard {shards / 'train-000000.tar'}, key 'train_00_003'" in proc.stderr
