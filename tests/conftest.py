@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from launch.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_DATA = ROOT.parent / "shared" / "data" / "catsdogs"
@@ -27,12 +28,6 @@ def real_data() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from data_prep.atomic import atomic_write_json, atomic_write_text
 from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
+from data_prep.prepare import default_workers  # cores this process may use (affinity-aware)
 from train import checkpoint as ckpt
 from train import plots, tracking
 from train.config import Config, ConfigError, save_config
@@ -48,8 +49,7 @@ def cpu_threads() -> int:
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_world_size())
+    return max(1, default_workers() // local_world_size())
 
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
