@@ -129,8 +129,18 @@ def main() -> None:
     cpu = {k: statistics.median(x[1] for x in v) for k, v in results.items()}
     for k in results:
         print(f"{k:<16} {med[k]:>8,.0f} images/s  {cpu[k]:6.2f} CPU ms/image (medians)")
-    # CPU per image is not skewed by other load: it says what the wall-clock ratio is on a quiet machine.
+    # CPU per image is less skewed by other load: it says what the wall-clock ratio is on a quiet machine.
     print(f"CPU per image, catdog-prep / naive loop = {cpu['catdog-prep'] / cpu['naive loop']:.2f}")
+    # This VM's speed drifts by +-15 % over minutes: the ratio within each repeat (runs seconds apart)
+    # shows how far one measurement can be trusted; the headline figures below are ratios of medians.
+    paired = [p[0] / n[0] for p, n in zip(results["catdog-prep"], results["naive loop"], strict=True)]
+    paired_floor = [
+        p[0] / (cores * f[0]) for p, f in zip(results["catdog-prep"], results["floor (1 core)"], strict=True)
+    ]
+    print(
+        f"per-repeat ratios: vs naive {', '.join(f'{x:.2f}' for x in paired)} (median {statistics.median(paired):.2f}); "
+        f"vs {cores} x floor {', '.join(f'{x:.2f}' for x in paired_floor)} (median {statistics.median(paired_floor):.2f})"
+    )
     print(f"catdog-prep / naive loop       = {med['catdog-prep'] / med['naive loop']:.2f}x  (target >= 1.8 on 2 cores)")
     print(
         f"catdog-prep / ({cores} x floor)     = {med['catdog-prep'] / (cores * med['floor (1 core)']):.2f}   "

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_prep.plan import Item
+from data_prep.shards import sample_bytes
 
 _WHITE = (255, 255, 255, 255)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -41,14 +42,16 @@ class Skip(Exception):
 
 
 @dataclass(frozen=True)
-class Sample:
-    """What one item becomes: the three tar members (or the reason it was skipped)."""
+class Encoded:
+    """What a batch of items becomes: their tar members back to back, and per item its size or why it was skipped.
 
-    item: Item
-    jpg: bytes = b""
-    cls: bytes = b""
-    meta: bytes = b""
-    skip: tuple[str, str] | None = None
+    One bytes object per batch (not a list of per-image objects) keeps pickling and the pipe to the
+    parent cheap; the parent slices ``blob`` by ``sizes`` and writes the slices as they are.
+    """
+
+    blob: bytes
+    sizes: tuple[int, ...]  # bytes of each item's members in blob; 0 for a skipped item
+    skips: tuple[tuple[str, str] | None, ...]  # (reason, detail) of each skipped item, None when written
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -133,20 +136,23 @@ def encode_image(data: bytes, opts: EncodeOptions) -> tuple[bytes, dict]:
         return out.getvalue(), meta
 
 
-def encode_item(src: str, item: Item, opts: EncodeOptions) -> Sample:
-    """Read, verify and encode one planned item; every failure becomes a skipped Sample, never an exception."""
+def encode_item(src: str, item: Item, opts: EncodeOptions) -> bytes | tuple[str, str]:
+    """Read, verify and encode one planned item into its three tar members, or (reason, detail) of why not.
+
+    Every failure becomes a skip, never an exception.
+    """
     try:
         data = Path(src, item.rel).read_bytes()
     except OSError as e:
-        return Sample(item, skip=("unreadable", f"{type(e).__name__}: {e.strerror or e}"))
+        return ("unreadable", f"{type(e).__name__}: {e.strerror or e}")
     if hashlib.sha256(data).hexdigest() != item.sha256:
-        return Sample(item, skip=("changed", "the file changed while catdog-prep was running"))
+        return ("changed", "the file changed while catdog-prep was running")
     try:
         jpg, meta = encode_image(data, opts)
     except Skip as e:
-        return Sample(item, skip=(e.reason, e.detail))
+        return (e.reason, e.detail)
     except Exception as e:  # noqa: BLE001 -- a decoder bug on one odd file must not stop the run
-        return Sample(item, skip=("decode_error", f"{type(e).__name__}: {e}"))
+        return ("decode_error", f"{type(e).__name__}: {e}")
     meta.update(
         {
             "key": item.key,
@@ -157,11 +163,20 @@ def encode_item(src: str, item: Item, opts: EncodeOptions) -> Sample:
             "sha256": item.sha256,
         }
     )
-    meta_bytes = json.dumps(meta, sort_keys=True).encode()
-    return Sample(item, jpg=jpg, cls=str(item.label).encode(), meta=meta_bytes)
+    return sample_bytes(item.key, jpg, str(item.label).encode(), json.dumps(meta, sort_keys=True).encode())
 
 
-def encode_batch(args: tuple[str, list[Item], EncodeOptions]) -> list[Sample]:
-    """Pool entry point: a few items per task so inter-process overhead stays small."""
+def encode_batch(args: tuple[str, list[Item], EncodeOptions]) -> Encoded:
+    """Pool entry point: several items per task so inter-process overhead stays small."""
     src, items, opts = args
-    return [encode_item(src, it, opts) for it in items]
+    parts, sizes, skips = [], [], []
+    for it in items:
+        r = encode_item(src, it, opts)
+        if isinstance(r, bytes):
+            parts.append(r)
+            sizes.append(len(r))
+            skips.append(None)
+        else:
+            sizes.append(0)
+            skips.append(r)
+    return Encoded(b"".join(parts), tuple(sizes), tuple(skips))

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.atomic import atomic_write_json, tmp_path_for
-from data_prep.encode import EncodeOptions, encode_batch
+from data_prep.encode import Encoded, EncodeOptions, encode_batch
 from data_prep.info import INFO_NAME, SPLITS
 from data_prep.plan import Plan, hash_file, make_plan
 from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
@@ -40,13 +40,15 @@ from data_prep.shards import (
     is_prep_output,
     remove_outputs,
     remove_temp_files,
-    sample_bytes,
     write_skipped,
 )
 
 HASH_BATCH = 64  # files per hashing task
-ENCODE_BATCH = 8  # images per encoding task: amortises inter-process overhead, keeps the window small
-WINDOW_PER_WORKER = 8  # tasks in flight per worker: slack for one slow image, memory still bounded (~64 images)
+# Images per encoding task: large while much work remains (each task costs ~0.5 ms of pickling and
+# wake-ups in the parent, which shares the cores with the workers), shrinking towards the end so no
+# worker idles long on the last tasks (guided self-scheduling).
+ENCODE_BATCH_MAX = 32
+WINDOW_PER_WORKER = 4  # tasks in flight per worker: slack for one slow image, memory bounded (~128 images)
 
 
 class PrepError(Exception):
@@ -182,12 +184,13 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
 
 
 def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Callable[[tuple], list[str]]) -> Iterator:
-    """fn over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process).
+    """(task, fn(task)) over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process).
 
     ``images(task)`` names a task's images for the error raised when a worker process dies.
     """
     if pool is None:
-        yield from map(fn, tasks)
+        for task in tasks:
+            yield task, fn(task)
         return
     pending: deque = deque()
     try:
@@ -195,12 +198,10 @@ def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Calla
             pending.append((task, pool.submit(fn, task)))
             if len(pending) >= window:
                 result = pending[0][1].result()
-                pending.popleft()
-                yield result
+                yield pending.popleft()[0], result
         while pending:
             result = pending[0][1].result()
-            pending.popleft()
-            yield result
+            yield pending.popleft()[0], result
     except BrokenProcessPool:
         names = [name for task, _ in pending for name in images(task)]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
@@ -214,6 +215,15 @@ def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Calla
 def _batches(seq: list, n: int) -> Iterator[list]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
+
+
+def _guided_batches(seq: list, workers: int, largest: int) -> Iterator[list]:
+    """Batches of ceil(remaining / (4 * workers)) items, at most ``largest``: big first, single items at the end."""
+    i = 0
+    while i < len(seq):
+        n = min(largest, max(1, -(-(len(seq) - i) // (4 * workers))))
+        yield seq[i : i + n]
+        i += n
 
 
 def _hash_batch(task: tuple[str, list[str]]) -> list:
@@ -344,9 +354,8 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
     hashes: dict = {}
     with tqdm(total=len(rels), desc="hash", unit="img", disable=not a.progress, leave=False) as bar:
         tasks = ((str(src), batch) for batch in _batches(rels, HASH_BATCH))
-        for i, results in enumerate(_ordered_map(pool, _hash_batch, tasks, window, lambda t: t[1])):
-            for r, h in zip(rels[i * HASH_BATCH : (i + 1) * HASH_BATCH], results, strict=True):
-                hashes[r] = h
+        for (_, batch), results in _ordered_map(pool, _hash_batch, tasks, window, lambda t: t[1]):
+            hashes.update(zip(batch, results, strict=True))
             bar.update(len(results))
     plan = make_plan(
         found.candidates,
@@ -390,20 +399,25 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
     todo = list(plan.items[progress.next_index :])
     opts = a.encode_options()
     t_encode = time.perf_counter()
-    tasks = ((str(src), batch, opts) for batch in _batches(todo, ENCODE_BATCH))
+    tasks = ((str(src), batch, opts) for batch in _guided_batches(todo, a.workers, ENCODE_BATCH_MAX))
     try:
         with tqdm(
             total=len(plan.items), initial=progress.next_index, desc="encode", unit="img", disable=not a.progress
         ) as bar:
-            for samples in _ordered_map(pool, encode_batch, tasks, window, lambda t: [it.rel for it in t[1]]):
-                for s in samples:
-                    if s.skip is not None:
+            encoded: Encoded
+            for (_, items, _), encoded in _ordered_map(
+                pool, encode_batch, tasks, window, lambda t: [it.rel for it in t[1]]
+            ):
+                blob, offset = memoryview(encoded.blob), 0
+                for item, size, skip in zip(items, encoded.sizes, encoded.skips, strict=True):
+                    if skip is not None:
                         encode_skips.append(
-                            {"path": s.item.rel, "reason": s.skip[0], "detail": s.skip[1], "index": s.item.index}
+                            {"path": item.rel, "reason": skip[0], "detail": skip[1], "index": item.index}
                         )
                     else:
-                        writer.add(s.item.split, sample_bytes(s.item.key, s.jpg, s.cls, s.meta), s.item.index)
-                bar.update(len(samples))
+                        writer.add(item.split, blob[offset : offset + size], item.index)
+                        offset += size
+                bar.update(len(items))
         writer.close(len(plan.items))
     finally:
         writer.abandon()

@@ -12,22 +12,36 @@ from pathlib import Path
 import pytest
 from prep_helpers import ROOT, make_tree, read_shards, run_cli, tree_bytes
 
-from data_prep.prepare import PrepArgs, run
+from data_prep.prepare import ENCODE_BATCH_MAX, PrepArgs, _guided_batches, run
 
 
 @pytest.mark.slow
-def test_output_identical_for_1_and_2_workers(real_data: Path, tmp_path: Path):
+def test_output_identical_for_1_2_and_3_workers(real_data: Path, tmp_path: Path):
     src = make_tree(real_data, tmp_path / "src", 40)
     (src / "dog" / "dup.jpg").write_bytes((src / "cat" / "cat.0.jpg").read_bytes())  # a duplicate and a bad file
     (src / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
     common = dict(src=src, image_size=64, shard_max_count=7, progress=False)
     one = run(PrepArgs(out=tmp_path / "w1", workers=1, **common), log=lambda _: None)
     two = run(PrepArgs(out=tmp_path / "w2", workers=2, **common), log=lambda _: None)
-    assert one["counts"] == two["counts"]
+    three = run(PrepArgs(out=tmp_path / "w3", workers=3, **common), log=lambda _: None)  # other task sizes
+    assert one["counts"] == two["counts"] == three["counts"]
     assert one["counts"]["written"] == 80 and one["counts"]["duplicates"] == 1 and one["counts"]["skipped"] == 1
-    a, b = tree_bytes(tmp_path / "w1"), tree_bytes(tmp_path / "w2")
+    a, b, c = tree_bytes(tmp_path / "w1"), tree_bytes(tmp_path / "w2"), tree_bytes(tmp_path / "w3")
     assert sorted(a) == sorted(b) and len([n for n in a if n.endswith(".tar")]) >= 3
-    assert a == b
+    assert a == b == c
+
+
+@pytest.mark.parametrize("n, workers", [(0, 2), (1, 2), (80, 2), (3000, 2), (1000, 7)])
+def test_encode_tasks_cover_every_item_once_in_order_and_shrink_to_one(n: int, workers: int):
+    items = list(range(n))
+    batches = list(_guided_batches(items, workers, ENCODE_BATCH_MAX))
+    assert [x for b in batches for x in b] == items
+    sizes = [len(b) for b in batches]
+    assert sizes == sorted(sizes, reverse=True) and all(1 <= s <= ENCODE_BATCH_MAX for s in sizes)
+    if n >= 4 * workers:
+        assert sizes[-1] == 1  # the last task is one image: no worker waits long at the end
+    if n >= 3000:
+        assert len(batches) < n / 16  # few tasks: per-task overhead stays small
 
 
 def test_split_and_order_do_not_depend_on_location_or_listing(real_data: Path, tmp_path: Path):
