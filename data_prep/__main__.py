@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -118,8 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM (SLURM preemption or time limit, ``timeout``, ``kill``) raised in the main thread.
+
+    A BaseException like KeyboardInterrupt, so the same clean-up runs: workers stopped, the unfinished
+    temp shard deleted, the progress file of the finished shards kept for the rerun.
+    """
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     args = PrepArgs(
         src=ns.src,
         out=ns.out,
@@ -146,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("catdog-prep: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("catdog-prep: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -149,8 +149,13 @@ def _locked(out: Path) -> Iterator[None]:
 
 
 def _worker_init() -> None:
-    """Worker initializer: Ctrl-C is the parent's to handle, and a worker dies with its parent (kill -9)."""
+    """Worker initializer: Ctrl-C and SIGTERM are the parent's to handle, and a worker dies with its parent (kill -9).
+
+    SLURM and ``kill -- -PGID`` signal the whole process group; if workers died of it the parent could see a
+    broken pool before its own signal and report a crash instead of an interruption.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
@@ -177,7 +182,7 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield pool
     except BaseException:
         for p in procs:
-            p.terminate()  # after an error or Ctrl-C, do not let workers finish the tasks already queued
+            p.kill()  # after an error, Ctrl-C or SIGTERM, do not let workers finish the tasks already queued
         raise
     finally:
         pool.shutdown(cancel_futures=True)

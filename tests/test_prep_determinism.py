@@ -105,6 +105,47 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(real_data: Path, tmp_pat
     assert tree_bytes(out) == tree_bytes(ref)  # no temp or progress files left, every byte equal
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_cleanly_then_rerun_resumes(real_data: Path, tmp_path: Path):
+    # What SLURM preemption, scancel or a time limit does: SIGTERM to every process of the job.
+    src = make_tree(real_data, tmp_path / "src", 60, short_side=None)
+    args = ["--image-size", "224", "--shard-max-count", "10", "--workers", "2"]
+    ref = tmp_path / "ref"
+    assert run_cli(src, ref, *args).returncode == 0
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *args, "--no-progress"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*.tar")):
+            assert proc.poll() is None, "finished before it could be terminated"
+            assert time.monotonic() < deadline, "no shard appeared within 60 s"
+            time.sleep(0.002)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "terminated (SIGTERM)" in lines[0] and "rerun" in lines[0], stderr
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers):  # stopped, not left running on their queue
+        assert time.monotonic() < deadline, "pool workers still alive after the parent exited"
+        time.sleep(0.05)
+    assert not (out / "_info.json").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # the unfinished shard was removed
+
+    r = run_cli(src, out, *args)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
 def _children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (its pool workers), read from /proc."""
     kids = []
