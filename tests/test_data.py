@@ -17,8 +17,8 @@ import torch
 import webdataset as wds
 from data_shards import SHARD_LENGTHS, rewrite_member, tiny_jpegs, write_shards
 from PIL import Image
-from torchvision.io import decode_jpeg
 
+import train.data as data_mod
 from data_prep.info import load_info
 from train.config import DataConfig
 from train.data import DataError, TrainStream, epoch_order, eval_loader, index_shard
@@ -276,6 +276,23 @@ def test_corrupt_samples_are_skipped_counted_and_batches_stay_full(corrupt_shard
     }
 
 
+def test_pillow_fallback_decodes_like_torchvision_and_skips_the_same_corrupt_samples(
+    corrupt_shards, photos, monkeypatch
+):
+    """A torchvision without image codecs (deprecated since 0.29, no upper bound in pyproject) still trains."""
+    native = [data_mod.decode_rgb(bytearray(jpg)) for jpg, _, _ in photos[:4]]
+    monkeypatch.setattr(data_mod, "_tv_decode_jpeg", None)
+    for jpg, t in zip((p[0] for p in photos[:4]), native, strict=False):
+        pil = data_mod.decode_rgb(bytearray(jpg))
+        assert pil.shape == t.shape and pil.dtype == torch.uint8 and pil.shape[0] == 3
+        assert (pil.float() - t.float()).abs().mean() < 1.0  # the same libjpeg-turbo decode, up to its build
+    root, keys, bad = corrupt_shards
+    s = stream(root, num_workers=0, batch_size=5)
+    seen = {k for _, _, ks in collect(s.loader(epoch=0, with_keys=True)) for k in ks}
+    assert not bad & seen and set(keys["train"]) - bad <= seen
+    assert s.stats()["corrupt_by_shard"]["train-000000.tar"] >= 1  # the undecodable JPEG, caught from Pillow
+
+
 def test_corrupt_samples_are_dropped_from_eval(tmp_path, photos):
     keys = write_shards(tmp_path, photos)
     rewrite_member(tmp_path / "val-000001.tar", "val_01_001", "jpg", b"garbage")
@@ -323,7 +340,7 @@ def test_a_batch_with_no_valid_sample_borrows_from_the_epoch(tmp_path, photos):
 
 def test_transforms_accept_tensors_and_pil_and_crop_to_size(photos):
     jpg = photos[0][0]
-    tensor = decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
+    tensor = data_mod.decode_rgb(bytearray(jpg))
     pil = Image.open(io.BytesIO(jpg))
     c = DataConfig(dir="unused")
     for tf in (train_transform(c, 48), eval_transform(c, 48)):
@@ -345,7 +362,7 @@ def test_color_jitter_is_optional():
 def test_batched_normalisation_matches_the_per_image_pipeline(photos):
     """The loader augments per image and normalises per batch; that equals the per-image train_transform."""
     c = DataConfig(dir="unused")
-    images = [decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8)) for jpg, _, _ in photos[:4]]
+    images = [data_mod.decode_rgb(bytearray(jpg)) for jpg, _, _ in photos[:4]]
     torch.manual_seed(7)
     per_image = torch.stack([train_transform(c, 40)(im) for im in images])
     torch.manual_seed(7)

@@ -1,6 +1,6 @@
 """Image transforms (torchvision.transforms.v2): random crops and flips for training, resize + centre crop for eval.
 
-Both pipelines accept a uint8 CHW tensor (what ``torchvision.io.decode_jpeg`` gives the shard reader) or a PIL
+Both pipelines accept a uint8 CHW tensor (what ``train.data.decode_rgb`` gives the shard reader) or a PIL
 image (what ``ImageFolder`` gives the loader benchmark's baseline), and return a normalised float32 CHW tensor.
 The transforms draw their randomness from torch's global RNG; train/data.py seeds it per sample so augmentation
 is a pure function of (seed, epoch, sample position). The loader applies the uint8 part per image and
