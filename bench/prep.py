@@ -1,6 +1,6 @@
 """Benchmark catdog-prep against a naive single-process Pillow loop and the single-core encode floor.
 
-    .venv/bin/python bench/prep.py [--data ../shared/data/catsdogs] [--limit 600] [--repeats 3]
+    .venv/bin/python bench/prep.py [--data ../shared/data/catsdogs] [--limit 600] [--repeats 7]
 
 In one run over the same images (page cache warmed first), it measures
   1. catdog-prep end to end (scan, hash, plan, encode in --workers processes, shards, _info.json);
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import random
 import resource
 import statistics
 import sys
@@ -103,7 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "catsdogs")
     p.add_argument("--limit", type=int, default=0, help="use only this many images (spread over the folders)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--image-size", type=int, default=320)
     p.add_argument("--quality", type=int, default=90)
@@ -118,11 +119,17 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {"catdog-prep": [], "naive loop": [], "floor (1 core)": []}
     with tempfile.TemporaryDirectory(prefix="bench-src-") as tmp:
         src = mirror(files, a.data, Path(tmp)) if a.limit else a.data
+        runs = {
+            "catdog-prep": lambda: bench_prep(src, a.workers, a.image_size, a.quality),
+            "naive loop": lambda: bench_naive(files, a.image_size, a.quality),
+            "floor (1 core)": lambda: bench_floor(blobs, opts),
+        }
         for r in range(a.repeats):
-            # Interleave the three so load from other processes on the machine hits them alike.
-            results["catdog-prep"].append(bench_prep(src, a.workers, a.image_size, a.quality))
-            results["naive loop"].append(bench_naive(files, a.image_size, a.quality))
-            results["floor (1 core)"].append(bench_floor(blobs, opts))
+            # Interleave the three so load from other processes hits them alike, in a seeded random order
+            # per repeat: on these VMs the host's load comes and goes in cycles of tens of seconds, and a
+            # fixed order can keep landing one of the three in the slow half of the cycle.
+            for name in random.Random(r).sample(list(runs), len(runs)):
+                results[name].append(runs[name]())
             print(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1][0]:,.0f}/s" for k, v in results.items()))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     med = {k: statistics.median(x[0] for x in v) for k, v in results.items()}
