@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.atomic import atomic_write_json, tmp_path_for
-from data_prep.encode import Encoded, EncodeOptions, encode_batch
+from data_prep.encode import EncodeOptions, encode_batch
 from data_prep.info import INFO_NAME, SPLITS
 from data_prep.plan import Plan, hash_file, make_plan
 from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
@@ -53,6 +53,10 @@ WINDOW_PER_WORKER = 4  # tasks in flight per worker: slack for one slow image, m
 
 class PrepError(Exception):
     """A fatal problem with the invocation; the message is one line saying what to do."""
+
+
+class WorkerDied(PrepError):
+    """A pool worker was killed (kill -9, the out-of-memory killer): the pool is broken."""
 
 
 def default_workers() -> int:
@@ -162,7 +166,7 @@ def _worker_init() -> None:
 
 @contextmanager
 def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """The decode/encode processes (None for one worker), stopped at once when the run fails or is interrupted.
+    """The decode/encode processes (None for one worker); on failure or interruption, queued tasks are cancelled.
 
     A ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies (kill -9, the out-of-memory
     killer) Pool silently replaces it and the task it held never completes, so the run would wait forever;
@@ -180,11 +184,14 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.submit(int).result()
         procs = [p for p in multiprocessing.active_children() if p not in before]
         yield pool
-    except BaseException:
+    except WorkerDied:
         for p in procs:
-            p.kill()  # after an error, Ctrl-C or SIGTERM, do not let workers finish the tasks already queued
+            p.kill()  # the executor stops the rest of a broken pool with SIGTERM, which workers ignore
         raise
     finally:
+        # After any other error, Ctrl-C or SIGTERM, workers (which ignore both signals) finish the task in hand
+        # and exit here. They are not killed: one killed while sending its result leaves the executor's reader
+        # thread waiting for the rest of the message, and shutdown would hang.
         pool.shutdown(cancel_futures=True)
 
 
@@ -210,7 +217,7 @@ def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Calla
     except BrokenProcessPool:
         names = [name for task, _ in pending for name in images(task)]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
-        raise PrepError(
+        raise WorkerDied(
             f"a worker process died (killed, e.g. by the out-of-memory killer) while processing {shown or 'images'}; "
             "the shards written so far are kept: rerun the same command to resume, with fewer --workers or a "
             "lower --max-pixels if memory ran out"
@@ -409,7 +416,6 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
         with tqdm(
             total=len(plan.items), initial=progress.next_index, desc="encode", unit="img", disable=not a.progress
         ) as bar:
-            encoded: Encoded
             for (_, items, _), encoded in _ordered_map(
                 pool, encode_batch, tasks, window, lambda t: [it.rel for it in t[1]]
             ):

@@ -133,17 +133,24 @@ class ShardWriter:
         number = self.next_number.get(self._split, 0)
         name = shard_name(self._split, number)
         os.replace(self._tmp, self.out / name)
+        self._tmp = None
         self.next_number[self._split] = number + 1
         record = ShardRecord(name, self._split, self._count, self._bytes + len(_END), self._hash.hexdigest())
         self._file = None
         self.on_close(record, next_index)
 
     def abandon(self) -> None:
-        """Drop the open temp shard (used when the run fails before finishing)."""
+        """Drop the open temp shard (used when the run fails or is interrupted before finishing).
+
+        Keyed on the temp path, not the file object: an interruption between creating the file and
+        keeping its handle must not leave the file behind.
+        """
         if self._file is not None:
             self._file.close()
-            self._tmp.unlink(missing_ok=True)
             self._file = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
 
 
 def sample_bytes(key: str, jpg: bytes, cls: bytes, meta: bytes) -> bytes:
