@@ -105,47 +105,6 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted(real_data: Path, tmp_pat
     assert tree_bytes(out) == tree_bytes(ref)  # no temp or progress files left, every byte equal
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_process_group_stops_cleanly_then_rerun_resumes(real_data: Path, tmp_path: Path):
-    # What SLURM preemption, scancel or a time limit does: SIGTERM to every process of the job.
-    src = make_tree(real_data, tmp_path / "src", 60, short_side=None)
-    args = ["--image-size", "224", "--shard-max-count", "10", "--workers", "2"]
-    ref = tmp_path / "ref"
-    assert run_cli(src, ref, *args).returncode == 0
-
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *args, "--no-progress"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not list(out.glob("*.tar")):
-            assert proc.poll() is None, "finished before it could be terminated"
-            assert time.monotonic() < deadline, "no shard appeared within 60 s"
-            time.sleep(0.002)
-        workers = _children(proc.pid)
-        assert len(workers) == 2
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "terminated (SIGTERM)" in lines[0] and "rerun" in lines[0], stderr
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{w}").exists() for w in workers):  # stopped, not left running on their queue
-        assert time.monotonic() < deadline, "pool workers still alive after the parent exited"
-        time.sleep(0.05)
-    assert not (out / "_info.json").exists()
-    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # the unfinished shard was removed
-
-    r = run_cli(src, out, *args)
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
-    assert tree_bytes(out) == tree_bytes(ref)
-
-
 def _children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (its pool workers), read from /proc."""
     kids = []
@@ -159,23 +118,65 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+_MID_RUN_ARGS = ["--image-size", "224", "--shard-max-count", "10", "--workers", "2"]
+
+
+def _start_mid_run(real_data: Path, tmp_path: Path, **popen) -> tuple[Path, Path, Path, subprocess.Popen]:
+    """An uninterrupted reference run, then the same run started and caught once its first shard is written.
+
+    Returns (src, ref, out, proc); the caller interrupts proc.
+    """
+    src = make_tree(real_data, tmp_path / "src", 60, short_side=None)
+    ref = tmp_path / "ref"
+    assert run_cli(src, ref, *_MID_RUN_ARGS).returncode == 0
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *_MID_RUN_ARGS, "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.tar")):  # encoding is under way: some shards done, more to go
+        finished = proc.poll() is not None
+        if finished or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("finished before it could be interrupted" if finished else "no shard within 60 s")
+        time.sleep(0.002)
+    return src, ref, out, proc
+
+
+def _assert_left_nothing_trusted_and_rerun_resumes(src: Path, ref: Path, out: Path) -> None:
+    assert not (out / "_info.json").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no half-written shard left
+    r = run_cli(src, out, *_MID_RUN_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_cleanly_then_rerun_resumes(real_data: Path, tmp_path: Path):
+    # What SLURM preemption, scancel or a time limit does: SIGTERM to every process of the job.
+    src, ref, out, proc = _start_mid_run(real_data, tmp_path, start_new_session=True)
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "terminated (SIGTERM)" in lines[0] and "rerun" in lines[0], stderr
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers):  # stopped, not left running on their queue
+        assert time.monotonic() < deadline, "pool workers still alive after the parent exited"
+        time.sleep(0.05)
+    _assert_left_nothing_trusted_and_rerun_resumes(src, ref, out)
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_fails_promptly_then_rerun_completes(real_data: Path, tmp_path: Path):
     # What the out-of-memory killer does to a worker decoding a huge image: SIGKILL to that worker alone.
-    src = make_tree(real_data, tmp_path / "src", 60, short_side=None)
-    args = ["--image-size", "224", "--shard-max-count", "10", "--workers", "2"]
-    ref = tmp_path / "ref"
-    assert run_cli(src, ref, *args).returncode == 0
-
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *args, "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    src, ref, out, proc = _start_mid_run(real_data, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not list(out.glob("*.tar")):  # encoding is under way: some shards done, more to go
-            assert proc.poll() is None, "finished before a worker could be killed"
-            assert time.monotonic() < deadline, "no shard appeared within 60 s"
-            time.sleep(0.002)
         os.kill(_children(proc.pid)[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=30)  # a lost task used to make the run wait forever
     finally:
@@ -183,10 +184,4 @@ def test_worker_killed_mid_run_fails_promptly_then_rerun_completes(real_data: Pa
     assert proc.returncode == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "worker process died" in lines[0] and "rerun" in lines[0], stderr
-    assert not (out / "_info.json").exists()
-    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no half-written shard left
-
-    r = run_cli(src, out, *args)
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
-    assert tree_bytes(out) == tree_bytes(ref)
+    _assert_left_nothing_trusted_and_rerun_resumes(src, ref, out)
