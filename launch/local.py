@@ -66,7 +66,10 @@ def accelerate_command(
     on_cpu = cpu_ranks is not None or available_gpus == 0 or cfg.train.cpu
     n = (cpu_ranks or 1) if on_cpu else (gpus or available_gpus)
     cmd = [_accelerate_bin(), "launch", "--num_machines", "1"]
-    cmd += ["--mixed_precision", cfg.train.mixed_precision, "--dynamo_backend", "no"]
+    # The trainer passes its precision to Accelerator() itself (which wins over this flag); `auto` is resolved
+    # there, per device, so the launcher only needs a valid value to not warn about a missing one.
+    precision = "no" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+    cmd += ["--mixed_precision", precision, "--dynamo_backend", "no"]
     if n > 1:
         cmd += ["--multi_gpu", "--num_processes", str(n), "--main_process_port", str(port)]
     else:

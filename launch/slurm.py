@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,19 +61,40 @@ class SlurmTrainer:
         return load_config(self.config_path, [f"train.resume={self.resume}"] if self.resume else [])
 
     def __call__(self) -> dict:
-        # MASTER_ADDR = first node of the job, RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/NTASKS/LOCALID.
-        # overwrite: values inherited from the submitting shell (sbatch exports its environment) are wrong here.
         job = submitit.JobEnvironment()
-        os.environ["MASTER_PORT"] = str(master_port(job.job_id, os.environ.get("SLURM_RESTART_COUNT", "0")))
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.use_gpus, overwrite=True)
-        from train.trainer import main  # late: keeps submission light
+        export_distributed_env(job.job_id)
+        from train.distributed import StopFlag  # late: keeps submission light
+        from train.trainer import main
 
-        return main(self.config())
+        # USR2 (SLURM's warning before a time limit, or a preemption) must not requeue mid-step with the work
+        # since the last checkpoint lost, which is what submitit's own handler would do. Ours only sets a flag:
+        # every rank stops at the same step boundary, they save one checkpoint together, and then rank 0 hands
+        # over to submitit's handler, which calls checkpoint() below and requeues the job.
+        stop = StopFlag()
+        submitit_handler = stop.install(signal.SIGUSR2)[signal.SIGUSR2]
+        result = main(self.config(), stop=stop)
+        if result.get("interrupted") and job.global_rank == 0 and callable(submitit_handler):
+            submitit_handler(signal.SIGUSR2, None)  # requeues and exits; it does not return
+        return result
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        # Nothing to save here: the trainer checkpoints atomically as it goes. The requeued job must resume
-        # from the newest of those, whatever train.resume said at submission.
+        # The trainer has saved a checkpoint at the step where the signal stopped it. The requeued job must resume
+        # from the newest checkpoint, whatever train.resume said at submission.
         return submitit.helpers.DelayedSubmission(SlurmTrainer(self.config_path, self.use_gpus, resume="auto"))
+
+
+def export_distributed_env(job_id: str) -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT for
+    torch.distributed, from SLURM's variables; the trainer's Accelerator() then joins that process group.
+
+    CUDA_VISIBLE_DEVICES is left as SLURM set it: every task of a node sees the job's GPUs there and rank i trains
+    on cuda:<local rank i> (train/distributed.py). submitit's default would narrow each task to the GPU numbered
+    like its local rank, so every rank sees one GPU (cuda:0) while Accelerate gives DDP device_ids=[local rank]:
+    rank 1 would ask for device 1 in a one-device world and crash at the first step.
+    overwrite: values inherited from the submitting shell (sbatch exports its environment) are wrong here.
+    """
+    os.environ["MASTER_PORT"] = str(master_port(job_id, os.environ.get("SLURM_RESTART_COUNT", "0")))
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def master_port(job_id: str, restart_count: str) -> int:
@@ -332,6 +354,17 @@ def launch(
         if not (Path(cfg.data.dir) / "_info.json").is_file():
             raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")
         _check_not_running(Path(cfg.run.dir))
+    from train.checkpoint import start_over  # late: it imports accelerate, which `status` need not pay for
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for _, cfg in points:
+        if cfg.train.resume == "none":
+            # Start over now, at submission, and let the job resume: a requeue (preemption, node failure) of a job
+            # submitted with resume=none would otherwise move its own progress aside and start over again.
+            moved = start_over(Path(cfg.run.dir), stamp)
+            cfg.train.resume = "auto"
+            if moved:
+                print(f"train.resume=none: moved the previous checkpoints and tracker state to {moved}", file=out)
     try:
         submitted = submit(points, slurm, folder)
     except FailedJobError as e:

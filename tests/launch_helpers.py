@@ -28,7 +28,7 @@ def tiny_config(path: Path, shards: Path, backends: str = "[csv, wandb]") -> Pat
         f"""
 data: {{dir: {shards}, num_workers: 0, shuffle_buffer: 16}}
 model: {{name: scratch_cnn, image_size: 32, width: 8, depth: 2}}
-train: {{epochs: 2, batch_size: 8, log_every: 1}}
+train: {{epochs: 2, batch_size: 8, log_every: 1, mixed_precision: 'no'}}
 eval: {{batch_size: 16}}
 track: {{backends: {backends}}}
 """

@@ -107,3 +107,40 @@ def test_per_device_batch_must_divide():
     assert cfg.train.per_device_batch(world_size=4) == 8
     with pytest.raises(ConfigError, match="train.batch_size=64"):
         cfg.train.per_device_batch(world_size=3)
+
+
+def test_yaml_boolean_words_reach_string_fields_as_typed(tmp_path):
+    # YAML 1.1 reads `no`/`off`/`yes` as booleans; for a string field the user meant the word.
+    for value in ("no", "bf16", "auto"):
+        assert load_config(None, ["data.dir=x", f"train.mixed_precision={value}"]).train.mixed_precision == value
+    assert load_config(None, ["data.dir=x", "run.name=off"]).run.name == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {dir: x}\ntrain:\n  mixed_precision: no\n")
+    assert load_config(f).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision='fp8': choose one of auto, no, bf16, fp16"):
+        load_config(None, ["data.dir=x", "train.mixed_precision=fp8"])
+
+
+@pytest.mark.slow
+def test_mixed_precision_no_typed_on_a_real_command_line(tmp_path, real_data):
+    """The README's spelling, through the real CLI: it trains in fp32 and saves 'no' in config.yaml."""
+    from train_helpers import TINY, make_shards, run_train
+
+    shards = make_shards(real_data, tmp_path / "shards")
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("train.mixed_precision")]
+    run_train([f"data.dir={shards}", f"run.dir={run}", *args, "train.max_steps=1", "train.mixed_precision=no"])
+    assert "mixed_precision: 'no'" in (run / "config.yaml").read_text()
+    assert "MULTI_CPU" not in (log := (run / "train.log").read_text()) and ", no, " in log
+
+
+def test_auto_precision_follows_what_the_hardware_supports():
+    from train.trainer import choose_precision
+
+    # The hardware's answer is simulated both ways (no bf16-capable and bf16-less machine exists side by side here).
+    assert choose_precision("auto", "cpu", cpu_bf16=lambda: True) == ("bf16", "the CPU has AVX512-BF16 or AMX")
+    precision, why = choose_precision("auto", "cpu", cpu_bf16=lambda: False)
+    assert precision == "no" and "neither AVX512-BF16 nor AMX" in why
+    assert choose_precision("auto", "cuda", cuda_bf16=lambda: True)[0] == "bf16"
+    assert choose_precision("auto", "cuda", cuda_bf16=lambda: False)[0] == "no"
+    assert choose_precision("fp16", "cpu", cpu_bf16=lambda: True) == ("fp16", "as configured")

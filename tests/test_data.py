@@ -152,6 +152,29 @@ def test_resume_yields_the_tail_and_decodes_nothing_skipped(shards, workers):
     assert s.stats()["decoded"] == 4 * len(got)  # only the resumed batches were decoded
 
 
+def test_workers_persist_across_epochs_and_each_pass_seeks_its_own_batches(shards):
+    """One DataLoader, workers started once, serves every epoch (and a resumed tail, and an epoch cut short):
+    each pass yields exactly what a fresh stream yields for it."""
+    root, _ = shards
+    s = stream(root, num_workers=2)
+    passes = [(0, 0, None), (1, 3, None), (2, 0, 2), (3, 0, None)]  # (epoch, start batch, stop after k batches)
+    pids = []
+    for epoch, start, cut in passes:
+        batches = s.loader(epoch, start_batch=start)
+        got = []
+        for b in batches:
+            got.append(b)
+            if cut is not None and len(got) == cut:
+                break  # e.g. train.max_steps mid-epoch: the next pass must not see this one's leftovers
+        loader = s._loaders[False][2]
+        pids.append(tuple(w.pid for w in loader._iterator._workers))
+        fresh = collect(stream(root, num_workers=0).loader(epoch, start_batch=start))
+        assert len(got) == (cut or len(fresh))
+        for (x, y), (xf, yf) in zip(got, fresh, strict=False):
+            assert torch.equal(x, xf) and torch.equal(y, yf)
+    assert len(set(pids)) == 1 and len(pids[0]) == 2  # the same two worker processes served every pass
+
+
 def test_loader_leaves_the_training_rng_alone(shards):
     root, _ = shards
     torch.manual_seed(123)

@@ -89,12 +89,25 @@ def sacct(job_id: str, fields: str, *extra: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_two_task_training_job(slurm_cluster, train_yaml: Path, tmp_path: Path):
     run = tmp_path / "run"
+    # A run dir used before, submitted with train.resume=none: the old state is moved aside at submission (not by
+    # the job, whose requeue would then start over again), and the job itself resumes (auto) what it starts.
+    (run / "checkpoints" / "step_00000099").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000099" / "trainer_state.json").write_text("{}")
+    (run / "wandb_run_id").write_text("0ldrun\n")
     args = ["slurm", "--config", str(train_yaml), "--slurm-config", str(CPU_CLUSTER), f"run.dir={run}"]
-    dry = cli(*args, "--dry-run", timeout=60)
+    dry = cli(*args, "--dry-run", "train.resume=none", timeout=60)
     assert dry.returncode == 0, dry.stderr
+    assert (run / "checkpoints" / "step_00000099").is_dir()  # a dry run moves nothing
 
-    res = cli(*args, "--wait")
+    res = cli(*args, "--wait", "train.resume=none")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (previous,) = (run / "previous").iterdir()
+    assert f"train.resume=none: moved the previous checkpoints and tracker state to {previous}" in res.stdout
+    assert (previous / "checkpoints" / "step_00000099").is_dir() and "resume: auto" in (
+        run / "submitted_config.yaml"
+    ).read_text()
+    assert "step_00000099" not in {p.name for p in (run / "checkpoints").iterdir()}
+    assert (run / "wandb_run_id").read_text().strip() != "0ldrun"
     job_id = re.search(r"submitted job (\d+)", res.stdout)[1]
     assert f"run dir {run}" in res.stdout and f"{run}/slurm/{job_id}_0_log.out" in res.stdout
     assert "final state: run COMPLETED" in res.stdout
@@ -159,20 +172,23 @@ def test_sweep_of_two_points_is_one_array(slurm_cluster, train_yaml: Path, tmp_p
 
 
 @pytest.mark.slow
-def test_requeue_resumes_from_checkpoint_with_the_same_wandb_run(slurm_cluster, train_yaml: Path, tmp_path: Path):
+def test_signal_mid_epoch_saves_at_that_step_requeues_and_resumes_there(
+    slurm_cluster, train_yaml: Path, tmp_path: Path
+):
     run = tmp_path / "run"
     slurm = load_slurm_config(CPU_CLUSTER)
-    # 10 epochs of 4 steps, a checkpoint after each (~1 s apart here): the interrupt lands mid-run.
-    cfg = job_config(train_yaml, [f"run.dir={run}", "train.epochs=10", "eval.every_epochs=5"], slurm)
+    # 4 epochs of 16 steps (32 samples, 2 ranks x 1), no periodic checkpoint: only the signal can make a
+    # mid-epoch one. Without the stop-at-step-boundary path, the requeue would restart from step 0 or an epoch end.
+    overrides = [f"run.dir={run}", "train.epochs=4", "train.batch_size=2", "eval.every_epochs=4", "model.image_size=48"]
+    cfg = job_config(train_yaml, overrides, slurm)
     (job,) = [s.job for s in launch([("run", cfg)], slurm, run / "slurm", out=sys.stderr)]
-    ckpts = run / "checkpoints"
     deadline = time.time() + JOB_TIMEOUT_S
-    while not (ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())):
-        assert time.time() < deadline, "no checkpoint before the deadline"
+    while _last_logged_step(run) < 2:
+        assert time.time() < deadline, "training did not start before the deadline"
         assert job_states([job.job_id])[job.job_id] not in ("FAILED", "COMPLETED", "CANCELLED")
-        time.sleep(0.2)
+        time.sleep(0.1)
     first_id = (run / "wandb_run_id").read_text().strip()
-    job._interrupt(timeout=True)  # USR2, as SLURM sends it signal_delay_s before the time limit
+    job._interrupt(timeout=True)  # USR2 to every task, as SLURM sends it signal_delay_s before the time limit
 
     # While it waits to be requeued, the run dir is still taken: a second job must not write into it.
     again = cli("slurm", "--config", str(train_yaml), "--slurm-config", str(CPU_CLUSTER), f"run.dir={run}", timeout=60)
@@ -186,15 +202,36 @@ def test_requeue_resumes_from_checkpoint_with_the_same_wandb_run(slurm_cluster, 
     history = [state for (state,) in sacct(job.job_id, "State", "--duplicates")]
     assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
     log = (run / "train.log").read_text()
-    resumed = re.search(r"resumed from \S+: epoch (\d+), batch \d+, step (\d+)", log)
-    assert resumed and int(resumed[2]) > 0, log[-2000:]  # continued from a checkpoint, not from scratch
+    stopped = re.search(r"stopped by signal 12 at step (\d+) \(epoch (\d+), batch (\d+)\)", log)
+    resumed = re.search(r"resumed from \S+/step_(\d+): epoch (\d+), batch (\d+), step (\d+)", log)
+    assert stopped and resumed, log[-3000:]
+    step, epoch, batch = map(int, stopped.groups())
+    # The requeued job starts exactly where the signal stopped the first: the same step, epoch and batch.
+    assert step >= 2 and (int(resumed[1]), int(resumed[4])) == (step, step)
+    assert (int(resumed[2]), int(resumed[3])) == (epoch, batch) and batch == (step % 16)
+    # No step was trained twice or skipped: each step's loss logged once (the CSV drops nothing here: the
+    # checkpoint is at the very step where the first job stopped logging).
+    csv_steps = [
+        int(line.split(",")[0])
+        for line in (run / "metrics.csv").read_text().splitlines()[1:]
+        if ",train/loss_step," in line
+    ]
+    assert csv_steps == list(range(1, 65))
     assert (run / "wandb_run_id").read_text().strip() == first_id
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(p.name.endswith(first_id) for p in wandb_runs)  # one W&B run, resumed
-    assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 10
+    assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 4
     assert isinstance(job.results()[0], dict)  # the requeued callable returned the trainer's final metrics
     status = cli("status", str(run), timeout=60)
     assert f"job      {job.job_id}  COMPLETED  (requeued 1x)" in status.stdout, status.stdout
+
+
+def _last_logged_step(run: Path) -> int:
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return 0
+    steps = [int(r.split(",")[0]) for r in path.read_text().splitlines()[1:] if ",train/loss_step," in r]
+    return max(steps, default=0)
 
 
 @pytest.mark.slow

@@ -39,3 +39,34 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path, real_data, port):
     # Training moved the weights between the two checkpoints: the comparison is not between two idle copies.
     at5 = load_file(str(tmp_path / "one" / "checkpoints" / "step_00000005" / "model.safetensors"))
     assert not torch.equal(at5["head.weight"], one["head.weight"])
+
+
+@pytest.mark.slow
+def test_sync_bn_two_ranks_equal_one_rank_with_double_batch(tmp_path, real_data, port):
+    """BatchNorm: with model.sync_bn each rank normalises over the global batch, so 2 ranks x b train exactly as
+    1 rank x 2b (weights and running statistics). Without it each rank normalises over its own b: they differ."""
+    shards = make_shards(real_data, tmp_path / "shards")
+    common = [
+        f"data.dir={shards}",
+        *TINY,
+        "model.norm=batch",
+        "model.dropout=0",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "train.max_steps=4",
+        "train.deterministic=true",
+        "eval.every_epochs=10",
+        "eval.test_at_end=false",
+    ]
+    run_train([*common, f"run.dir={tmp_path / 'one'}"])
+    run_env_ranks([*common, "model.sync_bn=true", f"run.dir={tmp_path / 'sync'}"], world=2, port=port)
+    run_env_ranks([*common, f"run.dir={tmp_path / 'local'}"], world=2, port=port + 1)
+    step = "step_00000004"
+    one, sync, local = (
+        load_file(str(tmp_path / name / "checkpoints" / step / "model.safetensors"))
+        for name in ("one", "sync", "local")
+    )
+    assert one.keys() == sync.keys() and any("running_mean" in k for k in one)
+    for k in one:
+        torch.testing.assert_close(sync[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert any(not torch.allclose(local[k].float(), one[k].float(), rtol=1e-4, atol=1e-5) for k in one)

@@ -31,6 +31,7 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
         "train.checkpoint_every=3",
         "train.keep_checkpoints=1",
         "train.log_every=1",
+        "track.backends=[csv,tensorboard]",
     ]
     straight = tmp_path / "straight"
     run_train([*common, f"run.dir={straight}"])
@@ -79,6 +80,20 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     for ra, rb in zip(rows_a, rows_b, strict=True):
         for k in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
+    # TensorBoard as TensorBoard reads it: the resumed session purged what the killed one logged after the
+    # checkpoint (purge_step), so each step has one point, and it is this session's (equal to the straight run's).
+    tb_a, tb_b = (tensorboard_scalars(run / "tensorboard", "train/loss_step") for run in (straight, killed))
+    assert [s for s, _ in tb_b] == list(range(1, 21))
+    assert [v for _, v in tb_b] == pytest.approx([v for _, v in tb_a], rel=1e-4, abs=1e-5)
+
+
+def tensorboard_scalars(logdir, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = [p for p in logdir.iterdir() if p.is_dir()]  # one TensorBoard run (the project name)
+    acc = EventAccumulator(str(run), purge_orphaned_data=True)
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 @pytest.mark.slow
@@ -102,3 +117,41 @@ def test_resume_under_a_changed_config_is_refused(tmp_path, real_data):
     assert "batch_size: 8" in (run_dir / "config.yaml").read_text()
     run_train([*common, "train.max_steps=3"])
     assert "resumed from" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_resume_none_starts_over_and_resume_path_adopts_another_runs_checkpoint(tmp_path, real_data):
+    shards = make_shards(real_data, tmp_path / "shards")
+    common = [f"data.dir={shards}", *TINY, "train.epochs=2", "track.backends=[csv,wandb]"]
+    first = tmp_path / "first"
+    run_train([*common, f"run.dir={first}"])  # 5 steps per epoch: checkpoints step_5, step_10
+    old_id = (first / "wandb_run_id").read_text().strip()
+    old_ckpts = sorted(p.name for p in (first / "checkpoints").iterdir())
+    assert old_ckpts[-1] == "step_00000010"
+
+    # train.resume=none in the same run dir, for 1 epoch: a new run whose checkpoints are not pruned in favour of
+    # the old run's higher steps, with a new W&B run; the old state moved aside, nothing deleted.
+    run_train([*common, f"run.dir={first}", "train.resume=none", "train.epochs=1"])
+    (previous,) = (first / "previous").iterdir()
+    assert sorted(p.name for p in (previous / "checkpoints").iterdir()) == old_ckpts
+    assert (previous / "wandb_run_id").read_text().strip() == old_id
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["step_00000005"]
+    assert (first / "wandb_run_id").read_text().strip() != old_id
+    assert (
+        f"moved the previous start's checkpoints and tracker state to {previous}" in (first / "train.log").read_text()
+    )
+    assert json.loads((first / "final_metrics.json").read_text())["epochs_completed"] == 1
+    # A later auto-resume (a requeue) continues the NEW run, not the old one.
+    run_train([*common, f"run.dir={first}", "train.epochs=2"])
+    log = (first / "train.log").read_text()
+    assert re.search(r"resumed from \S+/first/checkpoints/step_00000005: epoch 1, batch 0, step 5", log), log[-2000:]
+
+    # train.resume=<another run's checkpoint>: copied into this run dir with that run's best, so the final test
+    # scoring finds the best checkpoint here and a later auto-resume finds the start.
+    other = tmp_path / "other"
+    source = previous / "checkpoints" / "step_00000010"
+    run_train([*common, f"run.dir={other}", f"train.resume={source}", "train.epochs=3"])
+    assert (other / "checkpoints" / "step_00000010" / STATE_NAME).is_file()
+    final = json.loads((other / "final_metrics.json").read_text())
+    assert final["epochs_completed"] == 3 and final["test/checkpoint"] == final["best_checkpoint"]
+    assert (other / "checkpoints" / final["best_checkpoint"]).is_dir() and final["test/samples"] == 5

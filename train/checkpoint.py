@@ -186,3 +186,68 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
             ) from e
     accelerator.load_state(str(path))
     return state
+
+
+# What a run dir holds from a previous start that a fresh start (train.resume=none) must not continue or mix
+# with: checkpoints, the tracker state that would reattach to the old W&B run or keep its rows, old results.
+RUN_STATE = (
+    "checkpoints",
+    "wandb_run_id",
+    "wandb",
+    "tensorboard",
+    "metrics.csv",
+    "metrics.jsonl",
+    "final_metrics.json",
+    "plots",
+    "model",
+)
+PREVIOUS_DIR = "previous"
+
+
+def start_over(run_dir: Path, stamp: str) -> Path | None:
+    """Move a previous start's checkpoints and tracker state to ``run_dir/previous/<stamp>/`` (rename, on the
+    same filesystem: atomic per entry, nothing deleted). Returns that folder, or None when there was nothing.
+
+    A fresh start in a used run dir must really start over: otherwise pruning keeps the old (higher) steps and
+    deletes the new ones, a later auto-resume continues the old run, and W&B reattaches to the old run id.
+    """
+    present = [run_dir / name for name in RUN_STATE if (run_dir / name).exists()]
+    if not present:
+        return None
+    dest = run_dir / PREVIOUS_DIR / stamp
+    n = 1
+    while dest.exists():
+        dest = run_dir / PREVIOUS_DIR / f"{stamp}-{n}"
+        n += 1
+    dest.mkdir(parents=True)
+    for path in present:
+        path.rename(dest / path.name)
+    return dest
+
+
+def adopt(path: Path, root: Path) -> Path:
+    """Resume from a checkpoint of ANOTHER run: copy it (and that run's best checkpoint, which early stopping and
+    the final test scoring refer to by name) into this run's ``root``, so the run dir is self-contained and a
+    later auto-resume or requeue finds it. Copies go through a temp folder and a rename. Returns the copy."""
+    path = path.resolve()
+    if path.parent == root.resolve():
+        return path
+    state = TrainerState.from_json(path / STATE_NAME)
+    names = [path.name] + ([state.best_checkpoint] if state.best_checkpoint not in ("", path.name) else [])
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src, dst = path.parent / name, root / name
+        if not (src / STATE_NAME).is_file():
+            continue
+        if dst.exists():
+            if (dst / STATE_NAME).is_file() and (dst / STATE_NAME).read_bytes() == (src / STATE_NAME).read_bytes():
+                continue  # copied by an earlier start of this command
+            raise ConfigError(
+                f"train.resume={path}: this run dir already has a different {dst}; resume it with "
+                "train.resume=auto, or use a new run.dir to continue from the other run's checkpoint"
+            )
+        tmp = root / f".tmp-copy-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(dst)
+    return root / path.name

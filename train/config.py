@@ -7,7 +7,9 @@ Derived quantities (per-device batch, accumulation, ...) are methods here, compu
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,9 @@ class ModelConfig:
     freeze_backbone: bool = False  # feature extraction: only the new head trains
     trainable_blocks: int = -1  # fine-tune only the last N blocks (+ head); -1 = all
     aux_loss_weight: float = 0.4  # InceptionV3 auxiliary logits weight in training
+    # BatchNorm statistics over the global batch instead of each rank's slice (SyncBatchNorm). Worth it when the
+    # per-device batch is small (under ~16-32 images); costs one all-reduce per BatchNorm layer per step.
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
@@ -116,7 +121,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # global batch (all ranks, one optimizer step)
     grad_accum: int = 1  # micro-batches per optimizer step
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    # auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX),
+    # fp32 elsewhere; the log says which and why. no = fp32. fp16 autocasts on GPUs only.
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     seed: int = 0
@@ -129,10 +136,12 @@ class TrainConfig:
     early_stop_metric: str = "val/accuracy"  # val/<one of VAL_METRICS>; a NaN value counts as no improvement
     early_stop_mode: str = "max"  # max | min
     max_steps: int = 0  # stop after this many optimizer steps (tests, smoke runs); 0 = no limit
-    log_every: int = 10  # steps between tracker logs
+    log_every: int = 10  # steps between tracker logs (and host reads of the loss for the progress bar)
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv algorithms (off when deterministic)
+    tf32: bool = True  # CUDA (Ampere+): TF32 tensor cores for fp32 matmuls and convolutions
 
     def __post_init__(self) -> None:
-        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
         _choice("train.early_stop_metric", self.early_stop_metric, tuple(f"val/{m}" for m in VAL_METRICS))
         if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
@@ -162,6 +171,11 @@ class WandbConfig:
     entity: str = ""
     mode: str = "offline"  # offline | online | disabled; WANDB_MODE in the environment wins
     tags: list[str] = field(default_factory=list)
+    # On a resume, rewind the W&B run to the checkpoint's step (W&B's run rewind, `resume_from`), so the steps
+    # the interrupted session logged after its last checkpoint are replaced, as in the CSV and TensorBoard.
+    # Run rewind is a W&B preview feature that an account may not have; off, W&B keeps the first values
+    # logged for those steps and ignores the re-logged ones.
+    rewind: bool = False
 
     def __post_init__(self) -> None:
         _choice("track.wandb.mode", self.mode, ("offline", "online", "disabled"))
@@ -195,6 +209,32 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+def _field_type(dotted: str) -> type | None:
+    """The declared type of a dotted config key (``train.mixed_precision`` -> str), None if it is not a field."""
+    cls: type = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _unbool_strings(node: DictConfig, cls: type = None) -> None:
+    """In a YAML file, `mixed_precision: no` is the boolean False (YAML 1.1); a string field means the word."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    for key in list(node.keys()):
+        kind = hints.get(str(key))
+        if OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        if kind is str and isinstance(value, bool):
+            node[key] = "yes" if value else "no"
+        elif dataclasses.is_dataclass(kind) and isinstance(value, DictConfig):
+            _unbool_strings(value, kind)
+
+
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML from configs/ (e.g. configs/cnn.yaml)")
@@ -207,6 +247,7 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
     # `defaults: [other.yaml]` lets one YAML build on another (paths relative to the including file).
     bases = node.pop("defaults", [])
+    _unbool_strings(node)
     merged = OmegaConf.create()
     for base in bases or []:
         merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(base)).resolve()))
@@ -225,6 +266,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             where = f"override {item!r}"
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+            key, _, raw = item.partition("=")
+            if _field_type(key.strip()) is str:
+                # A string field takes the text as typed: YAML would turn `no`, `off`, `yes`... into booleans
+                # (train.mixed_precision=no would become 'False').
+                OmegaConf.update(schema, key.strip(), raw.strip().strip("'\""), merge=True)
+                continue
             schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
         where = f"config ({path or 'defaults'} + overrides)"
         missing = sorted(OmegaConf.missing_keys(schema))

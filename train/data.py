@@ -321,26 +321,86 @@ class _Reader:
 # Batches in DataLoader workers
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """The training epoch order of one rank as a function of (epoch, start batch): small and picklable, so
+    persistent DataLoader workers compute each pass's batches themselves instead of receiving them."""
+
+    shard_lengths: tuple[int, ...]
+    seed: int
+    shuffle: bool
+    buffer: int
+    batch_size: int  # per device
+    rank: int
+    world_size: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_lengths)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.global_batch)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.shard_lengths, seed=self.seed, epoch=epoch, shuffle=self.shuffle, buffer=self.buffer)
+
+    def rank_batch(self, order: np.ndarray, t: int) -> list[tuple[int, int]]:
+        """This rank's slice of global batch t as (position in the epoch, flat sample id)."""
+        start = t * self.global_batch + self.rank * self.batch_size
+        return [(p, int(order[p % self.num_samples])) for p in range(start, start + self.batch_size)]
+
+
 @dataclass
 class _Plan:
-    """What one rank reads in one pass. batches[i] is a list of (position, flat sample id)."""
+    """What one rank reads. Eval: ``batches`` (each a list of (position, flat sample id)). Training:
+    ``schedule``, and the (epoch, start batch) of the current pass in ``pass_args``, a shared-memory tensor the
+    main process sets before each pass -- persistent workers read it when the pass starts."""
 
     indices: list[ShardIndex]
     offsets: np.ndarray  # flat id -> shard via searchsorted
     num_classes: int
-    batches: list[list[tuple[int, int]]]
     transform: Callable[[Tensor], Tensor]  # per image, uint8 -> uint8 (augment or resize + crop)
     normalise: Callable[[Tensor], Tensor]  # per stacked batch, uint8 -> normalised float32
     on_error: str
     replace_corrupt: bool  # training: refill from the batch (constant size); eval: drop (exact-once metrics)
-    aug_seed: tuple[int, int] | None  # (seed, epoch) for training; None for deterministic eval
     with_keys: bool
-    order: np.ndarray | None = None  # training: epoch order, for the rare batch whose every sample is corrupt
+    batches: list[list[tuple[int, int]]] = field(default_factory=list)  # eval
+    schedule: _Schedule | None = None  # training
+    pass_args: Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64).share_memory_())
     shard_names: list[str] = field(default_factory=list)
+
+    def num_batches(self) -> int:
+        if self.schedule is None:
+            return len(self.batches)
+        return self.schedule.batches_per_epoch - int(self.pass_args[1])
+
+
+class _Pass:
+    """One pass over a plan, as one worker sees it: which batches, the augmentation seed, the epoch order."""
+
+    def __init__(self, plan: _Plan, worker: int, num_workers: int):
+        sched = plan.schedule
+        if sched is None:
+            self.batches = plan.batches[worker::num_workers]
+            self.aug_seed: tuple[int, int] | None = None  # eval: deterministic
+            self.order: np.ndarray | None = None
+            return
+        epoch, start = (int(v) for v in plan.pass_args.tolist())
+        self.order = sched.order(epoch)
+        # Worker w of W builds batches t with (t - start) % W == w; the DataLoader interleaves them back in order.
+        self.batches = [
+            sched.rank_batch(self.order, t) for t in range(start + worker, sched.batches_per_epoch, num_workers)
+        ]
+        self.aug_seed = (sched.seed, epoch)
 
 
 class _BatchDataset(IterableDataset):
-    """Worker w of W yields plan.batches[w::W]; the DataLoader interleaves them back into order."""
+    """Worker w of W yields its share of the pass's batches; the DataLoader interleaves them back into order."""
 
     def __init__(self, plan: _Plan):
         self.plan = plan
@@ -348,10 +408,11 @@ class _BatchDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         wi = get_worker_info()
         w, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        this = _Pass(self.plan, w, nw)
         reader = _Reader(self.plan.indices, self.plan.num_classes)
         try:
-            for batch in self.plan.batches[w::nw]:
-                yield self._build(reader, batch)
+            for batch in this.batches:
+                yield self._build(reader, batch, this)
         finally:
             reader.close()
 
@@ -359,7 +420,7 @@ class _BatchDataset(IterableDataset):
         shard = int(np.searchsorted(self.plan.offsets, flat, side="right")) - 1
         return shard, flat - int(self.plan.offsets[shard])
 
-    def _build(self, reader: _Reader, batch: list[tuple[int, int]]) -> tuple:
+    def _build(self, reader: _Reader, batch: list[tuple[int, int]], this: _Pass) -> tuple:
         p = self.plan
         decoded_before = reader.decoded
         loaded: list[tuple[Tensor, int, str] | None] = []
@@ -380,7 +441,7 @@ class _BatchDataset(IterableDataset):
                 loaded.append(None)
         slots = list(zip((pos for pos, _ in batch), loaded, strict=True))
         if p.replace_corrupt:
-            slots = self._refill(reader, slots)
+            slots = self._refill(reader, slots, this.order)
         else:
             slots = [(pos, s) for pos, s in slots if s is not None]
         report = {"decoded": reader.decoded - decoded_before, "errors": errors}
@@ -391,21 +452,22 @@ class _BatchDataset(IterableDataset):
         with torch.random.fork_rng(devices=[]):
             images = []
             for pos, (image, _, _) in slots:
-                if p.aug_seed is not None:
+                if this.aug_seed is not None:
                     # The CPU generator only: torch.manual_seed also queues seeds for every lazy accelerator
                     # backend, recording a stack trace each time (~0.5 ms per image on this machine).
-                    torch.default_generator.manual_seed(_augment_seed(*p.aug_seed, pos))
+                    torch.default_generator.manual_seed(_augment_seed(*this.aug_seed, pos))
                 images.append(p.transform(image))
         x = p.normalise(torch.stack(images))
         y = torch.tensor([label for _, (_, label, _) in slots], dtype=torch.int64)
         keys = [key for _, (_, _, key) in slots] if p.with_keys else None
         return x, y, keys, report
 
-    def _refill(self, reader: _Reader, slots: list) -> list:
+    def _refill(self, reader: _Reader, slots: list, order: np.ndarray | None) -> list:
         """Replace each corrupt slot with the next valid sample of the batch, keeping the batch size constant."""
         valid = [i for i, (_, s) in enumerate(slots) if s is not None]
         if not valid:
-            valid_sample = self._first_valid_after(reader, slots[-1][0] + 1)
+            assert order is not None  # training passes carry their epoch order
+            valid_sample = self._first_valid_after(reader, order, slots[-1][0] + 1)
             return [(pos, valid_sample) for pos, _ in slots]
         out = []
         for i, (pos, s) in enumerate(slots):
@@ -415,10 +477,8 @@ class _BatchDataset(IterableDataset):
             out.append((pos, s))
         return out
 
-    def _first_valid_after(self, reader: _Reader, position: int) -> tuple[Tensor, int, str]:
+    def _first_valid_after(self, reader: _Reader, order: np.ndarray, position: int) -> tuple[Tensor, int, str]:
         """Every sample of this batch is corrupt: borrow the next valid one in the epoch order (deterministic)."""
-        order = self.plan.order
-        assert order is not None
         for k in range(len(order)):
             shard, member = self._locate(int(order[(position + k) % len(order)]))
             try:
@@ -471,15 +531,19 @@ def _stats(counters: Counter, corrupt: Counter) -> dict:
     }
 
 
-def _dataloader(plan: _Plan, num_workers: int) -> DataLoader:
-    workers = min(num_workers, len(plan.batches))  # a worker with no batch would only cost a fork
+def _dataloader(plan: _Plan, num_workers: int, *, persistent: bool, pin_memory: bool | None) -> DataLoader:
+    """A DataLoader over ``plan``: persistent workers for loaders that serve many passes (training epochs, the
+    validation split at every evaluation), so each pass does not pay for forking workers and pickling the
+    shard indices to them again."""
+    most = plan.schedule.batches_per_epoch if plan.schedule is not None else len(plan.batches)
+    workers = min(num_workers, most)  # a worker with no batch would only cost a fork
     return DataLoader(
         _BatchDataset(plan),
         batch_size=None,  # batches are built in the workers
         num_workers=workers,
-        # Fresh workers per pass: each loader() is one epoch (or its tail), so nothing persists to go stale.
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
+        persistent_workers=persistent and workers > 0,
+        # Page-locked batches make the host-to-GPU copy asynchronous (the loop copies with non_blocking=True).
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         prefetch_factor=4 if workers else None,
         # The DataLoader draws a base seed from its generator on every iter(); with the default (global) one,
         # each epoch or resume would shift the training RNG stream. Our augmentation seeds itself per sample.
@@ -503,7 +567,8 @@ class TrainStream:
 
     ``batches_per_epoch = ceil(N / B)`` with B = batch_size * world_size. The last global batch is padded by
     wrapping around to the start of the epoch order, i.e. it repeats a few samples, so that every rank (and
-    every worker) yields exactly the same number of full batches.
+    every worker) yields exactly the same number of full batches. One DataLoader with persistent workers serves
+    every epoch: ``loader(epoch, start_batch)`` tells the workers which pass comes next.
     """
 
     def __init__(
@@ -517,6 +582,7 @@ class TrainStream:
         rank: int,
         world_size: int,
         seed: int,
+        pin_memory: bool | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -529,50 +595,59 @@ class TrainStream:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.pin_memory = pin_memory
         self.paths, self.shard_lengths, self.offsets = _split_info(info, split)
-        self.num_samples = int(self.offsets[-1])
+        self.schedule = _Schedule(
+            tuple(self.shard_lengths), seed, cfg.shuffle, cfg.shuffle_buffer, batch_size, rank, world_size
+        )
+        self.num_samples = self.schedule.num_samples
         if self.num_samples == 0:
             raise ValueError(f"split {split!r} in {info.root} has no samples; nothing to train on")
-        self.global_batch = batch_size * world_size
-        self.batches_per_epoch = math.ceil(self.num_samples / self.global_batch)
+        self.global_batch = self.schedule.global_batch
+        self.batches_per_epoch = self.schedule.batches_per_epoch
         self.transform = train_augment(cfg, image_size)
         self.normalise = normalise(cfg)
         self._counters: Counter = Counter()
         self._corrupt: Counter = Counter()
+        self._loaders: dict[bool, tuple[list[ShardIndex], _Plan, DataLoader]] = {}
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's global sample order (flat ids), the same on every rank."""
-        return epoch_order(
-            self.shard_lengths, seed=self.seed, epoch=epoch, shuffle=self.cfg.shuffle, buffer=self.cfg.shuffle_buffer
-        )
+        return self.schedule.order(epoch)
 
     def rank_batch(self, order: np.ndarray, t: int) -> list[tuple[int, int]]:
         """This rank's slice of global batch t as (position in the epoch, flat sample id)."""
-        start = t * self.global_batch + self.rank * self.batch_size
-        return [(p, int(order[p % self.num_samples])) for p in range(start, start + self.batch_size)]
+        return self.schedule.rank_batch(order, t)
 
     def loader(self, epoch: int, start_batch: int = 0, *, with_keys: bool = False) -> Batches:
         """Batches start_batch..batches_per_epoch-1 of ``epoch``; resume seeks, nothing skipped is read."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch={start_batch} outside [0, {self.batches_per_epoch}]")
-        order = self.order(epoch)
-        plan = _Plan(
-            indices=[index_shard(p) for p in self.paths],
-            offsets=self.offsets,
-            num_classes=self.info.num_classes,
-            batches=[self.rank_batch(order, t) for t in range(start_batch, self.batches_per_epoch)],
-            transform=self.transform,
-            normalise=self.normalise,
-            on_error=self.cfg.on_error,
-            replace_corrupt=True,
-            aug_seed=(self.seed, epoch),
-            with_keys=with_keys,
-            order=order,
-            shard_names=[p.name for p in self.paths],
-        )
-        return Batches(
-            _dataloader(plan, self.cfg.num_workers), len(plan.batches), self._counters, self._corrupt, with_keys
-        )
+        indices = [index_shard(p) for p in self.paths]  # cached per (path, size, mtime): a stat per shard
+        cached = self._loaders.get(with_keys)
+        if cached is None or any(a is not b for a, b in zip(cached[0], indices, strict=True)):
+            # First pass, or a shard changed on disk (or is unreadable): workers must not keep a stale index.
+            plan = _Plan(
+                indices=indices,
+                offsets=self.offsets,
+                num_classes=self.info.num_classes,
+                transform=self.transform,
+                normalise=self.normalise,
+                on_error=self.cfg.on_error,
+                replace_corrupt=True,
+                with_keys=with_keys,
+                schedule=self.schedule,
+                shard_names=[p.name for p in self.paths],
+            )
+            cached = (
+                indices,
+                plan,
+                _dataloader(plan, self.cfg.num_workers, persistent=True, pin_memory=self.pin_memory),
+            )
+            self._loaders[with_keys] = cached
+        _, plan, loader = cached
+        plan.pass_args.copy_(torch.tensor([epoch, start_batch]))
+        return Batches(loader, plan.num_batches(), self._counters, self._corrupt, with_keys)
 
     def stats(self) -> dict:
         """Counts over every loader() so far: JPEGs decoded, batches and samples yielded, corrupt samples
@@ -588,6 +663,28 @@ def eval_batches(num_samples: int, *, batch_size: int, rank: int, world_size: in
     """
     num = math.ceil(num_samples / batch_size)
     return [list(range(k * batch_size, min((k + 1) * batch_size, num_samples))) for k in range(rank, num, world_size)]
+
+
+def _eval_plan(
+    cfg: DataConfig, info: DatasetInfo, *, split: str, batch_size: int, image_size: int, rank: int, world_size: int,
+    with_keys: bool,
+) -> _Plan:  # fmt: skip
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    paths, _, offsets = _split_info(info, split)
+    positions = eval_batches(int(offsets[-1]), batch_size=batch_size, rank=rank, world_size=world_size)
+    return _Plan(
+        indices=[index_shard(p) for p in paths],
+        offsets=offsets,
+        num_classes=info.num_classes,
+        batches=[[(p, p) for p in batch] for batch in positions],
+        transform=eval_resize(cfg, image_size),
+        normalise=normalise(cfg),
+        on_error=cfg.on_error,
+        replace_corrupt=False,
+        with_keys=with_keys,
+        shard_names=[p.name for p in paths],
+    )
 
 
 def eval_loader(
@@ -606,22 +703,30 @@ def eval_loader(
     Ranks may get different numbers of batches (one more at most; none when the split is empty), so callers
     must not run per-batch collectives during evaluation: update metrics locally and sync once at the end.
     A corrupt sample is dropped (and counted) rather than replaced, so it is never counted twice.
+    One pass, fresh workers; ``EvalSet`` keeps its workers for repeated evaluations.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    paths, _, offsets = _split_info(info, split)
-    positions = eval_batches(int(offsets[-1]), batch_size=batch_size, rank=rank, world_size=world_size)
-    plan = _Plan(
-        indices=[index_shard(p) for p in paths],
-        offsets=offsets,
-        num_classes=info.num_classes,
-        batches=[[(p, p) for p in batch] for batch in positions],
-        transform=eval_resize(cfg, image_size),
-        normalise=normalise(cfg),
-        on_error=cfg.on_error,
-        replace_corrupt=False,
-        aug_seed=None,
+    plan = _eval_plan(
+        cfg, info, split=split, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
         with_keys=with_keys,
-        shard_names=[p.name for p in paths],
-    )
-    return Batches(_dataloader(plan, cfg.num_workers), len(plan.batches), Counter(), Counter(), with_keys)
+    )  # fmt: skip
+    loader = _dataloader(plan, cfg.num_workers, persistent=False, pin_memory=None)
+    return Batches(loader, len(plan.batches), Counter(), Counter(), with_keys)
+
+
+class EvalSet:
+    """``eval_loader``'s batches for a split evaluated again and again (validation after every epoch), from one
+    DataLoader whose workers persist between evaluations."""
+
+    def __init__(self, cfg: DataConfig, info: DatasetInfo, *, pin_memory: bool | None = None, **plan_args):
+        self.cfg, self.info, self.pin_memory, self.plan_args = cfg, info, pin_memory, plan_args
+        self._cached: tuple[list[ShardIndex], _Plan, DataLoader] | None = None
+
+    def loader(self) -> Batches:
+        paths = self.info.shard_paths(self.plan_args["split"])
+        indices = [index_shard(p) for p in paths]
+        if self._cached is None or any(a is not b for a, b in zip(self._cached[0], indices, strict=True)):
+            plan = _eval_plan(self.cfg, self.info, with_keys=False, **self.plan_args)
+            loader = _dataloader(plan, self.cfg.num_workers, persistent=True, pin_memory=self.pin_memory)
+            self._cached = (plan.indices, plan, loader)
+        _, plan, loader = self._cached
+        return Batches(loader, len(plan.batches), Counter(), Counter(), False)

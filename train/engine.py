@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -70,16 +70,28 @@ class EpochTotals:
     """Running sums of one training epoch on this rank (loss x samples, correct, samples).
 
     Kept across a mid-epoch resume (the checkpoint stores the all-reduced sums), so the epoch's train
-    metrics cover the whole epoch, not only the part after the restart.
+    metrics cover the whole epoch, not only the part after the restart. The per-batch sums accumulate in a
+    tensor on the training device (``add``), so the loop never waits for the GPU to read them; they reach the
+    host only when ``reduced`` is called (checkpoints, epoch end).
     """
 
     loss_sum: float = 0.0
     correct: float = 0.0
     seen: float = 0.0
+    _pending: Tensor | None = field(default=None, repr=False, compare=False)  # [loss_sum, correct] on device
+
+    def add(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
+        """Fold one micro-batch in without a host sync (``targets`` may be soft labels: argmax is the class)."""
+        hard = targets if targets.ndim == 1 else targets.argmax(1)
+        batch = torch.stack([loss.detach().double() * len(hard), (logits.detach().argmax(1) == hard).sum().double()])
+        self._pending = batch if self._pending is None else self._pending + batch
+        self.seen += len(hard)
 
     def reduced(self, accelerator: Accelerator) -> EpochTotals:
         """Sum over ranks: one collective, every rank must call it."""
         t = torch.tensor([self.loss_sum, self.correct, self.seen], dtype=torch.float64, device=accelerator.device)
+        if self._pending is not None:
+            t[:2] += self._pending.to(accelerator.device)
         t = accelerator.reduce(t, reduction="sum")
         return EpochTotals(*t.tolist())
 
@@ -90,7 +102,7 @@ class StepInfo:
 
     step: int  # optimizer steps done in the whole run
     batch_in_epoch: int  # micro-batches of this epoch consumed so far (the resume position)
-    loss: float  # this rank's loss of the last micro-batch
+    loss: Tensor  # this rank's loss of the last micro-batch, still on the device: float() it only to log it
     lr: float
     images_per_s: float  # all ranks together, since the epoch (or resume) started
     totals: EpochTotals
@@ -114,15 +126,22 @@ def train_one_epoch(
     channels_last: bool = False,
     reseed: Callable[[int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
+    log_every: int = 10,
     desc: str = "train",
 ) -> dict:
     """Train on micro-batches ``start_batch..num_batches-1`` of one epoch (``batches`` yields exactly those).
 
     Gradient accumulation goes through ``accelerator.accumulate``: the optimizer steps every
-    ``gradient_accumulation_steps`` micro-batches. Stops early once ``max_steps`` optimizer steps are done.
-    ``reseed(batch_index)`` (deterministic mode) seeds the model's RNG (dropout) per micro-batch, so the
-    stream of random numbers is a function of the data position and a resumed run draws the same ones.
-    Returns ``{"step", "batch_in_epoch", "totals", "stopped", "seconds", "images"}``.
+    ``gradient_accumulation_steps`` micro-batches. Stops early once ``max_steps`` optimizer steps are done, or
+    when ``should_stop(step)`` says so after an optimizer step (a preemption signal: every rank must get the
+    same answer, see train/preemption.py). ``reseed(batch_index)`` (deterministic mode) seeds the model's RNG
+    (dropout) per micro-batch, so the stream of random numbers is a function of the data position and a
+    resumed run draws the same ones.
+
+    Nothing here reads a device value per step: loss and accuracy sums stay on the device (``EpochTotals``),
+    and the progress bar shows the loss every ``log_every`` optimizer steps (one host sync each time).
+    Returns ``{"step", "batch_in_epoch", "totals", "stopped", "signalled", "seconds", "images"}``.
     """
     model.train()
     world = accelerator.num_processes
@@ -137,7 +156,7 @@ def train_one_epoch(
     )
     batch_index = start_batch
     images = 0
-    stopped = False
+    stopped = signalled = False
     t0 = time.perf_counter()
     try:
         for x, y in batches:
@@ -162,19 +181,20 @@ def train_one_epoch(
                 optimizer.zero_grad(set_to_none=True)
             batch_index += 1
             images += len(y) * world
-            # One host sync per micro-batch for the running sums: negligible next to a training step.
-            totals.loss_sum += float(loss.detach()) * len(y)
-            totals.correct += float((logits.detach().argmax(1) == y).sum())
-            totals.seen += len(y)
+            totals.add(loss, logits, y)
             if accelerator.sync_gradients:
                 step += 1
                 ips = images / max(time.perf_counter() - t0, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                if bar.disable is False and log_every and step % log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
                 if on_step is not None:
-                    on_step(StepInfo(step, batch_index, loss.item(), lr, ips, totals))
+                    on_step(StepInfo(step, batch_index, loss.detach(), lr, ips, totals))
                 if max_steps and step >= max_steps:
                     stopped = True
+                    break
+                if should_stop is not None and should_stop(step):
+                    stopped = signalled = True
                     break
     finally:
         # Also on an error (a DataError from the loader): clears the bar so the error starts its own line.
@@ -184,6 +204,7 @@ def train_one_epoch(
         "batch_in_epoch": batch_index,
         "totals": totals,
         "stopped": stopped,
+        "signalled": signalled,
         "seconds": time.perf_counter() - t0,
         "images": images,
     }

@@ -135,17 +135,35 @@ def flat_config(cfg: Config) -> dict:
     return out
 
 
-def init_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str) -> None:
-    """Start the configured trackers (main process only; a no-op elsewhere). Every rank may call it."""
+def init_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str, resume_step: int = 0) -> None:
+    """Start the configured trackers (main process only; a no-op elsewhere). Every rank may call it.
+
+    ``resume_step``: the step of the checkpoint this session resumed from (0 = a fresh start). What the
+    interrupted session logged after it is logged again by this one, so each tracker drops it first: the CSV in
+    ``truncate_csv``, TensorBoard through ``purge_step``, W&B by rewinding the run (``track.wandb.rewind``).
+    """
     if not cfg.track.backends:
         return
-    init_kwargs = {}
+    init_kwargs: dict = {}
+    if "tensorboard" in cfg.track.backends and resume_step > 0:
+        init_kwargs["tensorboard"] = {"purge_step": resume_step + 1}
     if "wandb" in cfg.track.backends:
         w = cfg.track.wandb
+        if resume_step > 0 and w.rewind:
+            where = {"resume_from": f"{run_id}?_step={resume_step + 1}"}
+        else:
+            where = {"id": run_id, "resume": "allow"}
+            if resume_step > 0 and accelerator.is_main_process:
+                log.warning(
+                    "W&B run %s resumes at step %d: W&B ignores steps it already has, so for steps logged after "
+                    "that checkpoint it keeps the interrupted session's values (the CSV and TensorBoard keep "
+                    "this session's). Set track.wandb.rewind=true if your W&B account has run rewind.",
+                    run_id,
+                    resume_step,
+                )
         init_kwargs["wandb"] = {
             "dir": str(run_dir),
-            "id": run_id,
-            "resume": "allow",
+            **where,
             "mode": wandb_mode(cfg),
             "name": cfg.run.name or run_dir.name,
             "tags": list(w.tags),

@@ -15,13 +15,13 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 
 from data_prep.atomic import atomic_write_json, atomic_write_text
@@ -30,7 +30,8 @@ from data_prep.prepare import default_workers  # cores this process may use (aff
 from train import checkpoint as ckpt
 from train import plots, tracking
 from train.config import Config, ConfigError, save_config
-from train.data import TrainStream, eval_loader
+from train.data import EvalSet, TrainStream, eval_loader
+from train.distributed import StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model
 
@@ -71,9 +72,39 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
         logging.getLogger(name).setLevel(log.level)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's CPU backend sees it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def choose_precision(requested: str, device: str, *, cpu_bf16=cpu_has_bf16, cuda_bf16=None) -> tuple[str, str]:
+    """(precision for Accelerate, why). ``auto`` is bf16 where the hardware has it natively, else fp32: emulated
+    bf16 is slower than fp32 (measured on CPUs without AVX512-BF16: no gain), native bf16 about 2x faster."""
+    if requested != "auto":
+        return requested, "as configured"
+    if device == "cuda":
+        ok = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16()
+        return ("bf16", "the GPU supports bf16") if ok else ("no", "the GPU has no native bf16 (pre-Ampere)")
+    if cpu_bf16():
+        return "bf16", "the CPU has AVX512-BF16 or AMX"
+    return "no", "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
+
+
 def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    """The Accelerator for this process, on the right device, with the backend settings the config asks for."""
     cpu = cfg.train.cpu or not torch.cuda.is_available()
-    precision = cfg.train.mixed_precision
+    if cfg.train.deterministic:
+        # cuBLAS needs this set before CUDA initialises to have deterministic GEMMs.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    plan = None if cpu else cuda_device_plan(os.environ, torch.cuda.device_count())
+    if plan is not None:
+        apply_cuda_plan(plan)
+        # Autotuned conv algorithms and TF32 tensor cores: free speed on GPUs, off when results must repeat.
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    precision, why = choose_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
     fp16_on_cpu = cpu and precision == "fp16"
     accelerator = Accelerator(
         cpu=cpu,
@@ -82,6 +113,10 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         log_with=tracking.log_with(cfg, run_dir) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
+    if plan is not None and accelerator.device != torch.device("cuda", plan.device_index):
+        raise RuntimeError(f"Accelerate picked {accelerator.device}, the device plan says {plan.describe()}")
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
     if fp16_on_cpu and accelerator.is_main_process:  # once per run, not once per rank
         # Accelerate does not autocast to fp16 on CPU; say so instead of silently training in fp32.
         warnings.warn(
@@ -103,18 +138,6 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-
-
-def _resume_path(cfg: Config, ckpt_root: Path) -> Path | None:
-    mode = cfg.train.resume
-    if mode == "none":
-        return None
-    if mode == "auto":
-        return ckpt.latest_checkpoint(ckpt_root)
-    path = Path(mode)
-    if not (path / ckpt.STATE_NAME).is_file():
-        raise ConfigError(f"train.resume={mode!r} is not a complete checkpoint folder (no {ckpt.STATE_NAME})")
-    return path
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -150,30 +173,60 @@ def _fmt(metrics: dict) -> str:
     return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
+@dataclass
 class Run:
-    """The state of one training run in this process: objects plus the run-dir writers (main process only)."""
+    """One training run in this process: the built objects, the derived schedule, and the run-dir writers."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, info: DatasetInfo):
-        self.cfg = cfg
-        self.acc = accelerator
-        self.info = info
-        self.dir = Path(cfg.run.dir)
-        self.ckpt_root = self.dir / "checkpoints"
-        self.image_size = cfg.model.input_size()
+    cfg: Config
+    acc: Accelerator
+    info: DatasetInfo
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: TrainStream
+    val: EvalSet
+    fingerprint: dict
+    stop: StopFlag | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    seconds_before: float = 0.0  # training time of earlier sessions (from the checkpoint)
+    session_start: float = field(default_factory=time.perf_counter)
+    corrupt_base: int = 0  # the stream's corrupt count when this epoch (or its resumed part) started
+    corrupt_before: int = 0  # corrupt samples of this epoch counted by an earlier session
 
-    def eval_split(self, model: torch.nn.Module, split: str) -> dict:
-        unwrapped = self.acc.unwrap_model(model)
-        _broadcast_buffers(self.acc, unwrapped)
-        world = self.acc.num_processes
-        batches = eval_loader(
-            self.cfg.data,
-            self.info,
-            split=split,
-            batch_size=max(1, self.cfg.eval.batch_size // world),
-            image_size=self.image_size,
-            rank=self.acc.process_index,
-            world_size=world,
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.run.dir)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.cfg.train.grad_accum
+
+    def lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return lr_at(
+            step,
+            base_lr=o.lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=o.min_lr_ratio,
         )
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + (time.perf_counter() - self.session_start)
+
+    def eval_split(self, split: str) -> dict:
+        """Metrics of ``split``, each sample once across ranks. The validation split's loader keeps its workers."""
+        unwrapped = self.acc.unwrap_model(self.model)
+        _broadcast_buffers(self.acc, unwrapped)
+        if split == self.cfg.data.val_split:
+            batches = self.val.loader()
+        else:  # the test split: scored once, at the end
+            batches = eval_loader(self.cfg.data, self.info, split=split, **_eval_args(self.cfg, self.acc))
         return evaluate(
             unwrapped,
             batches,
@@ -182,6 +235,26 @@ class Run:
             prefix="test" if split == self.cfg.data.test_split else "val",
             channels_last=self.cfg.train.channels_last,
         )
+
+    def corrupt_in_epoch(self) -> int:
+        """Corrupt samples skipped so far this epoch, all ranks (and sessions) together. A collective."""
+        local = torch.tensor([self.stream.stats()["corrupt_skipped"] - self.corrupt_base], device=self.acc.device)
+        return int(self.acc.reduce(local, reduction="sum").item()) + self.corrupt_before
+
+    def save(self, state: ckpt.TrainerState, step: int, batch_in_epoch: int, totals: EpochTotals | None) -> Path:
+        """Checkpoint at ``step`` (mid-epoch when batch_in_epoch > 0), then prune. Every rank must call it."""
+        state.step, state.batch_in_epoch = step, batch_in_epoch
+        if batch_in_epoch and totals is not None:
+            t = totals.reduced(self.acc)
+            state.totals, state.corrupt_in_epoch = [t.loss_sum, t.correct, t.seen], self.corrupt_in_epoch()
+        else:
+            state.totals, state.corrupt_in_epoch = [0.0, 0.0, 0.0], 0
+        state.train_seconds = self.train_seconds()
+        path = ckpt.save_checkpoint(self.acc, self.ckpt_root, state)
+        if self.acc.is_main_process:
+            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints, state.best_checkpoint)
+        log.info("checkpoint %s", path)
+        return path
 
     def write_outputs(self, state: ckpt.TrainerState, step: int) -> None:
         """metrics.jsonl (rewritten from the checkpointed history, so a resume never duplicates an epoch) and
@@ -193,58 +266,150 @@ class Run:
         tracking.log_plots(self.acc, made, step)
 
 
+def _eval_args(cfg: Config, acc: Accelerator) -> dict:
+    world = acc.num_processes
+    return {
+        "batch_size": max(1, cfg.eval.batch_size // world),
+        "image_size": cfg.model.input_size(),
+        "rank": acc.process_index,
+        "world_size": world,
+    }
+
+
 def _jsonl(row: dict) -> str:
     return json.dumps(row, sort_keys=True) + "\n"
 
 
-def main(cfg: Config) -> dict:
-    """Train (resuming from run.dir when it holds a checkpoint) and return the final metrics."""
-    info = load_info(cfg.data.dir)
+def main(cfg: Config, stop: StopFlag | None = None) -> dict:
+    """Train (resuming from run.dir when it holds a checkpoint) and return the final metrics.
+
+    ``stop`` (SLURM jobs): when its signal arrives, every rank stops at the same step boundary, a checkpoint is
+    saved there, and main returns ``{"interrupted": True, ...}`` without scoring the test split; the launcher
+    then requeues the job, which resumes from that step.
+    """
+    info = load_info(cfg.data.dir)  # bad data is refused before anything is written
     check_train_split(info, cfg.data.train_split)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.deterministic:
-        # cuBLAS needs this set before CUDA initialises to have deterministic GEMMs.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    accelerator = make_accelerator(cfg, run_dir)
-    is_main = accelerator.is_main_process
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads())
-    _setup_logging(run_dir, is_main)
-    if is_main and cfg.train.mixed_precision == "fp16" and accelerator.mixed_precision == "no":
+    acc = make_accelerator(cfg, run_dir)
+    start_note = decide_start(cfg, acc)  # before logging opens run.dir/train.log: a start-over moves files
+    _setup_logging(run_dir, acc.is_main_process)
+    if acc.is_main_process and cfg.train.mixed_precision == "fp16" and acc.mixed_precision == "no":
         log.warning("train.mixed_precision=fp16 is not applied on CPU: training in fp32 (bf16 works on CPU)")
-    metric = cfg.train.early_stop_metric  # validated against train.config.VAL_METRICS when the config loaded
-    world = accelerator.num_processes
-    per_device = cfg.train.per_device_batch(world)
-    run = Run(cfg, accelerator, info)
-    if is_main:
-        ckpt.remove_partial(run.ckpt_root)
-    accelerator.wait_for_everyone()
+    if cfg.train.mixed_precision == "auto":
+        log.info(
+            "train.mixed_precision=auto: %s (%s)", acc.mixed_precision, choose_precision("auto", acc.device.type)[1]
+        )
+    if start_note.moved:
+        log.info("train.resume=none: moved the previous start's checkpoints and tracker state to %s", start_note.moved)
+    run = build(cfg, acc, info, stop)
+    state = resume(run, start_note.checkpoint)
+    if acc.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")  # only once the checkpoint (if any) was accepted for it
+        # Rows the killed session logged after its last checkpoint are re-logged by this one: drop them first.
+        tracking.truncate_csv(run_dir / tracking.CSV_NAME, state.step)
+        state.wandb_run_id = tracking.wandb_run_id(run_dir, state.wandb_run_id) if "wandb" in cfg.track.backends else ""
+    tracking.init_trackers(acc, cfg, run_dir, state.wandb_run_id, resume_step=state.step)
+    _log_layout(run)
 
-    # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway), and the
-    # data order comes from (seed, epoch, position), not from this RNG.
+    interrupted = False
+    while not _done(run, state):
+        interrupted = train_epoch(run, state)
+        if interrupted:
+            break
+        if run.stop is not None and run.stop.agreed(state.step):  # signalled during the evaluation
+            interrupted = state.epoch < cfg.train.epochs and not state.stopped_early
+            break
+    if interrupted:
+        log.info(
+            "stopped by signal %s at step %d (epoch %d, batch %d): checkpoint saved, a restart resumes there",
+            run.stop.signum if run.stop else "?",
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
+        acc.end_training()
+        return {"interrupted": True, "steps": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}
+    final = finish(run, state)
+    acc.end_training()
+    return final
+
+
+@dataclass
+class StartNote:
+    checkpoint: Path | None  # what to resume from, as rank 0 decided
+    moved: Path | None  # where train.resume=none moved a previous start's state
+
+
+def decide_start(cfg: Config, acc: Accelerator) -> StartNote:
+    """Rank 0 decides what this start resumes from and tells the others (one broadcast).
+
+    Ranks must not each list checkpoints/ on their own: on NFS or Lustre with attribute caching, right after a
+    requeue, they can see different folders and then load different states or wait in different collectives.
+    An error on rank 0 (a bad train.resume path) is broadcast too, so every rank raises it instead of hanging.
+    """
+    note: list = [None]
+    if acc.is_main_process:
+        try:
+            note[0] = _start_on_main(cfg)
+        except (ConfigError, ckpt.CheckpointError) as e:
+            note[0] = e
+    if acc.num_processes > 1:
+        broadcast_object_list(note, from_process=0)
+    if isinstance(note[0], Exception):
+        raise note[0]
+    return note[0]
+
+
+def _start_on_main(cfg: Config) -> StartNote:
+    run_dir = Path(cfg.run.dir)
+    root = run_dir / "checkpoints"
+    ckpt.remove_partial(root)
+    mode = cfg.train.resume
+    if mode == "none":
+        return StartNote(None, ckpt.start_over(run_dir, time.strftime("%Y%m%d-%H%M%S")))
+    if mode == "auto":
+        return StartNote(ckpt.latest_checkpoint(root), None)
+    path = Path(mode).expanduser()
+    if not (path / ckpt.STATE_NAME).is_file():
+        raise ConfigError(f"train.resume={mode!r} is not a complete checkpoint folder (no {ckpt.STATE_NAME})")
+    return StartNote(ckpt.adopt(path, root), None)
+
+
+def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | None) -> Run:
+    """Data, model, optimizer and schedule for this process."""
+    world = acc.num_processes
+    # Same seed on every rank for identical initial weights (DDP would broadcast rank 0's anyway) ...
     set_seed(cfg.train.seed)
     model = build_model(cfg.model, info.num_classes)
     shapes = model_fingerprint(model)
+    # ... then a different stream per rank, so dropout (and anything else random in the model) differs across
+    # ranks as it would in one big batch. The data order comes from (seed, epoch, position), not from this RNG;
+    # deterministic mode reseeds per batch from (seed, rank, epoch, batch) anyway.
+    set_seed(cfg.train.seed, device_specific=True)
+    if cfg.model.sync_bn and world > 1:
+        model = convert_sync_batchnorm(model, acc.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = acc.prepare(model, optimizer)
     if cfg.train.compile:
         model = torch.compile(model)
-
+    if stop is not None:
+        stop.setup()
+    on_gpu = acc.device.type == "cuda"
     stream = TrainStream(
         cfg.data,
         info,
         split=cfg.data.train_split,
-        batch_size=per_device,
-        image_size=run.image_size,
-        rank=accelerator.process_index,
+        batch_size=cfg.train.per_device_batch(world),
+        image_size=cfg.model.input_size(),
+        rank=acc.process_index,
         world_size=world,
         seed=cfg.train.seed,
+        pin_memory=on_gpu,
     )
+    val = EvalSet(cfg.data, info, pin_memory=on_gpu, split=cfg.data.val_split, **_eval_args(cfg, acc))
     accum = cfg.train.grad_accum
     steps_per_epoch = stream.batches_per_epoch // accum
     if steps_per_epoch == 0:
@@ -252,19 +417,6 @@ def main(cfg: Config) -> dict:
             f"train.batch_size={cfg.train.batch_size} x grad_accum={accum}: one optimizer step needs more samples "
             f"than split {cfg.data.train_split!r} has ({stream.num_samples}); lower train.batch_size"
         )
-    micro_per_epoch = steps_per_epoch * accum
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
-
-    def lr_fn(step: int) -> float:
-        return lr_at(
-            step,
-            base_lr=cfg.optim.lr,
-            total_steps=total_steps,
-            warmup_steps=warmup,
-            min_lr_ratio=cfg.optim.min_lr_ratio,
-        )
-
     fingerprint = {
         "model": cfg.model.name,
         "model_shapes": shapes,
@@ -275,180 +427,194 @@ def main(cfg: Config) -> dict:
         "seed": cfg.train.seed,
         "world_size": world,
     }
-    state = ckpt.TrainerState(fingerprint=fingerprint)
-    resume = _resume_path(cfg, run.ckpt_root)
-    if resume is not None:
+    return Run(
+        cfg=cfg,
+        acc=acc,
+        info=info,
+        model=model,
+        optimizer=optimizer,
+        stream=stream,
+        val=val,
+        fingerprint=fingerprint,
+        stop=stop,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * cfg.train.epochs,
+        warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
+    )
+
+
+def resume(run: Run, path: Path | None) -> ckpt.TrainerState:
+    """The state to start from: a fresh one, or the checkpoint rank 0 picked (loaded on every rank)."""
+    state = ckpt.TrainerState(fingerprint=run.fingerprint)
+    if path is not None:
         # Read the JSON state first: a checkpoint from another config is refused before any tensor is loaded.
-        ckpt.check_resumable(resume, ckpt.TrainerState.from_json(resume / ckpt.STATE_NAME), fingerprint)
-        state = ckpt.load_checkpoint(accelerator, resume)
-        log.info("resumed from %s: epoch %d, batch %d, step %d", resume, state.epoch, state.batch_in_epoch, state.step)
-        if state.fingerprint.get("world_size", world) != world:
+        ckpt.check_resumable(path, ckpt.TrainerState.from_json(path / ckpt.STATE_NAME), run.fingerprint)
+        state = ckpt.load_checkpoint(run.acc, path)
+        log.info("resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.batch_in_epoch, state.step)
+        saved_world = state.fingerprint.get("world_size", run.acc.num_processes)
+        if saved_world != run.acc.num_processes:
             log.warning(
                 "resuming a run saved on %d process(es) on %d: the data position carries over (it counts global "
                 "batches), the per-rank random number streams do not",
-                state.fingerprint["world_size"],
-                world,
+                saved_world,
+                run.acc.num_processes,
             )
-        state.fingerprint = fingerprint
-    if is_main:
-        save_config(cfg, run_dir / "config.yaml")  # only once the checkpoint (if any) was accepted for it
-        # Rows the killed session logged after its last checkpoint are re-logged by this one: drop them first.
-        tracking.truncate_csv(run_dir / tracking.CSV_NAME, state.step)
-        state.wandb_run_id = tracking.wandb_run_id(run_dir, state.wandb_run_id) if "wandb" in cfg.track.backends else ""
-    tracking.init_trackers(accelerator, cfg, run_dir, state.wandb_run_id)
+        state.fingerprint = run.fingerprint
+    run.seconds_before = state.train_seconds
+    run.session_start = time.perf_counter()
+    return state
+
+
+def _done(run: Run, state: ckpt.TrainerState) -> bool:
+    max_steps = run.cfg.train.max_steps
+    return state.epoch >= run.cfg.train.epochs or state.stopped_early or bool(max_steps and state.step >= max_steps)
+
+
+def _log_layout(run: Run) -> None:
+    cfg, acc = run.cfg, run.acc
     log.info(
-        "%s on %d process(es) (%s, %s, %d thread(s)/rank): %d train samples, %d steps/epoch of %d images "
+        "%s on %d process(es) (%s, %s, %d thread(s)/rank, device %s): %d train samples, %d steps/epoch of %d images "
         "(%d per device x %d accumulation), %d epochs",
         cfg.model.name,
-        world,
-        accelerator.distributed_type.value,
-        accelerator.mixed_precision,
+        acc.num_processes,
+        acc.distributed_type.value,
+        acc.mixed_precision,
         torch.get_num_threads(),
-        stream.num_samples,
-        steps_per_epoch,
+        acc.device,
+        run.stream.num_samples,
+        run.steps_per_epoch,
         cfg.train.batch_size,
-        per_device,
-        accum,
+        run.stream.batch_size,
+        cfg.train.grad_accum,
         cfg.train.epochs,
     )
 
+
+def train_epoch(run: Run, state: ckpt.TrainerState) -> bool:
+    """Train the rest of epoch ``state.epoch``; at its end evaluate, checkpoint and write outputs.
+
+    Returns True when a stop signal ended it early (a checkpoint at that step is saved).
+    """
+    cfg, acc = run.cfg, run.acc
+    epoch, start = state.epoch, state.batch_in_epoch
+    totals = EpochTotals(*state.totals) if acc.is_main_process else EpochTotals()
+    # stats() counts over this process's lifetime; the part of a resumed epoch before the kill is in state.
+    run.corrupt_base = run.stream.stats()["corrupt_skipped"]
+    run.corrupt_before = state.corrupt_in_epoch
+
     def reseed(batch_index: int) -> None:
-        seq = np.random.SeedSequence([cfg.train.seed, accelerator.process_index, epoch, batch_index])
+        seq = np.random.SeedSequence([cfg.train.seed, acc.process_index, epoch, batch_index])
         torch.manual_seed(int(seq.generate_state(1, np.uint64)[0]))
 
-    def on_step(info_: StepInfo) -> None:
-        if is_main and cfg.train.log_every and info_.step % cfg.train.log_every == 0:
-            accelerator.log(
-                {"train/loss_step": info_.loss, "train/lr": info_.lr, "train/images_per_s": info_.images_per_s},
-                step=info_.step,
-            )
-        if cfg.train.checkpoint_every and info_.step % cfg.train.checkpoint_every == 0:
-            if info_.batch_in_epoch < micro_per_epoch:  # the epoch end saves its own, with the epoch's metrics
-                save(info_.step, info_.batch_in_epoch, info_.totals)
+    def on_step(s: StepInfo) -> None:
+        if acc.is_main_process and cfg.train.log_every and s.step % cfg.train.log_every == 0:
+            logged = {"train/loss_step": float(s.loss), "train/lr": s.lr, "train/images_per_s": s.images_per_s}
+            acc.log(logged, step=s.step)
+        every = cfg.train.checkpoint_every
+        if every and s.step % every == 0 and s.batch_in_epoch < run.micro_per_epoch:  # epoch ends save their own
+            run.save(state, s.step, s.batch_in_epoch, s.totals)
 
-    def corrupt_in_epoch() -> int:
-        """Corrupt samples skipped so far this epoch, all ranks (and sessions) together. A collective."""
-        local = torch.tensor([stream.stats()["corrupt_skipped"] - corrupt_base], device=accelerator.device)
-        return int(accelerator.reduce(local, reduction="sum").item()) + corrupt_before_resume
-
-    def save(step: int, batch_in_epoch: int, totals: EpochTotals) -> Path:
-        state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
-        state.totals = list(asdict(totals.reduced(accelerator)).values()) if batch_in_epoch else [0.0, 0.0, 0.0]
-        state.corrupt_in_epoch = corrupt_in_epoch() if batch_in_epoch else 0
-        state.train_seconds = train_seconds + (time.perf_counter() - session_start)
-        path = ckpt.save_checkpoint(accelerator, run.ckpt_root, state)
-        if is_main:
-            ckpt.prune_checkpoints(run.ckpt_root, cfg.train.keep_checkpoints, state.best_checkpoint)
-        log.info("checkpoint %s", path)
-        return path
-
-    train_seconds = state.train_seconds
-    session_start = time.perf_counter()
-    mode_max = cfg.train.early_stop_mode == "max"
-    epoch = state.epoch
-    stopped = state.stopped_early or (cfg.train.max_steps and state.step >= cfg.train.max_steps)
-    while epoch < cfg.train.epochs and not stopped:
-        start = state.batch_in_epoch
-        totals = EpochTotals(*state.totals) if is_main else EpochTotals()
-        # stats() counts over this process's lifetime; the part of a resumed epoch before the kill is in state.
-        corrupt_base = stream.stats()["corrupt_skipped"]
-        corrupt_before_resume = state.corrupt_in_epoch
-        result = train_one_epoch(
-            model,
-            stream.loader(epoch, start_batch=start),
-            optimizer,
-            accelerator,
-            lr_fn=lr_fn,
-            step=state.step,
-            start_batch=start,
-            num_batches=micro_per_epoch,
-            totals=totals,
-            max_steps=cfg.train.max_steps,
-            clip_grad_norm=cfg.optim.clip_grad_norm,
-            label_smoothing=cfg.optim.label_smoothing,
-            aux_weight=cfg.model.aux_loss_weight if cfg.model.name == "inception_v3" else 0.0,
-            channels_last=cfg.train.channels_last,
-            reseed=reseed if cfg.train.deterministic else None,
-            on_step=on_step,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-        )
-        if result["stopped"] and result["batch_in_epoch"] < micro_per_epoch:
-            save(result["step"], result["batch_in_epoch"], result["totals"])
+    result = train_one_epoch(
+        run.model,
+        run.stream.loader(epoch, start_batch=start),
+        run.optimizer,
+        acc,
+        lr_fn=run.lr,
+        step=state.step,
+        start_batch=start,
+        num_batches=run.micro_per_epoch,
+        totals=totals,
+        max_steps=cfg.train.max_steps,
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        label_smoothing=cfg.optim.label_smoothing,
+        aux_weight=cfg.model.aux_loss_weight if cfg.model.name == "inception_v3" else 0.0,
+        channels_last=cfg.train.channels_last,
+        reseed=reseed if cfg.train.deterministic else None,
+        on_step=on_step,
+        should_stop=run.stop.agreed if run.stop is not None else None,
+        log_every=cfg.train.log_every,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+    )
+    if result["stopped"] and result["batch_in_epoch"] < run.micro_per_epoch:
+        run.save(state, result["step"], result["batch_in_epoch"], result["totals"])
+        if not result["signalled"]:
             log.info("stopped at train.max_steps=%d (mid-epoch %d)", cfg.train.max_steps, epoch)
-            stopped = True
-            break
-        t = result["totals"].reduced(accelerator)
-        row = {
-            "epoch": epoch + 1,
-            "step": result["step"],
-            "lr": lr_fn(max(result["step"] - 1, 0)),
-            "train/loss": t.loss_sum / max(t.seen, 1),
-            "train/accuracy": t.correct / max(t.seen, 1),
-            "train/images_per_s": result["images"] / max(result["seconds"], 1e-9),
-            "data/corrupt_skipped": corrupt_in_epoch(),
-        }
-        if row["data/corrupt_skipped"] and is_main:
-            log.warning(
-                "epoch %d: skipped %d corrupt training sample(s) on all ranks (data.on_error=skip; each is named "
-                "in a warning above, from its rank); the batches were refilled from valid samples",
-                epoch + 1,
-                row["data/corrupt_skipped"],
-            )
-        step_dir = ckpt.step_dir_name(result["step"])
-        if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
-            metrics = run.eval_split(model, cfg.data.val_split)
-            row.update(scalar_metrics(metrics))
-            state.last_eval = {
-                "split": cfg.data.val_split,
-                "epoch": epoch + 1,
-                "auroc": metrics["val/auroc"],
-                "confusion_matrix": metrics["val/confusion_matrix"],
-                "roc": metrics["val/roc"],
-            }
-            value = row[metric]
-            if math.isnan(value):
-                # Undefined (e.g. AUROC on a one-class val split): no improvement, but never no best checkpoint,
-                # so the test split is still scored and the best weights still kept.
-                log.warning("epoch %d: %s is NaN; counted as no improvement", epoch + 1, metric)
-                improved = False
-                if not state.best_checkpoint:
-                    state.best_epoch, state.best_checkpoint = epoch + 1, step_dir
-            else:
-                improved = state.best_metric is None or (
-                    value > state.best_metric if mode_max else value < state.best_metric
-                )
-            if improved:
-                state.best_metric, state.best_epoch, state.best_checkpoint = value, epoch + 1, step_dir
-            # Epochs, not evaluations: with eval.every_epochs=k each evaluation without improvement adds k.
-            state.epochs_since_best = epoch + 1 - state.best_epoch
-            patience = cfg.train.early_stop_patience
-            if patience and state.epochs_since_best >= patience:
-                state.stopped_early = stopped = True
-                log.info(
-                    "early stop: %s did not improve for %d epochs (patience %d)",
-                    metric,
-                    state.epochs_since_best,
-                    patience,
-                )
-        row["time_s"] = train_seconds + (time.perf_counter() - session_start)  # wall clock since the run began
-        state.history.append(row)
-        log.info("epoch %d: %s", epoch + 1, _fmt({k: v for k, v in row.items() if k != "epoch"}))
-        if is_main:
-            accelerator.log(
-                {k: v for k, v in row.items() if k not in ("epoch", "step")} | {"epoch": epoch + 1}, step=row["step"]
-            )
-        epoch += 1
-        save(result["step"], 0, EpochTotals())
-        run.write_outputs(state, row["step"])
-        if cfg.train.max_steps and result["step"] >= cfg.train.max_steps:
-            stopped = True
-
-    final = finish(run, model, state)
-    accelerator.end_training()
-    return final
+        return result["signalled"]
+    end_epoch(run, state, result)
+    return False
 
 
-def finish(run: Run, model: torch.nn.Module, state: ckpt.TrainerState) -> dict:
+def end_epoch(run: Run, state: ckpt.TrainerState, result: dict) -> None:
+    """Epoch metrics, validation, best checkpoint and early stopping, the epoch-end checkpoint, outputs."""
+    cfg, acc = run.cfg, run.acc
+    epoch = state.epoch
+    t = result["totals"].reduced(acc)
+    row = {
+        "epoch": epoch + 1,
+        "step": result["step"],
+        "lr": run.lr(max(result["step"] - 1, 0)),
+        "train/loss": t.loss_sum / max(t.seen, 1),
+        "train/accuracy": t.correct / max(t.seen, 1),
+        "train/images_per_s": result["images"] / max(result["seconds"], 1e-9),
+        "data/corrupt_skipped": run.corrupt_in_epoch(),
+    }
+    if row["data/corrupt_skipped"] and acc.is_main_process:
+        log.warning(
+            "epoch %d: skipped %d corrupt training sample(s) on all ranks (data.on_error=skip; each is named "
+            "in a warning above, from its rank); the batches were refilled from valid samples",
+            epoch + 1,
+            row["data/corrupt_skipped"],
+        )
+    if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.train.epochs:
+        validate(run, state, row, ckpt.step_dir_name(result["step"]))
+    row["time_s"] = run.train_seconds()  # wall clock since the run began
+    state.history.append(row)
+    log.info("epoch %d: %s", epoch + 1, _fmt({k: v for k, v in row.items() if k != "epoch"}))
+    if acc.is_main_process:
+        acc.log({k: v for k, v in row.items() if k not in ("epoch", "step")} | {"epoch": epoch + 1}, step=row["step"])
+    state.epoch = epoch + 1
+    run.save(state, result["step"], 0, None)
+    run.write_outputs(state, row["step"])
+
+
+def validate(run: Run, state: ckpt.TrainerState, row: dict, step_dir: str) -> None:
+    """Score the validation split into ``row``; track the best checkpoint and early stopping in ``state``."""
+    cfg = run.cfg
+    epoch = state.epoch
+    metrics = run.eval_split(cfg.data.val_split)
+    row.update(scalar_metrics(metrics))
+    state.last_eval = {
+        "split": cfg.data.val_split,
+        "epoch": epoch + 1,
+        "auroc": metrics["val/auroc"],
+        "confusion_matrix": metrics["val/confusion_matrix"],
+        "roc": metrics["val/roc"],
+    }
+    metric = cfg.train.early_stop_metric  # validated against train.config.VAL_METRICS when the config loaded
+    value = row[metric]
+    if math.isnan(value):
+        # Undefined (e.g. AUROC on a one-class val split): no improvement, but never no best checkpoint,
+        # so the test split is still scored and the best weights still kept.
+        log.warning("epoch %d: %s is NaN; counted as no improvement", epoch + 1, metric)
+        improved = False
+        if not state.best_checkpoint:
+            state.best_epoch, state.best_checkpoint = epoch + 1, step_dir
+    else:
+        better = (lambda a, b: a > b) if cfg.train.early_stop_mode == "max" else (lambda a, b: a < b)
+        improved = state.best_metric is None or better(value, state.best_metric)
+    if improved:
+        state.best_metric, state.best_epoch, state.best_checkpoint = value, epoch + 1, step_dir
+    # Epochs, not evaluations: with eval.every_epochs=k each evaluation without improvement adds k.
+    state.epochs_since_best = epoch + 1 - state.best_epoch
+    patience = cfg.train.early_stop_patience
+    if patience and state.epochs_since_best >= patience:
+        state.stopped_early = True
+        log.info(
+            "early stop: %s did not improve for %d epochs (patience %d)", metric, state.epochs_since_best, patience
+        )
+
+
+def finish(run: Run, state: ckpt.TrainerState) -> dict:
     """final_metrics.json (+ the test split on the best checkpoint), plots, metrics.jsonl. Idempotent."""
     cfg, acc = run.cfg, run.acc
     final: dict = {
@@ -465,11 +631,16 @@ def finish(run: Run, model: torch.nn.Module, state: ckpt.TrainerState) -> dict:
     # The whole run's count (each metrics.jsonl row holds its epoch's).
     final["data/corrupt_skipped"] = sum(h.get("data/corrupt_skipped", 0) for h in state.history)
     test = run.info.splits.get(cfg.data.test_split)
+    # Rank 0 looks for the best checkpoint and tells the others: the test evaluation holds collectives, so
+    # every rank must make the same choice even when their views of a shared filesystem differ.
     best = run.ckpt_root / state.best_checkpoint if state.best_checkpoint else None
-    if cfg.eval.test_at_end and test is not None and test.num_samples > 0 and best is not None and best.is_dir():
+    found = [best is not None and best.is_dir()] if acc.is_main_process else [False]
+    if acc.num_processes > 1:
+        broadcast_object_list(found, from_process=0)
+    if cfg.eval.test_at_end and test is not None and test.num_samples > 0 and found[0]:
         # Evaluate the best weights, not the last ones: that is the model early stopping selected.
-        acc.unwrap_model(model).load_state_dict(load_file(str(best / "model.safetensors"), device="cpu"))
-        metrics = run.eval_split(model, cfg.data.test_split)
+        acc.unwrap_model(run.model).load_state_dict(load_file(str(best / "model.safetensors"), device="cpu"))
+        metrics = run.eval_split(cfg.data.test_split)
         final.update(scalar_metrics(metrics))
         final["test/confusion_matrix"] = metrics["test/confusion_matrix"]
         final["test/checkpoint"] = state.best_checkpoint

@@ -1,0 +1,154 @@
+"""train/distributed.py and the SLURM task environment: which GPU each rank takes, the stop-on-signal flag,
+per-rank random streams.
+
+No GPU exists here: the CUDA device COUNT is a parameter of cuda_device_plan (a mocked number of visible GPUs,
+nothing else is mocked); the environment is the one SLURM + submitit really produce, computed in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import TINY, make_shards
+
+from train.distributed import CpuSyncBatchNorm, DeviceError, StopFlag, convert_sync_batchnorm, cuda_device_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slurm_task_env(local_id: int, *, tasks_per_node: int = 4, visible: str = "0,1,2,3") -> dict:
+    """What SLURM sets for task `local_id` of a one-node job with `tasks_per_node` tasks and 4 GPUs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CUDA_VISIBLE"))}
+    env.update(
+        SUBMITIT_EXECUTOR="slurm",  # set by the sbatch script submitit writes
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpunode1",
+        SLURM_NODELIST="gpunode1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_PROCID=str(local_id),
+        SLURM_LOCALID=str(local_id),
+        SLURM_NTASKS=str(tasks_per_node),
+        SLURM_NTASKS_PER_NODE=str(tasks_per_node),
+        SLURM_STEP_NUM_TASKS=str(tasks_per_node),
+        SLURM_TASKS_PER_NODE=str(tasks_per_node),
+        CUDA_VISIBLE_DEVICES=visible,
+    )
+    return env
+
+
+def exported_env(local_id: int, **kw) -> dict:
+    """The environment a catdog SLURM task has after launch.slurm.export_distributed_env (run for real)."""
+    code = (
+        "import json, os; from launch.slurm import export_distributed_env; export_distributed_env('4242'); "
+        "print(json.dumps({k: os.environ.get(k) for k in "
+        "('RANK','LOCAL_RANK','WORLD_SIZE','LOCAL_WORLD_SIZE','MASTER_ADDR','MASTER_PORT','CUDA_VISIBLE_DEVICES')}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=slurm_task_env(local_id, **kw), cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("local_id", [0, 1, 3])
+def test_slurm_task_keeps_the_nodes_gpus_and_trains_on_its_local_rank(local_id):
+    env = exported_env(local_id)
+    assert env["LOCAL_RANK"] == str(local_id) and env["RANK"] == str(local_id)
+    assert env["WORLD_SIZE"] == "4" and env["LOCAL_WORLD_SIZE"] == "4" and env["MASTER_ADDR"] == "gpunode1"
+    # submitit's default would set CUDA_VISIBLE_DEVICES=<local rank>: one visible GPU, cuda:0, while Accelerate
+    # hands DDP device_ids=[local rank] -> rank 1 asks for device 1 of 1. We keep what SLURM gave the job.
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    plan = cuda_device_plan(env, visible=len(env["CUDA_VISIBLE_DEVICES"].split(",")))  # mocked GPU count
+    # The device Accelerate trains on (local_rank % visible) is the one DDP is given ([local_rank]).
+    assert plan.device_index == local_id % plan.visible == local_id and not plan.ddp_device_from_module
+
+
+def test_one_gpu_per_task_uses_cuda0_and_lets_ddp_take_the_modules_device():
+    # Sites that bind one GPU to each task (--gpus-per-task=1, gpu-bind): every rank sees exactly one device.
+    env = exported_env(2, visible="2")
+    plan = cuda_device_plan(env, visible=1)  # mocked GPU count
+    assert plan.device_index == 0 and plan.ddp_device_from_module
+    assert "one GPU per task" in plan.describe()
+
+
+def test_more_ranks_than_visible_gpus_is_a_clear_error():
+    with pytest.raises(DeviceError, match=r"local rank 3 of 4 sees only 2 GPU\(s\).*one rank per GPU"):
+        cuda_device_plan({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": "0,1"}, visible=2)
+    plan = cuda_device_plan({}, visible=8)  # a plain single process: cuda:0
+    assert plan.device_index == 0 and plan.local_world_size == 1
+
+
+def test_stop_flag_is_set_by_the_signal_and_chains_to_the_previous_handler():
+    seen = []
+    old = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))
+    try:
+        flag = StopFlag()
+        previous = flag.install(signal.SIGUSR2)[signal.SIGUSR2]
+        assert not flag.agreed(0)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.requested and flag.signum == signal.SIGUSR2 and flag.agreed(1)
+        assert seen == []  # the previous handler (submitit's) is not run by the signal itself ...
+        previous(signal.SIGUSR2, None)  # ... the launcher calls it once the checkpoint is saved
+        assert seen == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_cpu_sync_batchnorm_is_plain_batchnorm_on_one_process():
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    sync = convert_sync_batchnorm(torch.nn.Sequential(*[m for m in bn]), torch.device("cpu"))
+    assert isinstance(sync[1], CpuSyncBatchNorm)
+    x = torch.randn(6, 3, 5, 5)
+    torch.testing.assert_close(sync(x), bn(x))
+
+
+@pytest.mark.slow
+def test_ranks_start_from_the_same_weights_but_draw_different_dropout(tmp_path, real_data, port):
+    """Two real gloo ranks build the model the trainer's way: identical weights, different dropout masks."""
+    shards = make_shards(real_data, tmp_path / "shards")
+    code = (
+        "import json, sys, torch\n"
+        "from train.config import load_config\n"
+        "from data_prep.info import load_info\n"
+        "from train.trainer import make_accelerator, build\n"
+        "from pathlib import Path\n"
+        "cfg = load_config(None, sys.argv[1:])\n"
+        "acc = make_accelerator(cfg, Path(cfg.run.dir))\n"
+        "run = build(cfg, acc, load_info(cfg.data.dir), None)\n"
+        "w = acc.unwrap_model(run.model).head.weight\n"
+        "mask = torch.nn.functional.dropout(torch.ones(64), 0.5)\n"
+        "print('PROBE', json.dumps({'w': float(w.double().sum()), 'mask': mask.tolist()}), flush=True)\n"
+    )
+    args = [f"data.dir={shards}", f"run.dir={tmp_path / 'run'}", *TINY, "train.cpu=true"]
+    procs = []
+    for rank in range(2):
+        rank_env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *args], cwd=ROOT, env=rank_env, stdout=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    probes = [json.loads(next(x for x in o.splitlines() if x.startswith("PROBE"))[6:]) for o in outs]
+    assert probes[0]["w"] == probes[1]["w"]  # same initial weights on every rank
+    assert probes[0]["mask"] != probes[1]["mask"]  # but each rank its own random stream
