@@ -571,7 +571,7 @@ class TrainStream:
             shard_names=[p.name for p in self.paths],
         )
         return Batches(
-            _dataloader(plan, self.cfg.num_workers), len(plan.batches), self._counters, self._corrupt, with_keys
+            _dataloader(plan, self.cfg.workers()), len(plan.batches), self._counters, self._corrupt, with_keys
         )
 
     def stats(self) -> dict:
@@ -624,4 +624,4 @@ def eval_loader(
         with_keys=with_keys,
         shard_names=[p.name for p in paths],
     )
-    return Batches(_dataloader(plan, cfg.num_workers), len(plan.batches), Counter(), Counter(), with_keys)
+    return Batches(_dataloader(plan, cfg.workers()), len(plan.batches), Counter(), Counter(), with_keys)
