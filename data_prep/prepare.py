@@ -42,6 +42,7 @@ from data_prep.shards import (
     remove_temp_files,
     write_skipped,
 )
+from data_prep.tarformat import ensure_index, index_path
 
 HASH_BATCH = 64  # files per hashing task
 # Images per encoding task: large while much work remains (each task costs ~0.5 ms of pickling and
@@ -318,6 +319,11 @@ def _check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
     return "ours"
 
 
+def _ensure_indexes(out: Path, shards: dict[str, dict]) -> int:
+    """Give every shard a valid member index (data_prep/tarformat.py); returns how many had to be written."""
+    return sum(ensure_index(out / name, s["sha256"]) for name, s in shards.items())
+
+
 def _fingerprint(args: dict, source_fp: str) -> str:
     return hashlib.sha256(json.dumps({"args": args, "source": source_fp}, sort_keys=True).encode()).hexdigest()
 
@@ -352,6 +358,9 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
             remove_temp_files(out)
             (out / PROGRESS_NAME).unlink(missing_ok=True)
             n = info["counts"]["written"]
+            added = _ensure_indexes(out, info["shards"])
+            if added:  # shards from a catdog-prep without indexes, or an index deleted since
+                log(f"wrote the member index of {added} shard(s) that had none (or a stale one)")
             log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
@@ -451,7 +460,9 @@ def _finish(
 ) -> dict:
     """Write skipped.jsonl, then _info.json last; the progress file goes once _info.json is in place."""
     shards = progress.shards
-    remove_outputs(out, keep={s["file"] for s in shards} | {PROGRESS_NAME})
+    kept = {s["file"] for s in shards}
+    remove_outputs(out, keep=kept | {index_path(out / f).name for f in kept} | {PROGRESS_NAME})
+    _ensure_indexes(out, {s["file"]: s for s in shards})  # a resumed run's earlier shards: index deleted meanwhile?
     skipped_idx = {s["index"] for s in encode_skips}
     skipped = sorted(
         [*plan.skipped, *({k: v for k, v in s.items() if k != "index"} for s in encode_skips)],

@@ -1,8 +1,9 @@
 """Write samples into WebDataset tar shards, atomically and resumably.
 
 Shard bytes are deterministic: members carry a fixed mtime/uid/gid/mode and are written by hand
-(header + data + padding, two zero blocks at the end) so no clock, user or tarfile record padding
-leaks into the output. A shard is a hidden temp file until it is complete, then renamed; after each
+(data_prep/tarformat.py: header + data + padding, two zero blocks at the end) so no clock, user or tarfile
+record padding leaks into the output. Each shard gets a member index beside it (``train-000000.idx.json``),
+written before the shard is renamed into place, so the trainer need not scan the tar's headers. A shard is a hidden temp file until it is complete, then renamed; after each
 rename the progress file records how far the plan got, so a kill -9 loses at most one shard of work.
 """
 
@@ -18,12 +19,13 @@ from pathlib import Path
 
 from data_prep.atomic import atomic_write_json, atomic_write_text, tmp_path_for
 from data_prep.info import INFO_NAME
+from data_prep.tarformat import END, Member, members_in, tar_member, write_index
 
 SKIPPED_NAME = "skipped.jsonl"
 PROGRESS_NAME = ".catdog-prep-progress.json"
 SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+INDEX_RE = re.compile(r"^(train|val|test)-\d{6}\.idx\.json$")  # data_prep/tarformat.py: a shard's member index
 _TEMP_RE = re.compile(r"^\..+\.tmp-\d+$")
-_BLOCK = 512
 
 
 def shard_name(split: str, number: int) -> str:
@@ -32,38 +34,11 @@ def shard_name(split: str, number: int) -> str:
 
 def is_prep_output(name: str) -> bool:
     """True for every file name catdog-prep writes into OUT (shards, metadata, progress, temp files)."""
-    return bool(SHARD_RE.match(name) or _TEMP_RE.match(name)) or name in (INFO_NAME, SKIPPED_NAME, PROGRESS_NAME)
-
-
-def _ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header tarfile would write for a regular file with fixed metadata.
-
-    Built directly because tarfile.TarInfo.tobuf costs ~80 us per member, which made the writer
-    process a bottleneck next to the encoding workers.
-    """
-    raw = name.encode("ascii")
-    if len(raw) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
-    h = bytearray(_BLOCK)
-    h[0 : len(raw)] = raw
-    h[100:108] = b"0000644\0"  # mode
-    h[108:116] = b"0000000\0"  # uid
-    h[116:124] = b"0000000\0"  # gid
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"  # mtime 0: no clock in the output
-    h[148:156] = b" " * 8  # checksum field counts as spaces while summing
-    h[156] = ord("0")  # regular file
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One ustar member (mode 644, uid/gid 0, mtime 0, no user names), padded to the 512-byte block size."""
-    return _ustar_header(name, len(data)) + data + b"\0" * (-len(data) % _BLOCK)
-
-
-_END = b"\0" * (2 * _BLOCK)
+    return bool(SHARD_RE.match(name) or INDEX_RE.match(name) or _TEMP_RE.match(name)) or name in (
+        INFO_NAME,
+        SKIPPED_NAME,
+        PROGRESS_NAME,
+    )
 
 
 @dataclass(frozen=True)
@@ -101,13 +76,14 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._count = 0
         self._bytes = 0
+        self._members: list[Member] = []
 
     def add(self, split: str, sample: bytes, index: int) -> None:
         """Write one sample's members (already tar-encoded); ``index`` is its position in the plan."""
         if self._file is not None and (
             split != self._split
             or (self.max_count and self._count >= self.max_count)
-            or (self.max_bytes and self._bytes + len(sample) + len(_END) > self.max_bytes)
+            or (self.max_bytes and self._bytes + len(sample) + len(END) > self.max_bytes)
         ):
             self.close(index)
         if self._file is None:
@@ -116,26 +92,33 @@ class ShardWriter:
             self._file = open(self._tmp, "wb")
             self._hash = hashlib.sha256()
             self._count = self._bytes = 0
+            self._members = []
+        self._members += members_in(sample, self._bytes)
         self._file.write(sample)
         self._hash.update(sample)
         self._count += 1
         self._bytes += len(sample)
 
     def close(self, next_index: int) -> None:
-        """Complete the open shard (if any): end blocks, fsync, rename, then report it."""
+        """Complete the open shard (if any): end blocks, fsync, its index, rename, then report it.
+
+        The index goes first: a shard under its final name always has its index (a kill between the two leaves an
+        index whose shard is still a temp file; the resumed run rewrites both, byte for byte).
+        """
         if self._file is None:
             return
-        self._file.write(_END)
-        self._hash.update(_END)
+        self._file.write(END)
+        self._hash.update(END)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         number = self.next_number.get(self._split, 0)
         name = shard_name(self._split, number)
+        record = ShardRecord(name, self._split, self._count, self._bytes + len(END), self._hash.hexdigest())
+        write_index(self.out / name, record.bytes, record.sha256, self._members)
         os.replace(self._tmp, self.out / name)
         self._tmp = None
         self.next_number[self._split] = number + 1
-        record = ShardRecord(name, self._split, self._count, self._bytes + len(_END), self._hash.hexdigest())
         self._file = None
         self.on_close(record, next_index)
 

@@ -23,7 +23,11 @@ _SLURM_FLAGS = {
     "nodes": (int, "nodes (default 1)"),
     "gpus_per_node": (int, "GPUs per node; one task (rank) per GPU. 0 = CPU ranks (default)"),
     "tasks_per_node": (int, "CPU ranks per node when --gpus-per-node is 0 (default 1)"),
-    "cpus_per_task": (int, "CPUs per rank: the rank + its data workers (default 1)"),
+    "cpus_per_task": (
+        int,
+        "CPUs per rank: the rank + its data workers (default: GPU jobs the node's CPUs / its GPUs, from sinfo; "
+        "CPU jobs 1)",
+    ),
     "mem": (str, "memory per node, e.g. 64G (default: the partition's)"),
     "time": (str, "time limit, e.g. 4:00:00 or 1-00:00:00 (default 4:00:00)"),
     "partition": (str, "partition (default: the cluster's default)"),

@@ -21,6 +21,22 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def gpu_ids_for(n: int, visible: str | None) -> str:
+    """The ``--gpu_ids`` value for the first ``n`` of the GPUs this process sees.
+
+    accelerate writes ``--gpu_ids`` verbatim into the ranks' CUDA_VISIBLE_DEVICES (accelerate/utils/launch.py,
+    ``prepare_multi_gpu_env``/``prepare_simple_launcher_cmd_env``), replacing the user's: ids are physical, not
+    indices into the visible set. So with CUDA_VISIBLE_DEVICES=4,5,6,7 the first two GPUs are "4,5", not "0,1".
+    Entries are passed through as written (UUIDs like GPU-xxxx and MIG-xxxx work the same way).
+    """
+    if visible is None:  # unset: CUDA numbers every GPU of the machine, so indices are physical ids
+        return ",".join(str(i) for i in range(n))
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if len(entries) < n:
+        raise ConfigError(f"--gpus {n}: CUDA_VISIBLE_DEVICES={visible!r} names only {len(entries)} GPU(s)")
+    return ",".join(entries[:n])
+
+
 def _accelerate_bin() -> str:
     """The `accelerate` next to this Python (the project's venv), else the one on PATH."""
     here = Path(sys.executable).parent / "accelerate"
@@ -43,13 +59,15 @@ def accelerate_command(
     cpu_ranks: int | None = None,
     available_gpus: int,
     port: int,
+    visible_devices: str | None = None,
 ) -> list[str]:
     """The `accelerate launch ... -m train --config ...` argv.
 
     gpus=None uses every visible GPU; without GPUs, one CPU process unless cpu_ranks asks for N gloo ranks.
     `accelerate launch --cpu` starts a single process whatever --num_processes says, so several CPU ranks go
     through the multi-GPU launcher (torchrun underneath) with train.cpu=true, which makes the trainer's
-    Accelerator(cpu=True) pick the MULTI_CPU/gloo path.
+    Accelerator(cpu=True) pick the MULTI_CPU/gloo path. ``visible_devices`` is the caller's CUDA_VISIBLE_DEVICES
+    (None when unset): a subset of GPUs is named by its physical ids (see ``gpu_ids_for``).
     """
     cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
     if gpus is not None and cpu_ranks is not None:
@@ -75,7 +93,7 @@ def accelerate_command(
     else:
         cmd += ["--num_processes", "1"] + (["--cpu"] if on_cpu else [])
     if not on_cpu and n < available_gpus:
-        cmd += ["--gpu_ids", ",".join(str(i) for i in range(n))]
+        cmd += ["--gpu_ids", gpu_ids_for(n, visible_devices)]
     cmd += ["-m", "train", "--config", str(config), *overrides]
     if on_cpu and not cfg.train.cpu:
         cmd.append("train.cpu=true")
@@ -94,7 +112,13 @@ def run_local(
     """Print the command, then (unless dry_run) run it in the foreground and return its exit code."""
     available = 0 if cpu_ranks else visible_gpus()
     cmd = accelerate_command(
-        config, overrides, gpus=gpus, cpu_ranks=cpu_ranks, available_gpus=available, port=port or free_port()
+        config,
+        overrides,
+        gpus=gpus,
+        cpu_ranks=cpu_ranks,
+        available_gpus=available,
+        port=port or free_port(),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
     )
     if available == 0 and cpu_ranks is None:
         # One process, not gloo ranks: its torch threads already use every core, and N ranks would split those

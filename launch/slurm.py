@@ -16,7 +16,7 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -118,6 +118,8 @@ class _OfflineSlurmExecutor(submitit.SlurmExecutor):
 
 def make_executor(slurm: SlurmConfig, folder: Path, *, offline: bool = False) -> submitit.SlurmExecutor:
     """A submitit executor whose sbatch script asks for `slurm`'s resources, logging into `folder`."""
+    if not slurm.cpus_per_task:
+        raise ValueError("make_executor needs a resolved cpus_per_task: call resolve_cpus_per_task first")
     cls = _OfflineSlurmExecutor if offline else submitit.SlurmExecutor
     ex = cls(folder=folder, max_num_timeout=slurm.max_num_timeout)
     params: dict = {
@@ -189,6 +191,17 @@ def _gpus_of(gres: str) -> int:
     return total
 
 
+def parse_nodes(text: str) -> list[Node]:
+    """Nodes from `sinfo -h -N -o %N|%c|%m|%G` output (a node in several partitions is listed once)."""
+    nodes = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, cpus, mem, gres = line.split("|")
+        nodes[name] = Node(name, int(cpus), int(mem.rstrip("+")), _gpus_of(gres))
+    return list(nodes.values())
+
+
 def partition_nodes(partition: str) -> tuple[str, list[Node]]:
     """(partition name, its nodes) from sinfo; '' means the cluster's default partition."""
     names = [p.strip() for p in _run(["sinfo", "-h", "-o", "%P"]).split()]
@@ -199,16 +212,45 @@ def partition_nodes(partition: str) -> tuple[str, list[Node]]:
         raise ConfigError(f"no --partition given and the cluster has no default; partitions: {', '.join(known)}")
     if part not in known:
         raise ConfigError(f"partition {part!r} does not exist on this cluster; partitions: {', '.join(known)}")
-    nodes = {}
-    for line in _run(["sinfo", "-h", "-N", "-p", part, "-o", "%N|%c|%m|%G"]).splitlines():
-        name, cpus, mem, gres = line.split("|")
-        nodes[name] = Node(name, int(cpus), int(mem.rstrip("+")), _gpus_of(gres))
-    return part, list(nodes.values())
+    return part, parse_nodes(_run(["sinfo", "-h", "-N", "-p", part, "-o", "%N|%c|%m|%G"]))
 
 
-def check_resources(slurm: SlurmConfig) -> str:
-    """Fail before submitting when no node of the partition can hold one node's share of the job."""
-    part, nodes = partition_nodes(slurm.partition)
+# What a dry run assumes when sinfo cannot tell: a common GPU node (8 GPUs, 64-128 cores) gives 8-16 CPUs per GPU.
+ASSUMED_CPUS_PER_GPU = 8
+
+
+def resolve_cpus_per_task(slurm: SlurmConfig, nodes: list[Node] | None, unknown: str = "") -> tuple[SlurmConfig, str]:
+    """``slurm`` with cpus_per_task=0 (auto) replaced, and one line saying where the value came from.
+
+    GPU jobs: the CPUs that come with each GPU, cpus // gpus of the partition's nodes that have the GPUs asked for
+    (the smallest, so any of them can hold the job) -- one CPU per task starved the data workers of every GPU
+    rank. CPU-only jobs: 1 (its ranks are the work; ask for more with --cpus-per-task). An explicit value is kept.
+    ``nodes`` None means sinfo could not say (``unknown`` tells why): the job then assumes ASSUMED_CPUS_PER_GPU.
+    """
+    if slurm.cpus_per_task:
+        return slurm, f"--cpus-per-task {slurm.cpus_per_task} (as given)"
+    if not slurm.gpus_per_node:
+        return replace(slurm, cpus_per_task=1), "--cpus-per-task 1 (CPU-only job; pass --cpus-per-task to change)"
+    gpu_nodes = [n for n in (nodes or []) if n.gpus >= slurm.gpus_per_node]
+    if gpu_nodes:
+        small = min(gpu_nodes, key=lambda n: n.cpus // n.gpus)
+        cpus = max(1, small.cpus // small.gpus)
+        why = f"{small.cpus} CPUs / {small.gpus} GPUs on {small.name}, from sinfo"
+    else:
+        cpus = ASSUMED_CPUS_PER_GPU
+        if nodes is not None:
+            unknown = f"no node of the partition has {slurm.gpus_per_node} GPUs"
+        why = f"ASSUMED, {unknown or 'sinfo unavailable'}; pass --cpus-per-task to set it"
+    return replace(slurm, cpus_per_task=cpus), f"--cpus-per-task {cpus} (auto: {why})"
+
+
+def check_resources(slurm: SlurmConfig, found: tuple[str, list[Node]] | None = None) -> str:
+    """Fail before submitting when no node of the partition can hold one node's share of the job.
+
+    ``found``: partition_nodes' answer when the caller already asked sinfo.
+    """
+    part, nodes = found or partition_nodes(slurm.partition)
+    slurm, _ = resolve_cpus_per_task(slurm, nodes)
     if not nodes:  # sinfo lists partitions whose nodes were all removed (retired or moved hardware)
         raise ConfigError(
             f"partition {part!r} has no nodes (`sinfo -N -p {part}` lists none); pick another with --partition"
@@ -344,12 +386,25 @@ def launch(
     """Check, then print the sbatch script (dry run) or submit and print job ids, logs and run dirs."""
     out = out or sys.stdout
     if dry_run:
+        # sinfo only sizes --cpus-per-task here; off-cluster (or a partition sinfo does not know) the dry run says
+        # what it assumed instead of failing. The real submission checks everything.
+        nodes, unknown = None, ""
+        if not slurm.cpus_per_task and slurm.gpus_per_node:
+            try:
+                nodes = partition_nodes(slurm.partition)[1]
+            except ConfigError as e:
+                unknown = f"sinfo could not tell: {e}"
+        slurm, cpus_note = resolve_cpus_per_task(slurm, nodes, unknown)
         ex = make_executor(slurm, folder, offline=True)
         print(sbatch_script(ex, len(points) if len(points) > 1 else None), file=out)
+        print(f"# {cpus_note}", file=out)
         for i, (name, cfg) in enumerate(points):
             print(f"# {f'array element {i}: {name}, ' if len(points) > 1 else ''}run dir {cfg.run.dir}", file=out)
         return []
-    check_resources(slurm)
+    found = partition_nodes(slurm.partition)
+    check_resources(slurm, found)
+    slurm, cpus_note = resolve_cpus_per_task(slurm, found[1])
+    print(cpus_note, file=out)
     for _, cfg in points:
         if not (Path(cfg.data.dir) / "_info.json").is_file():
             raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")

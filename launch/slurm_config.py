@@ -30,7 +30,9 @@ class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 0  # 0 = a CPU-only job: its ranks train on CPU over gloo
     tasks_per_node: int = 0  # ranks per node; 0 = one per GPU (1 when gpus_per_node is 0)
-    cpus_per_task: int = 1  # data-loader workers + the rank itself
+    # CPUs per rank (the rank + its data-loader workers); 0 = auto: on a GPU job the node's CPUs divided by its
+    # GPUs (from sinfo; launch/slurm.py resolve_cpus_per_task), on a CPU-only job 1.
+    cpus_per_task: int = 0
     mem: str = ""  # per node, SLURM syntax (64G, 500M); "" = the partition's default
     time: str = "4:00:00"  # wall-clock limit: MM, HH:MM:SS, D-HH:MM, ...
     partition: str = ""  # "" = the cluster's default partition
@@ -48,10 +50,10 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run before srun (module load, conda activate)
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "cpus_per_task", "array_parallelism"):
+        for name in ("nodes", "array_parallelism"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"slurm.{name}={getattr(self, name)} must be >= 1")
-        for name in ("gpus_per_node", "tasks_per_node", "signal_delay_s", "max_num_timeout"):
+        for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_num_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"slurm.{name}={getattr(self, name)} must be >= 0")
         if self.gpus_per_node and self.tasks_per_node not in (0, self.gpus_per_node):

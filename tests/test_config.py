@@ -9,7 +9,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
 from train.__main__ import cli
-from train.config import VAL_METRICS, ConfigError, load_config, save_config
+from train.config import VAL_METRICS, ConfigError, auto_num_workers, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -144,3 +144,29 @@ def test_auto_precision_follows_what_the_hardware_supports():
     assert choose_precision("auto", "cuda", cuda_bf16=lambda: True)[0] == "bf16"
     assert choose_precision("auto", "cuda", cuda_bf16=lambda: False)[0] == "no"
     assert choose_precision("fp16", "cpu", cpu_bf16=lambda: True) == ("fp16", "as configured")
+
+
+def test_auto_num_workers_follow_the_cpus_of_the_rank():
+    # Environments as the launchers set them; the affinity mask size is a parameter (this machine has 2 CPUs).
+    slurm_task = {"SLURM_CPUS_PER_TASK": "10", "SLURM_NTASKS": "8", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
+    assert auto_num_workers(slurm_task, affinity=10)[0] == 9  # catdog-launch slurm: each rank a bound task
+    assert auto_num_workers(slurm_task, affinity=40)[0] == 9  # an unbound task sees the node: its share is 10
+    assert auto_num_workers(slurm_task, affinity=4)[0] == 3  # a mask smaller than the request wins
+    inside_one_task = {"SLURM_CPUS_PER_TASK": "32", "SLURM_NTASKS": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
+    n, why = auto_num_workers(inside_one_task, affinity=32)  # accelerate launch inside one SLURM task: 4 share it
+    assert n == 7 and "shared by 4 local ranks" in why and "auto -> 7 per rank" in why
+    assert auto_num_workers({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, affinity=64)[0] == 16  # capped
+    assert auto_num_workers({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, affinity=2)[0] == 0  # 1 CPU: no workers
+    assert auto_num_workers({}, affinity=2)[0] == 1  # one process on this 2-core machine
+
+
+def test_num_workers_auto_is_the_default_and_explicit_values_are_kept(monkeypatch):
+    cfg = load_config(CONFIGS / "cnn.yaml", ["data.dir=x"])
+    assert cfg.data.num_workers == -1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # a 1-CPU task: nothing left for workers
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cfg.data.workers() == 0
+    assert load_config(CONFIGS / "cnn.yaml", ["data.dir=x", "data.num_workers=3"]).data.workers() == 3
+    with pytest.raises(ConfigError, match="data.num_workers=-2"):
+        load_config(CONFIGS / "cnn.yaml", ["data.dir=x", "data.num_workers=-2"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch.__main__ import main
-from launch.slurm import SlurmTrainer, job_config, master_port
+from launch.slurm import ASSUMED_CPUS_PER_GPU, SlurmTrainer, job_config, master_port, parse_nodes, resolve_cpus_per_task
 from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
 from launch.sweep import load_sweep
 from train.config import ConfigError, load_config, save_config
@@ -81,6 +81,37 @@ def test_cpu_job_has_no_gpu_request_and_yaml_then_flags(capsys, train_yaml: Path
     assert flags["time"] == "30" and flags["qos"] == "normal"  # the flag wins over the YAML
     assert flags["signal"] == "USR2@120"  # default signal delay
     assert "module load cuda" in out.split("# command")[0]  # user setup runs before srun
+
+
+# `sinfo -h -N -o %N|%c|%m|%G` as a cluster with two kinds of 4-GPU node and a CPU node prints it.
+SINFO = "gpu1|64|512000|gpu:a100:4(S:0-1)\ngpu2|48|512000+|gpu:4\ncpu1|128|256000|(null)\ngpu1|64|512000|gpu:a100:4\n"
+
+
+def test_gpu_jobs_get_the_cpus_that_come_with_their_gpus():
+    nodes = parse_nodes(SINFO)
+    assert [(n.name, n.cpus, n.gpus) for n in nodes] == [("gpu1", 64, 4), ("gpu2", 48, 4), ("cpu1", 128, 0)]
+    slurm, note = resolve_cpus_per_task(load_slurm_config(None, {"gpus_per_node": 4}), nodes)
+    assert slurm.cpus_per_task == 12  # the smaller share (48 / 4 on gpu2), so either kind of node can hold it
+    assert note == "--cpus-per-task 12 (auto: 48 CPUs / 4 GPUs on gpu2, from sinfo)"
+    two, _ = resolve_cpus_per_task(load_slurm_config(None, {"gpus_per_node": 2}), nodes)
+    assert two.cpus_per_task == 12  # per GPU, whatever share of the node the job takes
+    kept, note = resolve_cpus_per_task(load_slurm_config(None, {"gpus_per_node": 4, "cpus_per_task": 6}), nodes)
+    assert kept.cpus_per_task == 6 and note == "--cpus-per-task 6 (as given)"
+    cpu_job, note = resolve_cpus_per_task(load_slurm_config(None, {"tasks_per_node": 2}), nodes)
+    assert cpu_job.cpus_per_task == 1 and "CPU-only job" in note
+    eight, note = resolve_cpus_per_task(load_slurm_config(None, {"gpus_per_node": 8}), nodes)
+    assert eight.cpus_per_task == ASSUMED_CPUS_PER_GPU and "ASSUMED, no node of the partition has 8 GPUs" in note
+
+
+def test_dry_run_without_sinfo_says_what_it_assumed(capsys, monkeypatch, train_yaml: Path, tmp_path: Path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo: off-cluster
+    out = dry_run(capsys, "--config", str(train_yaml), "--gpus-per-node", "4")
+    assert sbatch_flags(out)["cpus-per-task"] == str(ASSUMED_CPUS_PER_GPU)
+    note = next(line for line in out.splitlines() if line.startswith("# --cpus-per-task"))
+    assert "ASSUMED, sinfo could not tell: sinfo not found" in note and "pass --cpus-per-task to set it" in note
+    out = dry_run(capsys, "--config", str(train_yaml), "--gpus-per-node", "4", "--cpus-per-task", "3")
+    assert sbatch_flags(out)["cpus-per-task"] == "3" and "# --cpus-per-task 3 (as given)" in out
+    assert sbatch_flags(dry_run(capsys, "--config", str(train_yaml)))["cpus-per-task"] == "1"  # CPU-only job
 
 
 def test_sweep_dry_run_is_one_array(capsys, train_yaml: Path, tmp_path: Path):

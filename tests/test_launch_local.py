@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from launch_helpers import make_shards, tiny_config
 
 from launch.__main__ import main
-from launch.local import NO_GPU_NOTE, accelerate_command
+from launch.local import NO_GPU_NOTE, accelerate_command, gpu_ids_for
 from train.config import ConfigError
 
 
@@ -40,6 +41,43 @@ def test_fewer_gpus_than_visible_and_single_gpu(train_yaml: Path):
     assert after(cmd, "--num_processes") == "2" and after(cmd, "--gpu_ids") == "0,1"
     one = accelerate_command(train_yaml, available_gpus=1, port=1)
     assert "--multi_gpu" not in one and "--cpu" not in one and after(one, "--num_processes") == "1"
+
+
+def test_a_gpu_subset_is_named_by_the_users_visible_ids(train_yaml: Path):
+    # accelerate copies --gpu_ids verbatim into the ranks' CUDA_VISIBLE_DEVICES: with 4,5,6,7 visible, "0,1"
+    # would be someone else's GPUs. available_gpus=4 mocks the device count of a GPU box.
+    cmd = accelerate_command(train_yaml, gpus=2, available_gpus=4, port=1, visible_devices="4,5,6,7")
+    assert after(cmd, "--gpu_ids") == "4,5"
+    one = accelerate_command(train_yaml, gpus=1, available_gpus=4, port=1, visible_devices="GPU-aa, GPU-bb")
+    assert after(one, "--gpu_ids") == "GPU-aa" and "--multi_gpu" not in one
+    every = accelerate_command(train_yaml, gpus=4, available_gpus=4, port=1, visible_devices="4,5,6,7")
+    assert "--gpu_ids" not in every  # all of them: the inherited CUDA_VISIBLE_DEVICES already says which
+    assert gpu_ids_for(3, None) == "0,1,2"  # unset: CUDA's indices are the physical ids
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='4' names only 1 GPU"):
+        gpu_ids_for(2, "4")
+
+
+def test_dry_run_reads_cuda_visible_devices(capsys, monkeypatch, train_yaml: Path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr("launch.local.visible_gpus", lambda: 4)  # mock: this machine has no GPU to count
+    assert main(["local", "--config", str(train_yaml), "--gpus", "2", "--dry-run"]) == 0
+    assert after(capsys.readouterr().out.split(), "--gpu_ids") == "4,5"
+
+
+def test_accelerate_gives_the_ranks_the_physical_ids(train_yaml: Path, tmp_path: Path, port: int):
+    # The real `accelerate launch` our command runs, with the trainer swapped for a probe that records the
+    # CUDA_VISIBLE_DEVICES each rank gets (no GPU here, so no CUDA call is made; the GPU count is a parameter).
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, pathlib\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).write_text(os.environ['CUDA_VISIBLE_DEVICES'])\n"
+    )
+    cmd = accelerate_command(train_yaml, gpus=2, available_gpus=4, port=port, visible_devices="4,5,6,7")
+    cmd = cmd[: cmd.index("-m")] + [str(probe)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["4,5", "4,5"]
 
 
 def test_cpu_ranks_go_through_the_multi_process_launcher(train_yaml: Path):

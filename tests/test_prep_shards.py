@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from data_prep.shards import _ustar_header, tar_member
+from data_prep.tarformat import tar_member, ustar_header
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,7 @@ from data_prep.shards import _ustar_header, tar_member
 def test_header_equals_tarfile(name: str, size: int):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
-    assert _ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
 def test_members_read_back_with_tarfile():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +53,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    num_workers: int = 2  # DataLoader worker processes per rank
+    # DataLoader worker processes per rank; -1 = auto: the CPUs this rank has, minus one for the rank itself
+    # (see auto_num_workers: SLURM_CPUS_PER_TASK, the CPU affinity mask, the ranks sharing it), at most 16.
+    num_workers: int = -1
     shuffle_buffer: int = 1000  # samples in the (seeded) shuffle buffer
     shuffle: bool = True  # shuffle shards and samples for training each epoch
     on_error: str = "skip"  # skip | raise: what a corrupt sample does
@@ -64,6 +66,51 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error={self.on_error!r}: use 'skip' or 'raise'")
+        if self.num_workers < -1:
+            raise ConfigError(f"data.num_workers={self.num_workers}: use -1 (auto), 0 (read in the rank) or N >= 1")
+
+    def workers(self) -> int:
+        """DataLoader workers per rank: num_workers, or auto_num_workers() when it is -1."""
+        return self.num_workers if self.num_workers >= 0 else auto_num_workers()[0]
+
+
+MAX_AUTO_WORKERS = 16  # beyond this, more workers mostly add memory (each holds prefetched batches), not speed
+
+
+def rank_cpus(env: Mapping[str, str] | None = None, affinity: int | None = None) -> tuple[int, str]:
+    """(CPUs this rank may use, how that was found) from the environment the launchers set.
+
+    ``affinity`` is the size of this process's CPU mask (os.sched_getaffinity; honours taskset, cgroups and SLURM's
+    binding). Ranks started as SLURM tasks (``catdog-launch slurm``: SLURM_NTASKS == WORLD_SIZE) each own
+    SLURM_CPUS_PER_TASK CPUs; a SLURM task that is not bound still sees the whole allocation in its mask, hence
+    the min. Ranks started by accelerate/torchrun (one process tree, no binding) share the mask, and the CPUs of a
+    SLURM task when they run inside one: divide by LOCAL_WORLD_SIZE.
+    """
+    env = os.environ if env is None else env
+    if affinity is None:
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    world = int(env.get("WORLD_SIZE", "1"))
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    slurm_cpus = env.get("SLURM_CPUS_PER_TASK")
+    if slurm_cpus:
+        cpus, why = min(int(slurm_cpus), affinity), f"SLURM_CPUS_PER_TASK={slurm_cpus}, affinity mask {affinity}"
+        if int(env.get("SLURM_NTASKS", "1")) != world and local > 1:  # several ranks inside one SLURM task
+            return max(1, cpus // local), f"{why}, shared by {local} local ranks"
+        return max(1, cpus), why
+    if local > 1:
+        return max(1, affinity // local), f"affinity mask {affinity} CPUs shared by {local} local ranks"
+    return max(1, affinity), f"affinity mask {affinity} CPUs"
+
+
+def auto_num_workers(env: Mapping[str, str] | None = None, affinity: int | None = None) -> tuple[int, str]:
+    """(data.num_workers=-1 resolved for this rank, a one-line reason for the log).
+
+    One CPU stays with the rank (forward/backward launch, collation of the workers' batches); one CPU means no
+    worker processes (samples are read in the rank).
+    """
+    cpus, why = rank_cpus(env, affinity)
+    n = min(cpus - 1, MAX_AUTO_WORKERS)
+    return n, f"data.num_workers=auto -> {n} per rank ({cpus} CPU(s) for this rank: {why})"
 
 
 @dataclass

@@ -19,7 +19,8 @@ from its start, so resuming mid-epoch means reading (and usually decoding) every
 and its per-node/per-worker shard split makes the batch count depend on how shards fall onto ranks (the
 classic DDP hang, webdataset #188/#225/#303). The shards stay plain WebDataset tars -- webdataset reads them,
 tests/test_data.py checks it -- and we follow its key/extension convention (``base_plus_ext``); we only add a
-member index (name -> offset, size) built once per shard from the tar headers, so any sample is one pread away.
+member index (name -> offset, size) per shard, so any sample is one pread away: catdog-prep writes it beside the
+shard (data_prep/tarformat.py), and shards without a valid one are scanned once per process.
 
 JPEGs are decoded with ``torchvision.io.decode_jpeg`` straight into a uint8 tensor for the v2 transforms:
 measured here at 2,270 img/s vs Pillow's 1,540 img/s on 256-px images (one thread). torchvision 0.29 marks its
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from data_prep.info import DatasetInfo
+from data_prep.tarformat import read_index, scan_members, tarfile_members
 from train.config import DataConfig
 from train.transforms import eval_resize, normalise, train_augment
 
@@ -151,72 +153,15 @@ class ShardIndex:
     keys: tuple[str, ...]
     members: dict[str, dict[str, tuple[int, int]]]
     error: str = ""  # set when the shard itself cannot be read; every sample in it is then corrupt
+    source: str = "scan"  # "index": read from catdog-prep's index file; "scan": from the tar's headers
 
 
 _INDEX_CACHE: dict[tuple[str, int, int], ShardIndex] = {}
 
 
-_BLOCK = 512
-_REGULAR = (b"0", b"\0", b"7")  # ustar type flags of regular files
-_SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g")  # links, devices, dirs, fifos, pax globals: no sample
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """``"<len> <key>=<value>\\n"`` records of a pax extended header."""
-    out, pos = {}, 0
-    while pos < len(data) and data[pos]:
-        space = data.index(b" ", pos)
-        end = pos + int(data[pos:space])
-        key, _, value = data[space + 1 : end - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8")
-        pos = end
-    return out
-
-
-def _ustar_members(fd: int, file_size: int) -> list[tuple[str, int, int]] | None:
-    """Fast path: (name, data offset, size) of each regular member, one 512-byte pread per header.
-
-    Handles ustar headers plus pax per-file records (webdataset's TarWriter writes one per member for the
-    float mtime) -- about 10x tarfile's speed (a 1,000-sample shard in ~20 ms instead of ~250 ms, which adds
-    up over thousands of shards on every rank). Returns None for anything rarer (GNU long-name records,
-    base-256 sizes), and the caller falls back to tarfile.
-    """
-    out = []
-    offset = 0
-    pax: dict[str, str] = {}
-    while offset + _BLOCK <= file_size:
-        header = os.pread(fd, _BLOCK, offset)
-        if header.count(0) == _BLOCK:  # end-of-archive marker
-            break
-        stored = header[148:156].split(b"\0", 1)[0].strip()
-        if not stored or int(stored, 8) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise tarfile.HeaderError(f"bad header checksum at byte {offset}")
-        kind, size_field = header[156:157], header[124:136]
-        if size_field[0] & 0x80 or not (kind in _REGULAR or kind in _SKIPPED or kind == b"x"):
-            return None
-        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-        data_at = offset + _BLOCK
-        if kind == b"x":
-            pax = _pax_records(os.pread(fd, size, data_at))
-        elif kind in _REGULAR:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            if header[257:262] == b"ustar" and header[345:346] != b"\0":
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-            size = int(pax.get("size", size))
-            out.append((pax.get("path", name), data_at, size))
-            pax = {}
-        offset = data_at + -(-size // _BLOCK) * _BLOCK
-    return out
-
-
-def _tarfile_members(path: Path) -> list[tuple[str, int, int]]:
-    """Any uncompressed tar, via tarfile (reads each header, seeks over the data)."""
-    with tarfile.open(path, mode="r:") as tf:
-        return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
-
-
 def index_shard(path: Path) -> ShardIndex:
-    """Scan a tar's headers (seeking over the data) into a ShardIndex; cached per (path, size, mtime).
+    """Where each member of a tar lies, cached per (path, size, mtime): from catdog-prep's index file when it matches
+    the shard (one small read and a few header probes), else from a scan of the headers (data_prep/tarformat.py).
 
     Members are grouped by WebDataset's rule (``base_plus_ext``): the key is the path up to the first dot of
     the file name. An unreadable or truncated shard yields an index with ``error`` set, holding the members
@@ -229,16 +174,20 @@ def index_shard(path: Path) -> ShardIndex:
     cache_key = (str(path), st.st_size, st.st_mtime_ns)
     if cache_key in _INDEX_CACHE:
         return _INDEX_CACHE[cache_key]
-    found: list[tuple[str, int, int]] = []
-    error = ""
+    found: list[tuple[str, int, int]] | None = []
+    error, source = "", "scan"
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            found = _ustar_members(fd, st.st_size)
+            found = read_index(path, fd, st.st_size)
+            if found is not None:
+                source = "index"
+            else:
+                found = scan_members(fd, st.st_size)
         finally:
             os.close(fd)
         if found is None:
-            found = _tarfile_members(path)
+            found = tarfile_members(path)
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as e:
         found, error = found or [], f"unreadable shard ({type(e).__name__}: {e})"
     members: dict[str, dict[str, tuple[int, int]]] = {}
@@ -249,7 +198,7 @@ def index_shard(path: Path) -> ShardIndex:
         key, ext = base_plus_ext(name)
         if key is not None:
             members.setdefault(key, {})[ext] = (offset, size)
-    index = ShardIndex(path, tuple(members), members, error)
+    index = ShardIndex(path, tuple(members), members, error, source)
     if not error:
         _INDEX_CACHE[cache_key] = index
     return index
@@ -642,7 +591,7 @@ class TrainStream:
             cached = (
                 indices,
                 plan,
-                _dataloader(plan, self.cfg.num_workers, persistent=True, pin_memory=self.pin_memory),
+                _dataloader(plan, self.cfg.workers(), persistent=True, pin_memory=self.pin_memory),
             )
             self._loaders[with_keys] = cached
         _, plan, loader = cached
@@ -709,7 +658,7 @@ def eval_loader(
         cfg, info, split=split, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
         with_keys=with_keys,
     )  # fmt: skip
-    loader = _dataloader(plan, cfg.num_workers, persistent=False, pin_memory=None)
+    loader = _dataloader(plan, cfg.workers(), persistent=False, pin_memory=None)
     return Batches(loader, len(plan.batches), Counter(), Counter(), with_keys)
 
 
@@ -726,7 +675,7 @@ class EvalSet:
         indices = [index_shard(p) for p in paths]
         if self._cached is None or any(a is not b for a, b in zip(self._cached[0], indices, strict=True)):
             plan = _eval_plan(self.cfg, self.info, with_keys=False, **self.plan_args)
-            loader = _dataloader(plan, self.cfg.num_workers, persistent=True, pin_memory=self.pin_memory)
+            loader = _dataloader(plan, self.cfg.workers(), persistent=True, pin_memory=self.pin_memory)
             self._cached = (plan.indices, plan, loader)
         _, plan, loader = self._cached
         return Batches(loader, len(plan.batches), Counter(), Counter(), False)
