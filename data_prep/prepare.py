@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_prep.atomic import atomic_write_json, tmp_path_for
 from data_prep.encode import EncodeOptions, encode_batch
-from data_prep.info import INFO_NAME, SPLITS
+from data_prep.info import INFO_NAME, SPLITS, splits_json
 from data_prep.plan import Plan, hash_file, make_plan
 from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
 from data_prep.shards import (
@@ -482,22 +482,13 @@ def _finish(
         "per_split": per_split,
     }
     assert counts["found"] == written + counts["duplicates"] + counts["skipped"], counts
-    splits = {}
-    for split in SPLITS:
-        mine = [s for s in shards if s["split"] == split]
-        splits[split] = {
-            "name": split,
-            "num_samples": sum(s["count"] for s in mine),
-            "filenames": [s["file"] for s in mine],
-            "shard_lengths": [s["count"] for s in mine],
-        }
     info = {
         "name": Path(args["src"]).name,
         "tool": "catdog-prep",
         "version": tool_version(),
         "classes": list(found.classes),
         "layout": found.layout,
-        "splits": splits,
+        "splits": splits_json(shards),
         "args": args,
         "counts": counts,
         "source": {"path": args["src"], "fingerprint": found.fingerprint},

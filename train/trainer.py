@@ -201,6 +201,9 @@ def main(cfg: Config) -> dict:
     """Train (resuming from run.dir when it holds a checkpoint) and return the final metrics."""
     info = load_info(cfg.data.dir)
     check_train_split(info, cfg.data.train_split)
+    # A val split absent from _info.json (other tools' shards may name it only "validation") fails now, not after
+    # the first epoch; an empty one is evaluated as empty, as before.
+    info.split(cfg.data.val_split)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.deterministic:
