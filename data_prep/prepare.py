@@ -318,6 +318,25 @@ def _check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
     return "ours"
 
 
+def _upgrade_splits(out: Path, info: dict) -> bool:
+    """Rewrite the ``splits`` of an _info.json written before val was also listed as ``validation`` and empty
+    splits were left out (see data_prep/info.py); the shards stay as they are. True when it changed."""
+    try:
+        shards = [
+            {"split": split, "file": f, "count": n}
+            for split in SPLITS
+            if split in info["splits"]
+            for f, n in zip(info["splits"][split]["filenames"], info["splits"][split]["shard_lengths"], strict=True)
+        ]
+    except (KeyError, TypeError, ValueError):
+        return False  # not a split list this tool wrote: left for load_info to report
+    splits = splits_json(shards)
+    if splits == info["splits"]:
+        return False
+    atomic_write_json(out / INFO_NAME, {**info, "splits": splits})
+    return True
+
+
 def _fingerprint(args: dict, source_fp: str) -> str:
     return hashlib.sha256(json.dumps({"args": args, "source": source_fp}, sort_keys=True).encode()).hexdigest()
 
@@ -352,7 +371,13 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
             remove_temp_files(out)
             (out / PROGRESS_NAME).unlink(missing_ok=True)
             n = info["counts"]["written"]
-            log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
+            if _upgrade_splits(out, info):
+                log(
+                    f"{out} is already complete ({n:,} samples); updated the split list in {INFO_NAME} to this "
+                    "version's (val also listed as 'validation', empty splits left out), shards unchanged"
+                )
+            else:
+                log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
         with _worker_pool(a.workers) as pool:

@@ -129,3 +129,29 @@ def test_empty_split_is_left_out_and_the_trainer_skips_test_scoring(real_data: P
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["val/samples"] == raw["splits"]["val"]["num_samples"] > 0
     assert not [k for k in final if k.startswith("test/")]  # no test split: scoring skipped, not failed
+
+
+def test_rerun_over_older_output_updates_only_the_split_list(real_data: Path, tmp_path: Path):
+    src = make_tree(real_data, tmp_path / "src", 12, short_side=96)
+    out = tmp_path / "shards"
+    args = PrepArgs(src=src, out=out, image_size=SIZE, test_fraction=0, workers=1, progress=False)
+    run(args, log=lambda _: None)
+    current = json.loads((out / INFO_NAME).read_text())
+    # The _info.json of an earlier catdog-prep: no "validation", the empty test split listed.
+    old = {**current, "splits": {k: v for k, v in current["splits"].items() if k != "validation"}}
+    old["splits"]["test"] = {"name": "test", "num_samples": 0, "filenames": [], "shard_lengths": []}
+    (out / INFO_NAME).write_text(json.dumps(old))
+    assert load_info(out).split("test").num_samples == 0  # catdog reads the old format as it always did
+    shards = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
+
+    logs: list[str] = []
+    assert run(args, log=logs.append)["status"] == "up_to_date"
+    assert json.loads((out / INFO_NAME).read_text()) == current
+    assert any("updated the split list" in line for line in logs), logs
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")} == shards
+    assert len(timm_data.create_dataset("wds/catsdogs", root=str(out))) == current["splits"]["val"]["num_samples"]
+
+    before = (out / INFO_NAME).stat().st_mtime_ns
+    logs.clear()
+    run(args, log=logs.append)  # now current: nothing to do, nothing written
+    assert any("nothing to do" in line for line in logs) and (out / INFO_NAME).stat().st_mtime_ns == before
