@@ -16,14 +16,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import timm.data as timm_data  # a dev dependency (make setup installs it): missing = these tests fail, never skip
 from PIL import Image
 from prep_helpers import make_tree
 from train_helpers import TINY, run_train
 
 from data_prep.info import INFO_NAME, load_info
 from data_prep.prepare import PrepArgs, run
-
-timm_data = pytest.importorskip("timm.data", reason="timm is a dev dependency: make setup installs it")
 
 SIZE = 64
 # timm's default evaluation split name (create_dataset's default; train.py's --val-split default is the same).
