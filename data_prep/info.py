@@ -2,13 +2,20 @@
 
 Format (the one timm's WebDataset reader reads, plus our own fields)::
 
-    {"name": "catdog", "version": "0.1.0", "classes": ["cat", "dog"],
+    {"name": "catdog", "tool": "catdog-prep", "version": "0.1.0", "classes": ["cat", "dog"],
      "splits": {"train": {"name": "train", "num_samples": 1800,
                           "filenames": ["train-000000.tar", ...], "shard_lengths": [1000, 800]},
-                "val": {...}, "test": {...}},
+                "val": {"name": "val", ...}, "validation": {"name": "validation", <the same shards as val>},
+                "test": {...}},
      "args": {...}, "counts": {...}}
 
-Every split named in ``SPLITS`` is present; an empty split has ``num_samples: 0`` and no filenames.
+``val`` is also listed as ``validation`` (the same shards): timm looks its default evaluation split,
+``validation``, up in ``splits`` by exact name, while catdog's trainer (``data.val_split``) and older shards use
+``val``. So summing ``num_samples`` over ``splits`` counts the val shards twice; ``counts.per_split`` has each
+split once. A split with no samples is left out of ``splits``: timm fails on an empty one (IndexError from
+webdataset for evaluation, "num_samples not specified" for training). ``load_info`` gives catdog-prep's missing
+splits back as empty ones, so the trainer sees every name in ``SPLITS`` exactly as with older shards, which list
+empty splits with ``num_samples: 0``.
 Inside a shard each sample is ``<key>.jpg`` (RGB JPEG), ``<key>.cls`` (class index as ASCII) and
 ``<key>.json`` (class name, source path, original size, sha256 of the source). Keys use only
 ``[A-Za-z0-9_-]`` -- no dots, because WebDataset splits a member name at its first dot.
@@ -23,6 +30,9 @@ from pathlib import Path
 
 INFO_NAME = "_info.json"
 SPLITS = ("train", "val", "test")
+# Extra names under which a split is listed in _info.json: timm's default evaluation split is "validation"
+# (timm.data.create_dataset's split default and train.py's --val-split), matched exactly, with no synonyms.
+SPLIT_ALIASES = {"val": ("validation",)}
 
 
 class InfoError(ValueError):
@@ -65,6 +75,27 @@ class DatasetInfo:
         return [self.root / f for f in self.split(name).filenames]
 
 
+def splits_json(shards: list[dict]) -> dict[str, dict]:
+    """The ``splits`` of _info.json from the written shards (dicts with ``split``, ``file``, ``count``), in order.
+
+    Splits with no samples are left out, and each split is also listed under its SPLIT_ALIASES (see the module
+    docstring for why).
+    """
+    out: dict[str, dict] = {}
+    for split in SPLITS:
+        mine = [s for s in shards if s["split"] == split]
+        if not mine:
+            continue
+        for name in (split, *SPLIT_ALIASES.get(split, ())):
+            out[name] = SplitInfo(
+                name=name,
+                num_samples=sum(s["count"] for s in mine),
+                filenames=tuple(s["file"] for s in mine),
+                shard_lengths=tuple(s["count"] for s in mine),
+            ).to_json()
+    return out
+
+
 def load_info(root: str | os.PathLike) -> DatasetInfo:
     """Read and validate ``root/_info.json``; errors name the file and what to do."""
     root = Path(root)
@@ -85,6 +116,11 @@ def load_info(root: str | os.PathLike) -> DatasetInfo:
             if len(si.filenames) != len(si.shard_lengths) or sum(si.shard_lengths) != si.num_samples:
                 raise InfoError(f"{path}: split {name!r} filenames/shard_lengths/num_samples disagree")
             splits[name] = si
+        if raw.get("tool") == "catdog-prep":
+            # catdog-prep leaves empty splits out (see above); to the trainer they are empty, as they always were:
+            # no training samples is the trainer's own clear error, and an empty test split is skipped.
+            for name in SPLITS:
+                splits.setdefault(name, SplitInfo(name, 0, (), ()))
     except InfoError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_prep.atomic import atomic_write_json, tmp_path_for
 from data_prep.encode import EncodeOptions, encode_batch
-from data_prep.info import INFO_NAME, SPLITS
+from data_prep.info import INFO_NAME, SPLITS, splits_json
 from data_prep.plan import Plan, hash_file, make_plan
 from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
 from data_prep.shards import (
@@ -324,6 +324,25 @@ def _ensure_indexes(out: Path, shards: dict[str, dict]) -> int:
     return sum(ensure_index(out / name, s["sha256"]) for name, s in shards.items())
 
 
+def _upgrade_splits(out: Path, info: dict) -> bool:
+    """Rewrite the ``splits`` of an _info.json written before val was also listed as ``validation`` and empty
+    splits were left out (see data_prep/info.py); the shards stay as they are. True when it changed."""
+    try:
+        shards = [
+            {"split": split, "file": f, "count": n}
+            for split in SPLITS
+            if split in info["splits"]
+            for f, n in zip(info["splits"][split]["filenames"], info["splits"][split]["shard_lengths"], strict=True)
+        ]
+    except (KeyError, TypeError, ValueError):
+        return False  # not a split list this tool wrote: left for load_info to report
+    splits = splits_json(shards)
+    if splits == info["splits"]:
+        return False
+    atomic_write_json(out / INFO_NAME, {**info, "splits": splits})
+    return True
+
+
 def _fingerprint(args: dict, source_fp: str) -> str:
     return hashlib.sha256(json.dumps({"args": args, "source": source_fp}, sort_keys=True).encode()).hexdigest()
 
@@ -361,7 +380,13 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
             added = _ensure_indexes(out, info["shards"])
             if added:  # shards from a catdog-prep without indexes, or an index deleted since
                 log(f"wrote the member index of {added} shard(s) that had none (or a stale one)")
-            log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
+            if _upgrade_splits(out, info):
+                log(
+                    f"{out} is already complete ({n:,} samples); updated the split list in {INFO_NAME} to this "
+                    "version's (val also listed as 'validation', empty splits left out), shards unchanged"
+                )
+            else:
+                log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
         with _worker_pool(a.workers) as pool:
@@ -493,22 +518,13 @@ def _finish(
         "per_split": per_split,
     }
     assert counts["found"] == written + counts["duplicates"] + counts["skipped"], counts
-    splits = {}
-    for split in SPLITS:
-        mine = [s for s in shards if s["split"] == split]
-        splits[split] = {
-            "name": split,
-            "num_samples": sum(s["count"] for s in mine),
-            "filenames": [s["file"] for s in mine],
-            "shard_lengths": [s["count"] for s in mine],
-        }
     info = {
         "name": Path(args["src"]).name,
         "tool": "catdog-prep",
         "version": tool_version(),
         "classes": list(found.classes),
         "layout": found.layout,
-        "splits": splits,
+        "splits": splits_json(shards),
         "args": args,
         "counts": counts,
         "source": {"path": args["src"], "fingerprint": found.fingerprint},

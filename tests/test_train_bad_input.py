@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from data_shards import rewrite_member, tiny_jpegs, write_shards
-from train_helpers import TINY, make_shards, run_train_failing
+from train_helpers import TINY, make_shards, run_train, run_train_failing
 
 
 def test_empty_train_split_is_one_clear_line(tmp_path, real_data):
@@ -24,3 +26,20 @@ def test_corrupt_sample_with_on_error_raise_names_shard_and_key(tmp_path, real_d
     proc = run_train_failing([*args, "data.shuffle=false"])
     assert proc.returncode == 1
     assert f"catdog-train: corrupt sample in shard {shards / 'train-000000.tar'}, key 'train_00_003'" in proc.stderr
+
+
+def test_missing_val_split_fails_before_training(tmp_path, real_data):
+    # Shards from another tool that name the evaluation split only "validation" (timm's name): data.val_split=val
+    # must fail at start with the splits there are, not after an epoch of training.
+    shards = make_shards(real_data, tmp_path / "shards")
+    info = json.loads((shards / "_info.json").read_text())
+    info["splits"]["validation"] = {**info["splits"].pop("val"), "name": "validation"}
+    (shards / "_info.json").write_text(json.dumps(info))
+    run_dir = tmp_path / "run"
+    proc = run_train_failing([f"data.dir={shards}", f"run.dir={run_dir}", *TINY])
+    assert proc.returncode == 2
+    assert f"{shards / '_info.json'} has no split 'val'; it has ['test', 'train', 'validation']" in proc.stderr
+    assert not run_dir.exists()
+    # ... and naming it works.
+    run_train([f"data.dir={shards}", f"run.dir={run_dir}", *TINY, "data.val_split=validation", "train.epochs=1"])
+    assert json.loads((run_dir / "final_metrics.json").read_text())["val/samples"] == 11

@@ -289,6 +289,9 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     """
     info = load_info(cfg.data.dir)  # bad data is refused before anything is written
     check_train_split(info, cfg.data.train_split)
+    # A val split absent from _info.json (other tools' shards may name it only "validation") fails now, not after
+    # the first epoch; an empty one is evaluated as empty, as before.
+    info.split(cfg.data.val_split)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(cfg, run_dir)
