@@ -115,7 +115,8 @@ def test_two_task_training_job(slurm_cluster, train_yaml: Path, tmp_path: Path):
 
     # The script SLURM ran is the one --dry-run printed (same submitit machinery, job id aside).
     submitted = (run / "slurm" / f"{job_id}_submission.sh").read_text()
-    assert submitted.strip() == dry.stdout.split("\n# run dir")[0].strip()
+    assert submitted.strip() == dry.stdout.split("\n# --cpus-per-task")[0].strip()
+    assert "# --cpus-per-task 1 (as given)" in dry.stdout  # the resource file's value, said as such
     # SLURM ran 2 tasks of 1 CPU each, one log per rank.
     steps = subprocess.run(
         ["sacct", "-n", "-P", "-o", "JobID,NTasks,AllocCPUS,State", "-j", job_id],
@@ -259,6 +260,14 @@ def test_bad_settings_fail_before_submitting(slurm_cluster, train_yaml: Path, tm
     # What only SLURM knows is SLURM's to say: its own message, unchanged.
     res = cli(*base, "--constraint", "nosuchfeature", timeout=60)
     assert res.returncode == 1 and "Batch job submission failed: Invalid feature specification" in res.stderr
+
+
+def test_gpu_dry_run_says_what_cpus_per_task_it_assumed_from_the_real_sinfo(train_yaml: Path, tmp_path: Path):
+    # The test node has no GPU: sinfo cannot give a CPUs-per-GPU share, so the dry run says what it assumed.
+    res = cli("slurm", "--config", str(train_yaml), "--gpus-per-node", "4", "--dry-run", f"run.dir={tmp_path / 'r'}")
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --cpus-per-task=8" in res.stdout
+    assert "# --cpus-per-task 8 (auto: ASSUMED, no node of the partition has 4 GPUs" in res.stdout, res.stdout[-800:]
 
 
 @pytest.fixture

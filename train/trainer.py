@@ -29,7 +29,7 @@ from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
 from data_prep.prepare import default_workers  # cores this process may use (affinity-aware)
 from train import checkpoint as ckpt
 from train import plots, tracking
-from train.config import Config, ConfigError, save_config
+from train.config import Config, ConfigError, auto_num_workers, save_config
 from train.data import EvalSet, TrainStream, eval_loader
 from train.distributed import StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
@@ -475,6 +475,8 @@ def _done(run: Run, state: ckpt.TrainerState) -> bool:
 
 def _log_layout(run: Run) -> None:
     cfg, acc = run.cfg, run.acc
+    if cfg.data.num_workers == -1:
+        log.info("%s", auto_num_workers()[1])
     log.info(
         "%s on %d process(es) (%s, %s, %d thread(s)/rank, device %s): %d train samples, %d steps/epoch of %d images "
         "(%d per device x %d accumulation), %d epochs",
