@@ -29,6 +29,7 @@ from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
 from data_prep.prepare import default_workers  # cores this process may use (affinity-aware)
 from train import checkpoint as ckpt
 from train import plots, tracking
+from train.bundle import write_run_bundle
 from train.config import Config, ConfigError, save_config
 from train.data import TrainStream, eval_loader
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
@@ -476,6 +477,9 @@ def finish(run: Run, model: torch.nn.Module, state: ckpt.TrainerState) -> dict:
     if acc.is_main_process:
         run.write_outputs(state, state.step)
         atomic_write_json(run.dir / "final_metrics.json", final)
+        if best is not None and best.is_dir():
+            # Issue 9: the self-contained model bundle (run.dir/model/: weights + model.json) of the best weights.
+            write_run_bundle(run.dir, cfg, run.info, asdict(state), best, final)
         acc.log({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step=state.step)
         log.info("final: %s", _fmt({k: v for k, v in final.items() if isinstance(v, (int, float))}))
         log.info("run dir: %s (plots in %s)", run.dir, run.dir / "plots")
