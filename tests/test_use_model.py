@@ -73,22 +73,25 @@ def in_run_logits(trained: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return x, model(x)
 
 
-def test_bundle_torchscript_onnx_match_the_in_run_model(trained):
+def test_bundle_torchscript_onnx_match_the_in_run_model(trained, capsys):
+    from train import export
     from train.inference import load_classifier
 
     meta = json.loads((trained["bundle"] / "model.json").read_text())
     assert meta["classes"] == ["cat", "dog"] and meta["model"]["name"] == "scratch_cnn"
     assert meta["input"] | {} == meta["input"] and meta["input"]["image_size"] == 64 and meta["input"]["resize"] == 73
-    assert meta["prep"]["image_size"] == 72 and meta["prep"]["quality"] == 90 and meta["prep"]["source"].endswith("args")
+    assert (
+        meta["prep"]["image_size"] == 72 and meta["prep"]["quality"] == 90 and meta["prep"]["source"].endswith("args")
+    )
     final = json.loads((trained["run"] / "final_metrics.json").read_text())
     assert meta["training"]["checkpoint"] == final["best_checkpoint"]
     assert meta["metrics"]["val/accuracy"] == final["best/val/accuracy"]
     assert set(meta["data"]["shards_sha256"]) == {p.name for p in trained["shards"].glob("*.tar")}
 
     for fmt, suffix, engine in (("torchscript", "pt", "torch.jit.load"), ("onnx", "onnx", "onnxruntime")):
-        r = cli("export", trained["run"], "--format", fmt)
-        assert r.returncode == 0, r.stderr
-        assert f"wrote {trained['run'] / f'model.{suffix}'}" in r.stdout and f"checked with {engine}" in r.stdout
+        assert export.main([str(trained["run"]), "--format", fmt]) == 0  # in-process: saves a torch start-up
+        stdout = capsys.readouterr().out
+        assert f"wrote {trained['run'] / f'model.{suffix}'}" in stdout and f"checked with {engine}" in stdout
     x, reference = in_run_logits(trained)
     assert len(x) == 8  # the val split: 4 cats + 4 dogs
     for model in (trained["bundle"], trained["run"] / "model.pt", trained["run"] / "model.onnx"):
@@ -161,17 +164,26 @@ def test_predict_reports_every_bad_input_and_never_stops(trained, real_data, tmp
     assert "21 inputs = 11 classified + 10 skipped" in r.stderr
 
 
-def test_predict_with_no_readable_input_fails_with_one_line(trained, tmp_path):
+def test_predict_with_no_readable_input_fails_with_one_line(trained, tmp_path, capsys):
+    from train.predict import main  # in-process: the same main() the console script runs, without a torch start-up
+
+    def error_line(*args) -> tuple[int, str]:
+        code = main([*map(str, args), "--workers", "0", "--no-progress"])
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("catdog-predict: ") and not captured.out, captured
+        return code, lines[0]
+
     (tmp_path / "a.jpg").write_text("not a photo")
     (tmp_path / "b.jpg").write_bytes(b"")
-    line = one_error_line(cli("predict", trained["bundle"], tmp_path, "--workers", "0"), "catdog-predict")
-    assert "none of the 2 inputs could be classified" in line and "not_an_image" in line
+    code, line = error_line(trained["bundle"], tmp_path)
+    assert code == 1 and "none of the 2 inputs could be classified" in line and "not_an_image" in line
     empty = tmp_path / "nothing"
     empty.mkdir()
-    line = one_error_line(cli("predict", trained["bundle"], empty), "catdog-predict")
-    assert "no images found" in line
-    line = one_error_line(cli("predict", tmp_path / "no-model", tmp_path), "catdog-predict")
-    assert "no-model" in line
+    code, line = error_line(trained["bundle"], empty)
+    assert code == 2 and "no images found" in line
+    code, line = error_line(tmp_path / "no-model", tmp_path)
+    assert code == 2 and "no-model" in line
 
 
 def _val_metrics(trained) -> dict:
@@ -231,7 +243,15 @@ def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
     args = [trained["bundle"], trained["src"], "--split", "val", "--batch-size", "3", "--workers", "0"]
     one = cli("evaluation", *args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port)]
+    launch = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+    ]
     two = subprocess.run(
         [*launch, "-m", "train.evaluation", *map(str, args), "--out", str(tmp_path / "two")],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180,
