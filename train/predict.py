@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import sys
 import time
 from collections import Counter
@@ -60,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         entries, shard_dirs = expand_inputs(args.inputs)
     except (BundleError, InfoError) as e:
         return _fail(str(e), 2)
+    if getattr(clf, "device", None) is not None and clf.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        # The decode workers take cores too: model threads + workers > cores makes OpenMP's barriers spin against
+        # each other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward).
+        import torch
+
+        from data_prep.prepare import default_workers
+
+        torch.set_num_threads(max(1, default_workers() - args.workers))
     if not entries and not shard_dirs:
         return _fail(f"no images found in {' '.join(args.inputs)} (looked for image file extensions)", 2)
     try:
