@@ -122,7 +122,9 @@ def _data_source(args, clf):
         raise EvalError(f"DATA {data} does not exist: pass a catdog-prep shard folder or a labelled photo folder")
     found, how = scan(data, args.layout)
     candidates = list(found.candidates)
-    if found.layout in PRESPLIT_LAYOUTS:
+    if found.layout not in PRESPLIT_LAYOUTS:
+        args.split = "all"  # no split folders: every labelled photo is evaluated (recorded as such in metrics.json)
+    else:
         present = sorted({c.split for c in candidates if c.split})
         candidates = [c for c in candidates if c.split == args.split]
         if not candidates:

@@ -19,7 +19,7 @@ import json
 import os
 import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep.encode import EncodeOptions, Skip, encode_image
 from data_prep.info import INFO_NAME
-from data_prep.scan import IMAGE_EXTENSIONS, kind_problem, walk_images
+from data_prep.scan import kind_problem, walk_images
 from train.bundle import META_NAME, Bundle, BundleError, bundle_from_run, load_bundle, read_meta
 from train.data import decode_rgb
 from train.transforms import eval_resize, normalise
@@ -310,10 +310,6 @@ def denormalise(x: Tensor, meta: dict) -> Tensor:
     return (x.float().cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
 def row_json(name: str, classes: Sequence[str], probs: Sequence[float] | None, skip: tuple[str, str] | None) -> str:
     """One JSONL row: {"path", "prediction", "probability", "probs": {class: p}} or {"path", "skipped", "detail"}."""
     if probs is None:
@@ -327,6 +323,3 @@ def row_json(name: str, classes: Sequence[str], probs: Sequence[float] | None, s
             "probs": dict(zip(classes, probs, strict=True)),
         }
     )
-
-
-ProgressFn = Callable[[int], None]
