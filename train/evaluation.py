@@ -351,9 +351,7 @@ def write_outputs(args, clf, records, mistakes, skipped, processes: int) -> dict
         w.writerow([name, classes[label], classes[max(range(len(p)), key=p.__getitem__)], *(f"{q:.6f}" for q in p)])
     atomic_write_text(out / "predictions.csv", buf.getvalue())
     atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
-    title = (
-        f"{Path(args.data).name} {args.split}" if (Path(args.data) / "_info.json").is_file() else Path(args.data).name
-    )
+    title = Path(args.data).name + ("" if args.split == "all" else f" {args.split}")
     plots.confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png", title)
     plots.roc_curve(metrics["roc"], metrics["auroc"], classes, out / "roc.png", title)
     _pr_plot(metrics["pr"], classes, out / "pr.png", title)
