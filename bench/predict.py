@@ -1,11 +1,14 @@
 """catdog-predict throughput vs a naive loop, same photos, same model, same machine, one run; the ratio last.
 
 - ours: what catdog-predict runs after loading the model (``train.predict.predict``): batches, decode worker
-  processes, catdog-prep's decode (``draft()`` for big JPEGs) and the eval transform, channels_last on CPU;
+  processes, catdog-prep's decode and the eval transform, BatchNorm folded into the convolutions,
+  channels_last on CPU; by default (exact: the pixels
+  validation saw) and with its fast options (``--decode fast``: JPEG ``draft()`` straight to the model's size;
+  ``--precision bf16`` where the CPU runs bf16 natively);
 - naive: for each photo, ``Image.open`` + ``convert("RGB")``, the eval transform (train.transforms), the model
   on that one image.
 
-Passes alternate (ours, naive, ours, ...) so load from other processes hits both alike; medians are printed.
+Passes alternate (ours variants, naive, ours variants, ...) so load from other processes hits both alike; medians are printed.
 
     .venv/bin/python bench/predict.py [--src ../shared/data/catsdogs/val] [--n 400] [--model BUNDLE] [--repeats 3]
 
@@ -92,35 +95,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = load_bundle(args.model or demo_bundle(Path(tmp)))
         clfs = {
-            p: TorchClassifier(bundle.meta, "bench", bundle.build(), device="cpu", precision=p, kind="pytorch")
+            p: TorchClassifier(
+                bundle.meta, "bench", bundle.build(), device="cpu", precision=p, kind="pytorch", fuse=True
+            )
             for p in ("fp32", "bf16")[: 1 + bf16]
         }
+        # catdog-predict's default (exact decode, fp32), then its fast options (--decode fast, --precision bf16).
+        variants = [(d, p) for d in ("exact", "fast") for p in clfs]
         paths = sorted(Path(args.src).rglob("*.jpg"))[: args.n]
         entries, _ = expand_inputs([str(p) for p in paths])
-        opts = Namespace(batch_size=args.batch_size, workers=args.workers, tta="none", no_progress=True)
         print(
             f"{len(paths)} photos from {args.src}; model {bundle.meta['model']['name']} at {bundle.image_size} px "
             f"(prep {bundle.meta['prep']['image_size']} px); {torch.get_num_threads()} torch thread(s) on "
             f"{default_workers()} cores; ours: batch {args.batch_size}, {args.workers} decode workers"
         )
-        rates: dict[str, list[float]] = {**{f"ours {p}": [] for p in clfs}, "naive fp32": []}
+        rates: dict[str, list[float]] = {**{f"ours {d} {p}": [] for d, p in variants}, "naive fp32": []}
         for r in range(args.repeats):
-            for precision, clf in clfs.items():
-                rows, seconds = predict(clf, entries, [], opts)
+            for decode, precision in variants:
+                opts = Namespace(
+                    batch_size=args.batch_size, workers=args.workers, tta="none", no_progress=True, decode=decode
+                )
+                rows, seconds = predict(clfs[precision], entries, [], opts)
                 assert sum(row[1] is not None for row in rows) == len(paths)
-                rates[f"ours {precision}"].append(len(paths) / seconds)
+                rates[f"ours {decode} {precision}"].append(len(paths) / seconds)
             t0 = time.perf_counter()
             naive(bundle, paths)
             rates["naive fp32"].append(len(paths) / (time.perf_counter() - t0))
-            print(f"repeat {r}: " + "   ".join(f"{k} {v[-1]:7.1f} img/s" for k, v in rates.items()))
+            print(f"repeat {r}: " + "  ".join(f"{k} {v[-1]:6.1f}" for k, v in rates.items()) + " (img/s)")
         med = {k: statistics.median(v) for k, v in rates.items()}
         for k, v in med.items():
             print(f"median {k}: {v:.1f} img/s")
-        if bf16:
-            print(f"ratio ours bf16 / naive: {med['ours bf16'] / med['naive fp32']:.2f}x")
-        else:
+        if not bf16:
             print("bf16: not supported by this CPU (no AVX512-BF16/AMX), not measured")
-        print(f"ratio ours fp32 / naive: {med['ours fp32'] / med['naive fp32']:.2f}x")
+        base = med.pop("naive fp32")
+        for k, v in med.items():
+            print(f"ratio {k} / naive: {v / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import stat
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,8 +60,15 @@ class Classifier:
     def image_size(self) -> int:
         return int(self.meta["input"]["image_size"])
 
-    def prep(self) -> EncodeOptions:
-        return Bundle(self.meta, {}).prep()
+    def prep(self, decode: str = "exact") -> EncodeOptions:
+        """catdog-prep's options for this model. ``decode="fast"``: catdog-prep's same code, but straight to the eval
+        resize size instead of the shards' size, so libjpeg can decode big JPEGs at 1/2, 1/4 or 1/8 scale (``draft``)
+        and the resize and JPEG round trip work on fewer pixels. The pixels then differ slightly from validation's."""
+        prep = Bundle(self.meta, {}).prep()
+        resize = int(self.meta["input"]["resize"])
+        if decode == "fast" and resize < prep.image_size:
+            return replace(prep, image_size=resize)
+        return prep
 
     def data_config(self, **kw):
         return Bundle(self.meta, {}).data_config(**kw)
@@ -76,12 +83,24 @@ class Classifier:
 class TorchClassifier(Classifier):
     """A bundle's model (or a TorchScript module) on a torch device, optionally channels_last / bf16 autocast."""
 
-    def __init__(self, meta: dict, source: str, model: torch.nn.Module, *, device: str, precision: str, kind: str):
+    def __init__(
+        self,
+        meta: dict,
+        source: str,
+        model: torch.nn.Module,
+        *,
+        device: str,
+        precision: str,
+        kind: str,
+        fuse: bool = False,
+    ):
         super().__init__(meta, source)
         self.kind = kind
         self.device = torch.device(device)
         self.channels_last = bool(meta["input"].get("channels_last")) or self.device.type == "cpu"
         self.model = model.to(self.device).eval()
+        if fuse and kind == "pytorch":
+            self.model = fuse_conv_bn(self.model)
         if self.channels_last and kind == "pytorch":
             # oneDNN's convolutions are faster in NHWC on CPUs; the results are the same to float rounding.
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -95,6 +114,18 @@ class TorchClassifier(Classifier):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.model(x)
         return out.float().cpu()
+
+
+def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold eval-mode BatchNorm into the preceding convolution (torch.fx): one pass over the activations less per
+    layer, 1.27x faster for the demo CNN on CPU (measured); logits move by ~1e-6. Models fx cannot trace stay as
+    they are."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model)
+    except Exception:  # noqa: BLE001 -- a model torch.fx cannot trace simply runs unfused
+        return model
 
 
 class OnnxClassifier(Classifier):
@@ -130,10 +161,11 @@ def onnxruntime_module():
 
 
 def load_classifier(
-    path: str | Path, *, device: str = "auto", precision: str = "fp32", checkpoint: str = "best"
+    path: str | Path, *, device: str = "auto", precision: str = "fp32", checkpoint: str = "best", fuse: bool = False
 ) -> Classifier:
     """MODEL as catdog-predict/-evaluate take it: a bundle folder, a run dir (its bundle, else its ``checkpoint``),
-    or an exported ``.onnx`` / TorchScript (``.pt``/``.ts``) file carrying its model.json."""
+    or an exported ``.onnx`` / TorchScript (``.pt``/``.ts``) file carrying its model.json. ``fuse``: fold BatchNorm
+    into convolutions (predict; evaluate keeps the model exactly as validation ran it)."""
     path = Path(path)
     device = resolve_device(device)
     if path.is_dir():
@@ -146,7 +178,7 @@ def load_classifier(
         else:
             raise BundleError(f"{path} is neither a bundle folder ({META_NAME}) nor a run dir (config.yaml)")
         return TorchClassifier(
-            bundle.meta, str(path), bundle.build(), device=device, precision=precision, kind="pytorch"
+            bundle.meta, str(path), bundle.build(), device=device, precision=precision, kind="pytorch", fuse=fuse
         )
     if not path.is_file():
         raise BundleError(f"MODEL {path} does not exist: pass a bundle folder, a run dir, or an exported file")
@@ -283,11 +315,17 @@ class ImageBatches(Dataset):
 
 
 def image_loader(
-    clf: Classifier, entries: Sequence[Entry], batches: Sequence[Sequence[int]], *, workers: int
+    clf: Classifier,
+    entries: Sequence[Entry],
+    batches: Sequence[Sequence[int]],
+    *,
+    workers: int,
+    decode: str = "exact",
 ) -> DataLoader:
-    """Batches of ``entries`` prepared for ``clf``, decoded by ``workers`` processes, in order."""
+    """Batches of ``entries`` prepared for ``clf``, decoded by ``workers`` processes, in order (``decode``: see
+    ``Classifier.prep``)."""
     cfg = clf.data_config()
-    dataset = ImageBatches(entries, batches, clf.prep(), eval_resize(cfg, clf.image_size), normalise(cfg))
+    dataset = ImageBatches(entries, batches, clf.prep(decode), eval_resize(cfg, clf.image_size), normalise(cfg))
     workers = min(workers, len(batches))
     return DataLoader(
         dataset,

@@ -35,6 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (PyTorch models)")
+    p.add_argument(
+        "--decode",
+        choices=("exact", "fast"),
+        default="exact",
+        help="exact: the pixels validation saw (catdog-prep at the shards' size); fast: catdog-prep straight to the "
+        "model's input size with JPEG draft decoding (several times cheaper for big photos, pixels differ slightly)",
+    )
     p.add_argument("--checkpoint", default="best", help="for a run dir without a bundle: best | last | PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -57,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from train.inference import expand_inputs, load_classifier  # torch only once the arguments are sane
 
     try:
-        clf = load_classifier(args.model, device=args.device, precision=args.precision, checkpoint=args.checkpoint)
+        clf = load_classifier(
+            args.model, device=args.device, precision=args.precision, checkpoint=args.checkpoint, fuse=True
+        )
         entries, shard_dirs = expand_inputs(args.inputs)
     except (BundleError, InfoError) as e:
         return _fail(str(e), 2)
@@ -111,7 +120,9 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
                 rows[i] = (e.name, None, e.problem)
                 bar.update(1)
         if todo:
-            for x, ok, skips in image_loader(clf, entries, chunk(todo, args.batch_size), workers=args.workers):
+            for x, ok, skips in image_loader(
+                clf, entries, chunk(todo, args.batch_size), workers=args.workers, decode=args.decode
+            ):
                 for i, reason, detail in skips:
                     rows[i] = (entries[i].name, None, (reason, detail))
                 if x is not None:
