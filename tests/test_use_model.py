@@ -262,3 +262,29 @@ def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (a.pop("processes"), b.pop("processes")) == (1, 2)
     assert a == b and a["samples"] == 8
+
+
+def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data, tmp_path):
+    from train.predict import main
+
+    # A bundle whose shards were 192 px (as the demo's): exact decode goes 192 px -> JPEG -> 73 px, fast straight to 73.
+    bundle = tmp_path / "model"
+    shutil.copytree(trained["bundle"], bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    meta["prep"]["image_size"] = 192
+    (bundle / "model.json").write_text(json.dumps(meta))
+    photos = tmp_path / "originals"  # full-size photos
+    photos.mkdir()
+    for cls in ("cat", "dog"):
+        for p in real_photos(real_data, "val", cls, 4):
+            shutil.copy(p, photos / p.name)
+    runs = {}
+    for name, extra in {"exact": [], "fast": ["--decode", "fast"], "flip": ["--tta", "flip"]}.items():
+        out = tmp_path / f"{name}.jsonl"
+        assert main([str(bundle), str(photos), "-o", str(out), "--workers", "0", "--no-progress"] + extra) == 0
+        runs[name] = {r["path"]: r["probs"]["dog"] for r in map(json.loads, out.read_text().splitlines())}
+    assert runs["exact"].keys() == runs["fast"].keys() == runs["flip"].keys() and len(runs["exact"]) == 8
+    # Fast decode skips the 192-px intermediate, TTA averages with the mirror image: close, not equal.
+    for name in ("fast", "flip"):
+        diffs = [abs(runs[name][k] - v) for k, v in runs["exact"].items()]
+        assert 0 < max(diffs) < 0.1, (name, diffs)
