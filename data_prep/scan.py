@@ -185,3 +185,17 @@ def scan(src: str | os.PathLike, layout: str = "auto", exclude: str | os.PathLik
     listing = "\n".join(f"{rel}\t{kind}\t{size}" for rel, kind, size in entries)
     fingerprint = hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()
     return Scan(layout, tuple(candidates), classes, ignored, fingerprint), how
+
+
+def walk_images(src: str | os.PathLike) -> tuple[list[tuple[str, str, int]], int]:
+    """Every entry under ``src`` with an image extension as (rel, kind, size), and the count of other entries.
+
+    The same walk ``scan`` does (nothing opened, symlink loops cut, hidden entries ignored), for callers that
+    need no labels (catdog-predict).
+    """
+    return _walk(Path(src), None)
+
+
+def kind_problem(kind: str) -> tuple[str, str] | None:
+    """(reason, detail) for an entry that is not a regular file (a ``walk_images`` kind), else None."""
+    return _KIND_PROBLEMS.get(kind)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: prepare shards -> train the scratch CNN (configs/cnn.yaml) -> evaluate -> show results.
+# `make demo`: prepare shards -> train the scratch CNN (configs/cnn.yaml) -> evaluate -> show results -> classify a few photos.
 # Usage: scripts/demo.sh [DATA_DIR] [DEMO_DIR]. An empty DATA_DIR downloads cats_and_dogs_filtered
 # (checksum-verified) into ~/.cache/catdog; offline, that step stops and says to set DATA_DIR.
 set -euo pipefail
@@ -28,3 +28,8 @@ for k, v in sorted(metrics.items()):
 print(f"plots:   {run / 'plots'}")
 print(f"metrics: {run / 'metrics.jsonl'}")
 PY
+
+echo "== classify a few photos with catdog-predict (the run's model bundle, $DEMO_DIR/run/model)"
+# Validation photos (never trained on): val/ here, validation/ in the downloaded copy.
+mapfile -t PHOTOS < <(find "$DATA_DIR" -path '*val*' -name '*.jpg' | sort | awk 'NR % 200 == 1' | head -n 6)
+$BIN/catdog-predict "$DEMO_DIR/run/model" "${PHOTOS[@]}"

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
 from data_prep.prepare import default_workers  # cores this process may use (affinity-aware)
 from train import checkpoint as ckpt
 from train import plots, tracking
+from train.bundle import write_run_bundle
 from train.config import Config, ConfigError, auto_num_workers, save_config
 from train.data import EvalSet, TrainStream, eval_loader
 from train.distributed import StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
@@ -652,6 +653,9 @@ def finish(run: Run, state: ckpt.TrainerState) -> dict:
     if acc.is_main_process:
         run.write_outputs(state, state.step)
         atomic_write_json(run.dir / "final_metrics.json", final)
+        if found[0]:
+            # The self-contained model bundle (run.dir/model/: weights + model.json) of the best weights.
+            write_run_bundle(run.dir, cfg, run.info, asdict(state), best, final)
         acc.log({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step=state.step)
         log.info("final: %s", _fmt({k: v for k, v in final.items() if isinstance(v, (int, float))}))
         log.info("run dir: %s (plots in %s)", run.dir, run.dir / "plots")

@@ -1,0 +1,290 @@
+"""Using a trained model: the bundle the trainer writes, catdog-export (TorchScript, ONNX), catdog-predict on real
+and bad inputs, catdog-evaluate reproducing the trainer's validation metrics (1 and 2 ranks).
+
+One tiny real run (scratch CNN at 64 px, 32 real photos prepared by the real catdog-prep) is shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from prep_helpers import as_unprivileged, make_tree, real_photos, small_jpeg
+from safetensors.torch import load_file
+from train_helpers import BIN, ROOT, TINY, env, run_train
+
+from data_prep.info import load_info
+from train.config import load_config
+from train.data import eval_loader
+from train.models import build_model
+
+METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auroc", "samples")
+
+
+@pytest.fixture(scope="module")
+def trained(real_data: Path, tmp_path_factory) -> dict:
+    """Photos (pre-split: train/ and val/) -> catdog-prep shards (72 px) -> a 3-epoch tiny run with its bundle."""
+    root = tmp_path_factory.mktemp("use_model")
+    src = make_tree(real_data, root / "src", 16, layout="presplit")
+    prep = subprocess.run(
+        [sys.executable, "-m", "data_prep", src, root / "shards", "--image-size", "72", "--workers", "1", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr
+    run_dir = root / "run"
+    run_train([*TINY, f"data.dir={root / 'shards'}", f"run.dir={run_dir}", "train.epochs=3", "optim.lr=0.003"])
+    return {"root": root, "src": src, "shards": root / "shards", "run": run_dir, "bundle": run_dir / "model"}
+
+
+def cli(name: str, *args, timeout: int = 180, prefix: tuple[str, ...] = (), **extra_env) -> subprocess.CompletedProcess:
+    cmd = [*prefix, sys.executable, "-m", f"train.{name}", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, prog: str) -> str:
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: "), proc.stderr
+    return lines[0]
+
+
+def in_run_logits(trained: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model as the run holds it (registry + best checkpoint's weights, no bundle code) on the trainer's own
+    val batches: (normalised images, logits)."""
+    cfg = load_config(trained["run"] / "config.yaml")
+    state = json.loads((trained["run"] / "final_metrics.json").read_text())
+    model = build_model(cfg.model, 2)
+    best = trained["run"] / "checkpoints" / state["best_checkpoint"]
+    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    model.eval()
+    info = load_info(trained["shards"])
+    batches = eval_loader(
+        cfg.data, info, split="val", batch_size=64, image_size=cfg.model.input_size(), rank=0, world_size=1
+    )
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        return x, model(x)
+
+
+def test_bundle_torchscript_onnx_match_the_in_run_model(trained, capsys):
+    from train import export
+    from train.inference import load_classifier
+
+    meta = json.loads((trained["bundle"] / "model.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["model"]["name"] == "scratch_cnn"
+    assert meta["input"] | {} == meta["input"] and meta["input"]["image_size"] == 64 and meta["input"]["resize"] == 73
+    assert (
+        meta["prep"]["image_size"] == 72 and meta["prep"]["quality"] == 90 and meta["prep"]["source"].endswith("args")
+    )
+    final = json.loads((trained["run"] / "final_metrics.json").read_text())
+    assert meta["training"]["checkpoint"] == final["best_checkpoint"]
+    assert meta["metrics"]["val/accuracy"] == final["best/val/accuracy"]
+    assert set(meta["data"]["shards_sha256"]) == {p.name for p in trained["shards"].glob("*.tar")}
+
+    for fmt, suffix, engine in (("torchscript", "pt", "torch.jit.load"), ("onnx", "onnx", "onnxruntime")):
+        assert export.main([str(trained["run"]), "--format", fmt]) == 0  # in-process: saves a torch start-up
+        stdout = capsys.readouterr().out
+        assert f"wrote {trained['run'] / f'model.{suffix}'}" in stdout and f"checked with {engine}" in stdout
+    x, reference = in_run_logits(trained)
+    assert len(x) == 8  # the val split: 4 cats + 4 dogs
+    for model in (trained["bundle"], trained["run"] / "model.pt", trained["run"] / "model.onnx"):
+        got = load_classifier(model, device="cpu")(x)
+        assert (got - reference).abs().max() <= 1e-4, model
+        assert torch.equal(got.argmax(1), reference.argmax(1))
+
+
+def test_bundle_works_with_the_shards_moved_away(trained, tmp_path):
+    away = tmp_path / "shards-away"
+    shutil.move(trained["shards"], away)
+    try:
+        photos = trained["src"] / "val"
+        r = cli("predict", trained["bundle"], photos, "--workers", "0", "--no-progress")
+        assert r.returncode == 0, r.stderr
+        assert "8 inputs = 8 classified + 0 skipped" in r.stderr
+        rows = [line for line in r.stdout.splitlines()[1:] if line.strip()]
+        assert len(rows) == 8 and all(line.split()[1] in ("cat", "dog") for line in rows)
+    finally:
+        shutil.move(away, trained["shards"])
+
+
+def test_predict_reports_every_bad_input_and_never_stops(trained, real_data, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(trained["src"] / "val", folder / "good")
+    photo = real_photos(real_data, "train", "cat", 30)[-1]
+    bad = folder / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    data = photo.read_bytes()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (bad / "notes.jpg").write_text("these are my notes, not a photo\n")
+    (bad / "folder.jpg").mkdir()
+    os.mkfifo(bad / "pipe.jpg")  # reading it would block forever
+    (bad / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    Image.new("1", (12_000, 12_000)).save(bad / "bomb.png")  # 144 Mpx: over catdog-prep's --max-pixels
+    Image.open(photo).resize((20, 15)).save(bad / "tiny.jpg")
+    locked = bad / "locked.jpg"
+    locked.write_bytes(small_jpeg(photo))
+    locked.chmod(0)
+    # EXIF-rotated and non-RGB photos are handled as catdog-prep handles them (classified, not skipped).
+    with Image.open(photo) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6
+        im.save(folder / "rotated.jpg", exif=exif)
+        im.convert("LA").save(folder / "grey-alpha.png")
+        im.convert("P").save(folder / "palette.gif")
+    out = tmp_path / "rows.jsonl"
+    r = cli("predict", trained["bundle"], folder, tmp_path / "missing.jpg", "-o", out, prefix=as_unprivileged())
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    rows = {Path(row["path"]).name: row for row in map(json.loads, out.read_text().splitlines())}
+    reasons = {name: row["skipped"] for name, row in rows.items() if "skipped" in row}
+    assert reasons == {
+        "empty.jpg": "empty",
+        "truncated.jpg": "truncated",
+        "notes.jpg": "not_an_image",
+        "folder.jpg": "not_a_file",
+        "pipe.jpg": "not_a_file",
+        "dangling.jpg": "broken_symlink",
+        "bomb.png": "too_large",
+        "tiny.jpg": "too_small",
+        "locked.jpg": "unreadable",
+        "missing.jpg": "not_found",
+    }
+    classified = {name: row for name, row in rows.items() if "prediction" in row}
+    assert len(classified) == 8 + 3 and {"rotated.jpg", "grey-alpha.png", "palette.gif"} <= set(classified)
+    for row in classified.values():
+        assert row["prediction"] in ("cat", "dog") and abs(sum(row["probs"].values()) - 1) < 1e-5
+    assert "21 inputs = 11 classified + 10 skipped" in r.stderr
+
+
+def test_predict_with_no_readable_input_fails_with_one_line(trained, tmp_path, capsys):
+    from train.predict import main  # in-process: the same main() the console script runs, without a torch start-up
+
+    def error_line(*args) -> tuple[int, str]:
+        code = main([*map(str, args), "--workers", "0", "--no-progress"])
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("catdog-predict: ") and not captured.out, captured
+        return code, lines[0]
+
+    (tmp_path / "a.jpg").write_text("not a photo")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    code, line = error_line(trained["bundle"], tmp_path)
+    assert code == 1 and "none of the 2 inputs could be classified" in line and "not_an_image" in line
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    code, line = error_line(trained["bundle"], empty)
+    assert code == 2 and "no images found" in line
+    code, line = error_line(tmp_path / "no-model", tmp_path)
+    assert code == 2 and "no-model" in line
+
+
+def _val_metrics(trained) -> dict:
+    """The trainer's val metrics of the best checkpoint (the epoch row of metrics.jsonl whose step it is)."""
+    final = json.loads((trained["run"] / "final_metrics.json").read_text())
+    step = int(final["best_checkpoint"].removeprefix("step_"))
+    rows = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["step"] == step)
+    return {k: row[f"val/{k}"] for k in METRICS}
+
+
+def test_evaluate_on_photo_folders_reproduces_the_trainers_val_metrics(trained, tmp_path):
+    expected = _val_metrics(trained)
+    flat = tmp_path / "flat"  # Kaggle layout: cat.0.jpg, labels from the names
+    flat.mkdir()
+    for p in (trained["src"] / "val").rglob("*.jpg"):
+        shutil.copy(p, flat / p.name)
+    runs = {
+        "presplit": (trained["src"], "--split", "val"),
+        "class folders": (trained["src"] / "val",),
+        "kaggle flat": (flat,),
+        "shards": (trained["shards"], "--split", "val"),
+    }
+    for name, data in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        r = cli("evaluation", trained["bundle"], *data, "--out", out, "--batch-size", "8", "--workers", "1")
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        got = json.loads((out / "metrics.json").read_text())
+        for k, v in expected.items():
+            assert got[k] == pytest.approx(v, abs=1e-6), f"{name}: {k} {got[k]} vs the trainer's {v}"
+    out = tmp_path / "presplit"
+    for f in ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "mistakes.png", "mistakes.html"):
+        assert (out / f).stat().st_size > 0, f
+    got = json.loads((out / "metrics.json").read_text())
+    cm = got["confusion_matrix"]
+    mistakes = cm[0][1] + cm[1][0]
+    assert len(list((out / "mistakes").glob("*.png"))) == min(mistakes, 16)
+    assert (out / "mistakes.html").read_text().count("<figure>") == min(mistakes, 16)
+    assert set(got["per_class"]) == {"cat", "dog"} and 0 <= got["calibration_error"] <= 1
+    assert len((out / "predictions.csv").read_text().splitlines()) == 1 + 8
+
+
+def test_evaluate_refuses_other_class_names(trained, tmp_path):
+    data = tmp_path / "animals"
+    for cls, src in (("bird", "cat"), ("cat", "cat")):
+        (data / cls).mkdir(parents=True)
+        for p in (trained["src"] / "val" / src).glob("*.jpg"):
+            shutil.copy(p, data / cls / p.name)
+    line = one_error_line(cli("evaluation", trained["bundle"], data, "--out", tmp_path / "o"), "catdog-evaluate")
+    assert "['bird', 'cat']" in line and "['cat', 'dog']" in line
+    line = one_error_line(cli("evaluation", trained["bundle"], trained["shards"]), "catdog-evaluate")
+    assert "split 'test'" in line and "--split" in line  # the shards have no test split
+
+
+@pytest.mark.slow
+def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
+    args = [trained["bundle"], trained["src"], "--split", "val", "--batch-size", "3", "--workers", "0"]
+    one = cli("evaluation", *args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    launch = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+    ]
+    two = subprocess.run(
+        [*launch, "-m", "train.evaluation", *map(str, args), "--out", str(tmp_path / "two")],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "on 2 process(es)" in two.stdout
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (a.pop("processes"), b.pop("processes")) == (1, 2)
+    assert a == b and a["samples"] == 8
+
+
+def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data, tmp_path):
+    from train.predict import main
+
+    # A bundle whose shards were 192 px (as the demo's): exact decode goes 192 px -> JPEG -> 73 px, fast straight to 73.
+    bundle = tmp_path / "model"
+    shutil.copytree(trained["bundle"], bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    meta["prep"]["image_size"] = 192
+    (bundle / "model.json").write_text(json.dumps(meta))
+    photos = tmp_path / "originals"  # full-size photos
+    photos.mkdir()
+    for cls in ("cat", "dog"):
+        for p in real_photos(real_data, "val", cls, 4):
+            shutil.copy(p, photos / p.name)
+    runs = {}
+    for name, extra in {"exact": [], "fast": ["--decode", "fast"], "flip": ["--tta", "flip"]}.items():
+        out = tmp_path / f"{name}.jsonl"
+        assert main([str(bundle), str(photos), "-o", str(out), "--workers", "0", "--no-progress"] + extra) == 0
+        runs[name] = {r["path"]: r["probs"]["dog"] for r in map(json.loads, out.read_text().splitlines())}
+    assert runs["exact"].keys() == runs["fast"].keys() == runs["flip"].keys() and len(runs["exact"]) == 8
+    # Fast decode skips the 192-px intermediate, TTA averages with the mirror image: close, not equal.
+    for name in ("fast", "flip"):
+        diffs = [abs(runs[name][k] - v) for k, v in runs["exact"].items()]
+        assert 0 < max(diffs) < 0.1, (name, diffs)
