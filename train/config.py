@@ -139,11 +139,18 @@ class TrainConfig:
     log_every: int = 10  # steps between tracker logs (and host reads of the loss for the progress bar)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv algorithms (off when deterministic)
     tf32: bool = True  # CUDA (Ampere+): TF32 tensor cores for fp32 matmuls and convolutions
+    # Weight EMA (train/ema.py): validation, early stopping, the best checkpoint and the test scoring use the
+    # average, updated after every optimizer step. Decay per step; the warm-up ramps it up from 0 (timm-style).
+    ema: bool = False
+    ema_decay: float = 0.998
+    ema_warmup: bool = True
 
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
         _choice("train.early_stop_metric", self.early_stop_metric, tuple(f"val/{m}" for m in VAL_METRICS))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay}: use a value in [0, 1), e.g. 0.998")
         if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
 
