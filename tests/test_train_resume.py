@@ -22,8 +22,9 @@ from train.ema import EMA_NAME
 @pytest.mark.slow
 def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     shards = make_shards(real_data, tmp_path / "shards")
-    # Dropout and augmentation on: the resumed run must redraw exactly the same random numbers. Weight EMA on:
-    # the averaged weights (what validation scores) must resume exactly too.
+    # Dropout and augmentation on (TrivialAugment, random erasing, MixUp/CutMix per batch): the resumed run must
+    # redraw exactly the same random numbers. Weight EMA on: the averaged weights (what validation scores) must
+    # resume exactly too.
     common = [
         f"data.dir={shards}",
         *TINY,
@@ -37,6 +38,10 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
         "track.backends=[csv,tensorboard]",
         "train.ema=true",
         "train.ema_decay=0.9",
+        "data.augment.policy=trivial",
+        "data.augment.erasing=0.25",
+        "data.augment.mixup_alpha=0.4",
+        "data.augment.cutmix_alpha=1.0",
     ]
     straight = tmp_path / "straight"
     run_train([*common, f"run.dir={straight}"])

@@ -37,12 +37,34 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation (eval uses resize + centre crop only)."""
+    """Training-time augmentation (eval uses resize + centre crop only). Every random draw is seeded from
+    (train.seed, epoch, sample position), so a resumed run augments exactly as an uninterrupted one."""
 
     scale_min: float = 0.35  # RandomResizedCrop lower area bound
     scale_max: float = 1.0
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 turns it off
+    policy: str = "none"  # none | trivial (TrivialAugmentWide) | rand (RandAugment), per image after crop and flip
+    rand_num_ops: int = 2  # RandAugment: operations per image
+    rand_magnitude: int = 9  # RandAugment: strength, 0..30
+    erasing: float = 0.0  # RandomErasing probability per image (the box is filled with the mean colour); 0 = off
+    # Per batch, on the normalised batch: MixUp / CutMix with Beta(alpha, alpha) mixing; 0 = off. Both on: each
+    # batch uses one of them, chosen at random. Targets become class probabilities (metrics still use hard labels).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("data.augment.policy", self.policy, ("none", "trivial", "rand"))
+        if not 0.0 <= self.erasing <= 1.0:
+            raise ConfigError(f"data.augment.erasing={self.erasing}: a probability in [0, 1]")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.augment.{key}={getattr(self, key)}: use 0 (off) or a positive alpha")
+        if not 0 <= self.rand_magnitude <= 30 or self.rand_num_ops < 1:
+            raise ConfigError(
+                f"data.augment.rand_magnitude={self.rand_magnitude}, rand_num_ops={self.rand_num_ops}: "
+                "magnitude must be in 0..30 and num_ops >= 1"
+            )
 
 
 @dataclass

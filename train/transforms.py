@@ -20,7 +20,8 @@ EVAL_CROP_FRACTION = 0.875
 
 
 def train_augment(cfg: DataConfig, image_size: int) -> v2.Compose:
-    """The random part of training: RandomResizedCrop + horizontal flip + optional colour jitter.
+    """The random part of training, per image: RandomResizedCrop + horizontal flip, then (each optional)
+    TrivialAugmentWide or RandAugment, colour jitter, RandomErasing.
 
     Output has the input's type (uint8 tensor or PIL image); ``normalise`` turns either into a float tensor.
     """
@@ -29,10 +30,35 @@ def train_augment(cfg: DataConfig, image_size: int) -> v2.Compose:
         v2.RandomResizedCrop(image_size, scale=(aug.scale_min, aug.scale_max), antialias=True),
         v2.RandomHorizontalFlip(aug.hflip),
     ]
+    if aug.policy == "trivial":
+        steps.append(v2.TrivialAugmentWide())
+    elif aug.policy == "rand":
+        steps.append(v2.RandAugment(num_ops=aug.rand_num_ops, magnitude=aug.rand_magnitude))
     if aug.color_jitter > 0:
         j = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if aug.erasing > 0:
+        # Filled with the mean colour, i.e. zero after normalisation (torchvision's reference erases the
+        # normalised tensor with 0); here on uint8, before the batch is normalised.
+        steps.append(v2.RandomErasing(aug.erasing, value=[round(255 * m) for m in cfg.mean]))
     return v2.Compose(steps)
+
+
+def batch_mix(cfg: DataConfig, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix on a normalised batch (images, int64 labels) -> (images, class probabilities), or None.
+
+    Both on: ``RandomChoice`` picks one per batch. Pairs are formed within the batch (torchvision rolls it by one),
+    so with mixing on, 2 ranks x batch b no longer train exactly like 1 rank x batch 2b.
+    """
+    aug = cfg.augment
+    mixers: list[v2.Transform] = []
+    if aug.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
+    if aug.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=aug.cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def eval_resize(cfg: DataConfig, image_size: int) -> v2.Compose:
