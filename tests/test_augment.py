@@ -15,6 +15,7 @@ from data_prep.info import load_info
 from train.config import AugmentConfig, ConfigError, DataConfig, load_config
 from train.data import TrainStream
 from train.engine import EpochTotals, classification_loss
+from train.transforms import normalise
 
 OPTIONS = {
     "trivial+erasing": {"policy": "trivial", "erasing": 0.5},
@@ -111,3 +112,34 @@ def test_short_real_run_with_the_options(tmp_path, real_data, options):
     assert sum(map(sum, cm)) == 5 and final["test/accuracy"] == pytest.approx((cm[0][0] + cm[1][1]) / 5)
     saved = load_config(run_dir / "config.yaml")
     assert saved.data.augment.policy in ("rand", "trivial")
+
+
+def test_batch_colour_equals_torchvision_colour_ops_in_the_drawn_order(real_data):
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    from train.data import decode_rgb
+    from train.transforms import BatchColour
+
+    c = DataConfig(dir="unused", augment=AugmentConfig(color_jitter=0.4))
+    crop = v2.Compose([v2.Resize(48), v2.CenterCrop(48)])
+    photos = sorted((real_data / "train" / "cat").glob("*.jpg"))[:6]
+    # Mid-range pixels (64..149): no op pushes a value out of [0, 1], where torchvision clamps after each op.
+    batch = torch.stack([64 + crop(decode_rgb(bytearray(p.read_bytes()))) // 3 for p in photos])
+    colour = BatchColour(c)
+    torch.manual_seed(0)
+    params = torch.stack([colour.draw() for _ in photos])
+    assert params.shape == (6, 3) and ((params >= 0.6) & (params <= 1.4)).all() and params.std() > 0.05
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    got = colour(batch, params)
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):  # without clamping they commute: any order ColorJitter draws
+        expected = []
+        for image, p in zip(batch, params, strict=True):
+            v = image.float() / 255
+            for op in order:
+                v = ops[op](v, float(p[op]))
+            expected.append(TF.normalize(v, list(c.mean), list(c.std)))
+        torch.testing.assert_close(got, torch.stack(expected), atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got, normalise(c)(batch), atol=1e-2)
+    # Without jitter parameters it is plain normalisation.
+    torch.testing.assert_close(colour(batch), normalise(c)(batch), atol=2e-6, rtol=1e-6)

@@ -48,7 +48,7 @@ from webdataset.tariterators import base_plus_ext
 
 from data_prep.info import DatasetInfo
 from train.config import DataConfig
-from train.transforms import batch_mix, eval_resize, normalise, train_augment
+from train.transforms import BatchColour, batch_mix, eval_resize, normalise, train_augment
 
 try:
     from torchvision.io import ImageReadMode
@@ -375,6 +375,7 @@ class _Plan:
     pass_args: Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64).share_memory_())
     shard_names: list[str] = field(default_factory=list)
     mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # training: MixUp/CutMix per batch
+    colour: BatchColour | None = None  # training: colour jitter + normalisation per batch (replaces `normalise`)
 
     def num_batches(self) -> int:
         if self.schedule is None:
@@ -452,14 +453,21 @@ class _BatchDataset(IterableDataset):
         # Seeded from (seed, epoch, position) inside a forked RNG: the result does not depend on which worker
         # runs it, and the caller's torch RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]):
-            images = []
+            images, colour = [], []
+            jitter = p.colour is not None and p.colour.strength > 0 and this.aug_seed is not None
             for pos, (image, _, _) in slots:
                 if this.aug_seed is not None:
                     # The CPU generator only: torch.manual_seed also queues seeds for every lazy accelerator
                     # backend, recording a stack trace each time (~0.5 ms per image on this machine).
                     torch.default_generator.manual_seed(_augment_seed(*this.aug_seed, pos))
                 images.append(p.transform(image))
-            x = p.normalise(torch.stack(images))
+                if jitter:  # this image's colour jitter, drawn from its own seed, applied below per batch
+                    colour.append(p.colour.draw())
+            batch = torch.stack(images)
+            if p.colour is not None:
+                x = p.colour(batch, torch.stack(colour) if jitter else None)
+            else:
+                x = p.normalise(batch)
             y = torch.tensor([label for _, (_, label, _) in slots], dtype=torch.int64)
             if p.mix is not None and this.aug_seed is not None:
                 # Seeded by the batch's first position (salted apart from that sample's own seed): the batch
@@ -613,8 +621,9 @@ class TrainStream:
             raise ValueError(f"split {split!r} in {info.root} has no samples; nothing to train on")
         self.global_batch = self.schedule.global_batch
         self.batches_per_epoch = self.schedule.batches_per_epoch
-        self.transform = train_augment(cfg, image_size)
+        self.transform = train_augment(cfg, image_size, jitter=False)
         self.normalise = normalise(cfg)
+        self.colour = BatchColour(cfg)
         self.mix = batch_mix(cfg, info.num_classes)
         self._counters: Counter = Counter()
         self._corrupt: Counter = Counter()
@@ -643,6 +652,7 @@ class TrainStream:
                 transform=self.transform,
                 normalise=self.normalise,
                 mix=self.mix,
+                colour=self.colour,
                 on_error=self.cfg.on_error,
                 replace_corrupt=True,
                 with_keys=with_keys,
