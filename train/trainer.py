@@ -515,6 +515,13 @@ def _log_layout(run: Run) -> None:
         cfg.train.grad_accum,
         cfg.train.epochs,
     )
+    if run.ema is not None:
+        log.info(
+            "weight EMA on: decay %s%s; validation, early stopping, the best checkpoint and the test split use %s",
+            cfg.train.ema_decay,
+            " with warm-up" if cfg.train.ema_warmup else "",
+            EMA_NAME,
+        )
 
 
 def train_epoch(run: Run, state: ckpt.TrainerState) -> bool:
