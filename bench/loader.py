@@ -3,7 +3,9 @@
 Both sides use the same transforms (train/transforms.py at --image-size), the same batch size and the same
 number of workers; each pass is one full epoch including worker start-up, timed from iter() to the last
 batch. Passes alternate (ours, baseline, ours, ...) so load from other processes hits both alike; medians
-are printed, the ratio last.
+are printed, the ratio last. On a shared machine the wall-clock ratio swings with the other tenants' load, so the
+script also measures CPU time per image of each pipeline in this one process (no workers, ``time.process_time``,
+--cpu-batches batches, median of the passes), which other jobs disturb far less.
 
     .venv/bin/python bench/loader.py [--src ../shared/data/catsdogs] [--shards DIR] [--workers 2]
 
@@ -98,6 +100,26 @@ def time_epoch(batches) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def cpu_ms_per_image(args, cfg: DataConfig, info) -> dict[str, float]:
+    """Median CPU milliseconds per image of each pipeline, run in this process (num_workers=0)."""
+    cfg0 = DataConfig(dir=cfg.dir, num_workers=0)
+    ours = TrainStream(
+        cfg0, info, split="train", batch_size=args.batch_size, image_size=args.image_size, rank=0, world_size=1, seed=0
+    )
+    folder = ImageFolder(str(args.src / "train"), transform=train_transform(cfg0, args.image_size))
+    base = DataLoader(folder, batch_size=args.batch_size, shuffle=True, num_workers=0)
+    out: dict[str, list[float]] = {"ours": [], "imagefolder": []}
+    for p in range(args.passes):
+        for name, batches in (("ours", ours.loader(epoch=p)), ("imagefolder", base)):
+            c0, n = time.process_time(), 0
+            for i, (_, y) in enumerate(batches):
+                n += len(y)
+                if i + 1 == args.cpu_batches:
+                    break
+            out[name].append((time.process_time() - c0) * 1e3 / n)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "catsdogs")
@@ -107,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--passes", type=int, default=3, help="epochs timed per side")
+    ap.add_argument("--cpu-batches", type=int, default=8, help="batches per side for the CPU-time measurement")
     args = ap.parse_args(argv)
     # torchvision 0.29 flags its JPEG decoder as deprecated (moving to TorchCodec); it is still the fastest here.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
@@ -147,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
         ours_med, base_med = statistics.median(rates["ours"]), statistics.median(rates["imagefolder"])
         print(f"median ours (shards + TrainStream): {ours_med:.1f} img/s")
         print(f"median baseline (ImageFolder + DataLoader): {base_med:.1f} img/s")
+        cpu = cpu_ms_per_image(args, cfg, info)
+        print(
+            f"CPU time per image, one process: ours {cpu['ours']:.2f} ms, baseline {cpu['imagefolder']:.2f} ms "
+            f"= {cpu['imagefolder'] / cpu['ours']:.2f}x"
+        )
         print(f"ratio ours / baseline: {ours_med / base_med:.2f}x")
 
 

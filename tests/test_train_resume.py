@@ -1,5 +1,5 @@
 """kill -9 mid-epoch, restart with the same run.dir: the run resumes by itself and ends with the same weights
-as an uninterrupted run (train.deterministic)."""
+(raw and EMA) as an uninterrupted run (train.deterministic)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from train_helpers import ROOT, TINY, env, final_weights, make_shards, run_train, run_train_failing, train_cmd
 
-from train.checkpoint import STATE_NAME
+from train.checkpoint import STATE_NAME, latest_checkpoint
+from train.ema import EMA_NAME
 
 
 @pytest.mark.slow
 def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     shards = make_shards(real_data, tmp_path / "shards")
-    # Dropout and augmentation on: the resumed run must redraw exactly the same random numbers.
+    # Dropout and augmentation on (TrivialAugment, random erasing, MixUp/CutMix per batch): the resumed run must
+    # redraw exactly the same random numbers. Weight EMA on: the averaged weights (what validation scores) must
+    # resume exactly too.
     common = [
         f"data.dir={shards}",
         *TINY,
@@ -32,6 +36,12 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
         "train.keep_checkpoints=1",
         "train.log_every=1",
         "track.backends=[csv,tensorboard]",
+        "train.ema=true",
+        "train.ema_decay=0.9",
+        "data.augment.policy=trivial",
+        "data.augment.erasing=0.25",
+        "data.augment.mixup_alpha=0.4",
+        "data.augment.cutmix_alpha=1.0",
     ]
     straight = tmp_path / "straight"
     run_train([*common, f"run.dir={straight}"])
@@ -70,6 +80,10 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    ema_a, ema_b = (load_file(str(latest_checkpoint(r / "checkpoints") / EMA_NAME)) for r in (straight, killed))
+    assert ema_a.keys() == a.keys() and any(not torch.equal(ema_a[k], a[k]) for k in a)
+    for k in ema_a:
+        torch.testing.assert_close(ema_b[k], ema_a[k], rtol=1e-5, atol=1e-6, msg=f"EMA {k}")
     rows_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows_b] == [1, 2]  # no epoch counted twice

@@ -1,8 +1,14 @@
 """Atomic, resumable checkpoints: ``accelerator.save_state`` plus our own JSON state, renamed into place.
 
 Layout: ``run.dir/checkpoints/step_00000123/`` holds Accelerate's files (``model.safetensors``,
-``optimizer.bin``, ``random_states_<rank>.pkl``) and ``trainer_state.json`` (epoch, data position, best
-metric, history, W&B run id). Everything is written into a hidden ``.tmp-step_...`` folder first and renamed
+``optimizer.bin``, ``random_states_<rank>.pkl``), ``trainer_state.json`` (epoch, data position, best
+metric, history, W&B run id) and, with ``train.ema=true``, ``ema.safetensors`` (the averaged weights, same keys as
+``model.safetensors``; train/ema.py).
+
+Which weights a checkpoint was VALIDATED with: ``trainer_state.json``'s ``eval_weights`` names the file
+(``model.safetensors``, or ``ema.safetensors`` when EMA is on); ``eval_weights_file(folder)`` resolves it. Anything
+that scores, bundles or exports a checkpoint must read that file: ``model.safetensors`` always holds the raw
+training weights, which resuming needs. Everything is written into a hidden ``.tmp-step_...`` folder first and renamed
 when every rank has finished, so a ``step_*`` folder is complete by construction; a kill leaves at most a
 hidden temp folder, which the next run deletes.
 
@@ -28,6 +34,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import load as weights_only_load
+from safetensors.torch import save_file
 
 from data_prep.atomic import atomic_write_json
 from train.config import ConfigError
@@ -72,6 +79,7 @@ class TrainerState:
     wandb_run_id: str = ""
     corrupt_in_epoch: int = 0  # corrupt samples skipped (all ranks) in `epoch` before batch_in_epoch
     fingerprint: dict = field(default_factory=dict)  # what weights and position depend on; see RESUME_KEYS
+    eval_weights: str = "model.safetensors"  # the weights file validation scored (ema.safetensors with train.ema)
 
     @classmethod
     def from_json(cls, path: Path) -> TrainerState:
@@ -105,10 +113,14 @@ def remove_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, state: TrainerState) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, root: Path, state: TrainerState, extra: dict[str, tuple[dict, dict]] | None = None
+) -> Path:
     """Save model/optimizer/RNG + ``state`` as ``root/step_XXXXXXXX`` atomically. Every rank must call this.
 
-    A folder for the same step (an epoch end that is also a periodic checkpoint) is replaced.
+    ``extra`` maps file names to (tensors, metadata) that the main process writes as safetensors into the same
+    temp folder before the rename (the EMA weights). A folder for the same step (an epoch end that is also a
+    periodic checkpoint) is replaced.
     """
     final = root / step_dir_name(state.step)
     tmp = root / f".tmp-{final.name}"
@@ -120,6 +132,8 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: TrainerState) -
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, (tensors, metadata) in (extra or {}).items():
+            save_file(tensors, str(tmp / name), metadata=metadata)
         atomic_write_json(tmp / STATE_NAME, asdict(state))
         if final.exists():
             old = root / f".tmp-old-{final.name}"
@@ -130,6 +144,11 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: TrainerState) -
             tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
+
+
+def eval_weights_file(folder: Path) -> Path:
+    """The weights file checkpoint ``folder`` was validated with (its ``eval_weights``): what to score or export."""
+    return folder / TrainerState.from_json(folder / STATE_NAME).eval_weights
 
 
 def prune_checkpoints(root: Path, keep: int, best: str) -> list[Path]:

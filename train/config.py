@@ -37,12 +37,34 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation (eval uses resize + centre crop only)."""
+    """Training-time augmentation (eval uses resize + centre crop only). Every random draw is seeded from
+    (train.seed, epoch, sample position), so a resumed run augments exactly as an uninterrupted one."""
 
     scale_min: float = 0.35  # RandomResizedCrop lower area bound
     scale_max: float = 1.0
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 turns it off
+    policy: str = "none"  # none | trivial (TrivialAugmentWide) | rand (RandAugment), per image after crop and flip
+    rand_num_ops: int = 2  # RandAugment: operations per image
+    rand_magnitude: int = 9  # RandAugment: strength, 0..30
+    erasing: float = 0.0  # RandomErasing probability per image (the box is filled with the mean colour); 0 = off
+    # Per batch, on the normalised batch: MixUp / CutMix with Beta(alpha, alpha) mixing; 0 = off. Both on: each
+    # batch uses one of them, chosen at random. Targets become class probabilities (metrics still use hard labels).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("data.augment.policy", self.policy, ("none", "trivial", "rand"))
+        if not 0.0 <= self.erasing <= 1.0:
+            raise ConfigError(f"data.augment.erasing={self.erasing}: a probability in [0, 1]")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.augment.{key}={getattr(self, key)}: use 0 (off) or a positive alpha")
+        if not 0 <= self.rand_magnitude <= 30 or self.rand_num_ops < 1:
+            raise ConfigError(
+                f"data.augment.rand_magnitude={self.rand_magnitude}, rand_num_ops={self.rand_num_ops}: "
+                "magnitude must be in 0..30 and num_ops >= 1"
+            )
 
 
 @dataclass
@@ -186,11 +208,18 @@ class TrainConfig:
     log_every: int = 10  # steps between tracker logs (and host reads of the loss for the progress bar)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv algorithms (off when deterministic)
     tf32: bool = True  # CUDA (Ampere+): TF32 tensor cores for fp32 matmuls and convolutions
+    # Weight EMA (train/ema.py): validation, early stopping, the best checkpoint and the test scoring use the
+    # average, updated after every optimizer step. Decay per step; the warm-up ramps it up from 0 (timm-style).
+    ema: bool = False
+    ema_decay: float = 0.998
+    ema_warmup: bool = True
 
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
         _choice("train.early_stop_metric", self.early_stop_metric, tuple(f"val/{m}" for m in VAL_METRICS))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay}: use a value in [0, 1), e.g. 0.998")
         if self.grad_accum < 1 or self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("train.batch_size, train.grad_accum and train.epochs must be >= 1")
 

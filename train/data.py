@@ -50,7 +50,7 @@ from webdataset.tariterators import base_plus_ext
 from data_prep.info import DatasetInfo
 from data_prep.tarformat import read_index, scan_members, tarfile_members
 from train.config import DataConfig
-from train.transforms import eval_resize, normalise, train_augment
+from train.transforms import BatchColour, batch_mix, eval_resize, normalise, train_augment
 
 try:
     from torchvision.io import ImageReadMode
@@ -136,9 +136,10 @@ def epoch_order(shard_lengths: Sequence[int], *, seed: int, epoch: int, shuffle:
     return out
 
 
-def _augment_seed(seed: int, epoch: int, position: int) -> int:
-    """Seed of one sample's augmentation: a pure function of (seed, epoch, position in the epoch)."""
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0])
+def _augment_seed(seed: int, epoch: int, position: int, *salt: int) -> int:
+    """Seed of one sample's augmentation: a pure function of (seed, epoch, position in the epoch). A ``salt``
+    gives an independent stream for the same position (the batch-level MixUp/CutMix draw)."""
+    return int(np.random.SeedSequence([seed, epoch, position, *salt]).generate_state(1, np.uint64)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,6 +323,8 @@ class _Plan:
     schedule: _Schedule | None = None  # training
     pass_args: Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64).share_memory_())
     shard_names: list[str] = field(default_factory=list)
+    mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # training: MixUp/CutMix per batch
+    colour: BatchColour | None = None  # training: colour jitter + normalisation per batch (replaces `normalise`)
 
     def num_batches(self) -> int:
         if self.schedule is None:
@@ -399,15 +402,27 @@ class _BatchDataset(IterableDataset):
         # Seeded from (seed, epoch, position) inside a forked RNG: the result does not depend on which worker
         # runs it, and the caller's torch RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]):
-            images = []
+            images, colour = [], []
+            jitter = p.colour is not None and p.colour.strength > 0 and this.aug_seed is not None
             for pos, (image, _, _) in slots:
                 if this.aug_seed is not None:
                     # The CPU generator only: torch.manual_seed also queues seeds for every lazy accelerator
                     # backend, recording a stack trace each time (~0.5 ms per image on this machine).
                     torch.default_generator.manual_seed(_augment_seed(*this.aug_seed, pos))
                 images.append(p.transform(image))
-        x = p.normalise(torch.stack(images))
-        y = torch.tensor([label for _, (_, label, _) in slots], dtype=torch.int64)
+                if jitter:  # this image's colour jitter, drawn from its own seed, applied below per batch
+                    colour.append(p.colour.draw())
+            batch = torch.stack(images)
+            if p.colour is not None:
+                x = p.colour(batch, torch.stack(colour) if jitter else None)
+            else:
+                x = p.normalise(batch)
+            y = torch.tensor([label for _, (_, label, _) in slots], dtype=torch.int64)
+            if p.mix is not None and this.aug_seed is not None:
+                # Seeded by the batch's first position (salted apart from that sample's own seed): the batch
+                # holds the same samples in any worker or after a resume, so the mix is the same too.
+                torch.default_generator.manual_seed(_augment_seed(*this.aug_seed, slots[0][0], 1))
+                x, y = p.mix(x, y)
         keys = [key for _, (_, _, key) in slots] if p.with_keys else None
         return x, y, keys, report
 
@@ -439,7 +454,8 @@ class _BatchDataset(IterableDataset):
 
 
 class Batches:
-    """An iterable over (images, labels[, keys]) batches with a known length; one pass per ``iter()``.
+    """An iterable over (images, labels[, keys]) batches with a known length; one pass per ``iter()``. Labels are
+    int64 class ids, or (N, classes) float probabilities for training with MixUp/CutMix (data.augment).
 
     Not a DataLoader on purpose: do not hand it to ``accelerator.prepare`` (which would shard or dispatch it
     again); move each batch to the device yourself.
@@ -554,8 +570,10 @@ class TrainStream:
             raise ValueError(f"split {split!r} in {info.root} has no samples; nothing to train on")
         self.global_batch = self.schedule.global_batch
         self.batches_per_epoch = self.schedule.batches_per_epoch
-        self.transform = train_augment(cfg, image_size)
+        self.transform = train_augment(cfg, image_size, jitter=False)
         self.normalise = normalise(cfg)
+        self.colour = BatchColour(cfg)
+        self.mix = batch_mix(cfg, info.num_classes)
         self._counters: Counter = Counter()
         self._corrupt: Counter = Counter()
         self._loaders: dict[bool, tuple[list[ShardIndex], _Plan, DataLoader]] = {}
@@ -582,6 +600,8 @@ class TrainStream:
                 num_classes=self.info.num_classes,
                 transform=self.transform,
                 normalise=self.normalise,
+                mix=self.mix,
+                colour=self.colour,
                 on_error=self.cfg.on_error,
                 replace_corrupt=True,
                 with_keys=with_keys,

@@ -54,6 +54,8 @@ def classification_loss(
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy on the logits (+ ``aux_weight`` x the auxiliary head's, InceptionV3 in training).
 
+    ``targets`` are class ids, or class probabilities (MixUp/CutMix): ``F.cross_entropy`` takes both.
+
     Returns (loss, main logits). Computed in float32 whatever the autocast dtype of the logits.
     """
     aux = None

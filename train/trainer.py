@@ -33,6 +33,7 @@ from train.bundle import write_run_bundle
 from train.config import Config, ConfigError, auto_num_workers, save_config
 from train.data import EvalSet, TrainStream, eval_loader
 from train.distributed import StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
+from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model
 
@@ -187,6 +188,7 @@ class Run:
     val: EvalSet
     fingerprint: dict
     stop: StopFlag | None
+    ema: WeightEMA | None
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -220,9 +222,18 @@ class Run:
     def train_seconds(self) -> float:
         return self.seconds_before + (time.perf_counter() - self.session_start)
 
+    @property
+    def weights_file(self) -> str:
+        """The checkpoint file holding the weights that validation scores (see train/checkpoint.py)."""
+        return EMA_NAME if self.ema is not None else "model.safetensors"
+
+    def eval_model(self) -> torch.nn.Module:
+        """What validation and the test scoring evaluate: the EMA weights when train.ema is on, else the model's."""
+        return self.ema.module if self.ema is not None else self.acc.unwrap_model(self.model)
+
     def eval_split(self, split: str) -> dict:
         """Metrics of ``split``, each sample once across ranks. The validation split's loader keeps its workers."""
-        unwrapped = self.acc.unwrap_model(self.model)
+        unwrapped = self.eval_model()
         _broadcast_buffers(self.acc, unwrapped)
         if split == self.cfg.data.val_split:
             batches = self.val.loader()
@@ -251,7 +262,9 @@ class Run:
         else:
             state.totals, state.corrupt_in_epoch = [0.0, 0.0, 0.0], 0
         state.train_seconds = self.train_seconds()
-        path = ckpt.save_checkpoint(self.acc, self.ckpt_root, state)
+        state.eval_weights = self.weights_file
+        extra = {EMA_NAME: self.ema.state()} if self.ema is not None and self.acc.is_main_process else None
+        path = ckpt.save_checkpoint(self.acc, self.ckpt_root, state, extra)
         if self.acc.is_main_process:
             ckpt.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints, state.best_checkpoint)
         log.info("checkpoint %s", path)
@@ -397,6 +410,12 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     model, optimizer = acc.prepare(model, optimizer)
+    # The average of the unwrapped module's tensors (the same objects DDP and the optimizer update in place).
+    ema = (
+        WeightEMA(acc.unwrap_model(model), decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+        if cfg.train.ema
+        else None
+    )
     if cfg.train.compile:
         model = torch.compile(model)
     if stop is not None:
@@ -441,6 +460,7 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
         val=val,
         fingerprint=fingerprint,
         stop=stop,
+        ema=ema,
         steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * cfg.train.epochs,
         warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
@@ -455,6 +475,13 @@ def resume(run: Run, path: Path | None) -> ckpt.TrainerState:
         ckpt.check_resumable(path, ckpt.TrainerState.from_json(path / ckpt.STATE_NAME), run.fingerprint)
         state = ckpt.load_checkpoint(run.acc, path)
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.batch_in_epoch, state.step)
+        if run.ema is not None:
+            if (path / EMA_NAME).is_file():
+                run.ema.load(path / EMA_NAME)
+            else:
+                log.warning(
+                    "train.ema=true but %s has no %s: the average starts from the resumed weights", path, EMA_NAME
+                )
         saved_world = state.fingerprint.get("world_size", run.acc.num_processes)
         if saved_world != run.acc.num_processes:
             log.warning(
@@ -494,6 +521,13 @@ def _log_layout(run: Run) -> None:
         cfg.train.grad_accum,
         cfg.train.epochs,
     )
+    if run.ema is not None:
+        log.info(
+            "weight EMA on: decay %s%s; validation, early stopping, the best checkpoint and the test split use %s",
+            cfg.train.ema_decay,
+            " with warm-up" if cfg.train.ema_warmup else "",
+            EMA_NAME,
+        )
 
 
 def train_epoch(run: Run, state: ckpt.TrainerState) -> bool:
@@ -513,6 +547,8 @@ def train_epoch(run: Run, state: ckpt.TrainerState) -> bool:
         torch.manual_seed(int(seq.generate_state(1, np.uint64)[0]))
 
     def on_step(s: StepInfo) -> None:
+        if run.ema is not None:  # after each optimizer step, before a checkpoint of this step saves it
+            run.ema.update(acc.unwrap_model(run.model))
         if acc.is_main_process and cfg.train.log_every and s.step % cfg.train.log_every == 0:
             logged = {"train/loss_step": float(s.loss), "train/lr": s.lr, "train/images_per_s": s.images_per_s}
             acc.log(logged, step=s.step)
@@ -644,12 +680,15 @@ def finish(run: Run, state: ckpt.TrainerState) -> dict:
     if acc.num_processes > 1:
         broadcast_object_list(found, from_process=0)
     if cfg.eval.test_at_end and test is not None and test.num_samples > 0 and found[0]:
-        # Evaluate the best weights, not the last ones: that is the model early stopping selected.
-        acc.unwrap_model(run.model).load_state_dict(load_file(str(best / "model.safetensors"), device="cpu"))
+        # Evaluate the best weights, not the last ones: that is the model early stopping selected. The file is the
+        # one its validation scored (ema.safetensors with train.ema); both files have the model's keys.
+        weights = ckpt.eval_weights_file(best)
+        run.eval_model().load_state_dict(load_file(str(weights), device="cpu"))
         metrics = run.eval_split(cfg.data.test_split)
         final.update(scalar_metrics(metrics))
         final["test/confusion_matrix"] = metrics["test/confusion_matrix"]
         final["test/checkpoint"] = state.best_checkpoint
+        final["test/weights"] = weights.name
     if acc.is_main_process:
         run.write_outputs(state, state.step)
         atomic_write_json(run.dir / "final_metrics.json", final)
