@@ -108,3 +108,7 @@ def test_run_with_ema_validates_and_tests_the_averaged_weights(tmp_path, real_da
     assert final["test/weights"] == EMA_NAME
     by_best = _score(load_file(str(best / EMA_NAME)), cfg, shards, "test")
     assert final["test/loss"] == pytest.approx(by_best["test/loss"], rel=1e-5)
+    # The bundle the run wrote (run.dir/model/) carries the weights that were validated: the best's EMA weights.
+    bundled = load_file(str(run_dir / "model" / "model.safetensors"))
+    best_ema = load_file(str(best / EMA_NAME))
+    assert bundled.keys() == best_ema.keys() and all(torch.equal(bundled[k], best_ema[k]) for k in bundled)

@@ -225,7 +225,7 @@ def write_run_bundle(
 ) -> Path:
     """``run_dir/model/`` from ``checkpoint``'s weights: what the trainer calls at the end of a run (``state`` is
     ``asdict(TrainerState)``)."""
-    weights = _load_weights(checkpoint / WEIGHTS_NAME)
+    weights = _load_weights(validated_weights(checkpoint))
     meta = make_meta(cfg, info, state, checkpoint, checkpoint_metrics(state, checkpoint, final))
     return write_bundle(Path(run_dir) / BUNDLE_DIR, meta, weights)
 
@@ -294,6 +294,16 @@ def _complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def validated_weights(checkpoint: Path) -> Path:
+    """The weights file a checkpoint was validated with: ``model.safetensors``, or ``ema.safetensors`` when the run
+    kept a weight EMA (``trainer_state.json``'s ``eval_weights``; see train/checkpoint.py). That is the model whose
+    metrics the bundle records, so it is the one a bundle carries."""
+    name = _read_state(checkpoint / STATE_NAME).get("eval_weights", WEIGHTS_NAME)
+    if not isinstance(name, str) or "/" in name or not name.endswith(".safetensors"):
+        raise BundleError(f"{checkpoint / STATE_NAME}: eval_weights={name!r} is not a weights file of that folder")
+    return checkpoint / name
+
+
 def _read_state(path: Path) -> dict:
     try:
         state = json.loads(path.read_text())
@@ -345,4 +355,4 @@ def bundle_from_run(run_dir: Path, which: str = "best") -> Bundle:
     final_path = run_dir / "final_metrics.json"
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
     meta = make_meta(cfg, info, state, checkpoint, checkpoint_metrics(state, checkpoint, final))
-    return Bundle(meta, _load_weights(checkpoint / WEIGHTS_NAME), None)
+    return Bundle(meta, _load_weights(validated_weights(checkpoint)), None)
