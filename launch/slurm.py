@@ -133,7 +133,9 @@ def make_executor(slurm: SlurmConfig, folder: Path, *, offline: bool = False) ->
         # torch would start one thread per core of the node in every rank; give each rank its own CPUs.
         "setup": ["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", *slurm.setup],
         # A rank that dies takes the job down: otherwise the others wait in a collective until the time limit.
-        "srun_args": ["--kill-on-bad-exit=1"],
+        # srun does not inherit sbatch's --cpus-per-task on Slurm 22.05-23.02 (its man page: set it again): without
+        # this each rank is bound to one CPU there, and its DataLoader workers starve the GPU.
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={slurm.cpus_per_task}"],
         # requeue on node failure too (the trainer resumes), and allow `scontrol requeue` where JobRequeue=0.
         "additional_parameters": {"requeue": True},
     }

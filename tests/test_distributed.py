@@ -87,6 +87,17 @@ def test_more_ranks_than_visible_gpus_is_a_clear_error():
     assert plan.device_index == 0 and plan.local_world_size == 1
 
 
+def test_accelerates_device_is_checked_against_the_plan():
+    from train.trainer import check_device
+
+    plan = cuda_device_plan({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, visible=2)  # mocked GPU count
+    check_device(torch.device("cuda", 1), plan, current=1)
+    with pytest.raises(RuntimeError, match="Accelerate picked cuda:0, the device plan says local rank 1/2 -> cuda:1"):
+        check_device(torch.device("cuda", 0), plan, current=0)
+    # One process: Accelerate's device is the index-less "cuda", i.e. the current device (cuda:0).
+    check_device(torch.device("cuda"), cuda_device_plan({}, visible=1), current=0)
+
+
 def test_stop_flag_is_set_by_the_signal_and_chains_to_the_previous_handler():
     seen = []
     old = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))

@@ -69,6 +69,7 @@ def test_gpu_job_resources_signal_and_environment(capsys, train_yaml: Path, tmp_
     assert f"{sys.executable} -u -m submitit.core._submit {run}/slurm" in srun
     assert f"{run}/slurm/%j_%t_log.out" in srun  # every rank logs to its own file
     assert "--kill-on-bad-exit=1" in srun  # a dead rank ends the job instead of leaving the others hanging
+    assert "--cpus-per-task=8" in srun  # srun of Slurm 22.05-23.02 does not inherit sbatch's: each rank 1 CPU
     assert subprocess.run(["bash", "-n"], input=out, text=True, timeout=30).returncode == 0
 
 

@@ -509,7 +509,9 @@ def _dataloader(plan: _Plan, num_workers: int, *, persistent: bool, pin_memory: 
         persistent_workers=persistent and workers > 0,
         # Page-locked batches make the host-to-GPU copy asynchronous (the loop copies with non_blocking=True).
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        prefetch_factor=4 if workers else None,
+        # 2 batches ahead per worker: enough to hide decode jitter; each is a float32 batch in /dev/shm, and
+        # with many auto workers (and the validation loader's, which persist) more would pin gigabytes per rank.
+        prefetch_factor=2 if workers else None,
         # The DataLoader draws a base seed from its generator on every iter(); with the default (global) one,
         # each epoch or resume would shift the training RNG stream. Our augmentation seeds itself per sample.
         generator=torch.Generator(),

@@ -32,7 +32,7 @@ from train import plots, tracking
 from train.bundle import write_run_bundle
 from train.config import Config, ConfigError, auto_num_workers, save_config
 from train.data import EvalSet, TrainStream, eval_loader
-from train.distributed import StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
+from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
 from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model
@@ -92,6 +92,14 @@ def choose_precision(requested: str, device: str, *, cpu_bf16=cpu_has_bf16, cuda
     return "no", "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
 
 
+def check_device(device: torch.device, plan: CudaPlan, current: int) -> None:
+    """The device Accelerate picked must be the plan's. One process (no LOCAL_RANK) gets an index-less
+    ``cuda``, i.e. the current device."""
+    index = device.index if device.index is not None else current
+    if device.type != "cuda" or index != plan.device_index:
+        raise RuntimeError(f"Accelerate picked {device}, the device plan says {plan.describe()}")
+
+
 def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     """The Accelerator for this process, on the right device, with the backend settings the config asks for."""
     cpu = cfg.train.cpu or not torch.cuda.is_available()
@@ -115,8 +123,8 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         log_with=tracking.log_with(cfg, run_dir) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
-    if plan is not None and accelerator.device != torch.device("cuda", plan.device_index):
-        raise RuntimeError(f"Accelerate picked {accelerator.device}, the device plan says {plan.describe()}")
+    if plan is not None:
+        check_device(accelerator.device, plan, torch.cuda.current_device())
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     if fp16_on_cpu and accelerator.is_main_process:  # once per run, not once per rank
@@ -335,7 +343,7 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
         if interrupted:
             break
         if run.stop is not None and run.stop.agreed(state.step):  # signalled during the evaluation
-            interrupted = state.epoch < cfg.train.epochs and not state.stopped_early
+            interrupted = not _done(run, state)
             break
     if interrupted:
         log.info(
@@ -369,7 +377,7 @@ def decide_start(cfg: Config, acc: Accelerator) -> StartNote:
     if acc.is_main_process:
         try:
             note[0] = _start_on_main(cfg)
-        except (ConfigError, ckpt.CheckpointError) as e:
+        except Exception as e:  # noqa: BLE001 - any error must reach every rank, or they wait in the broadcast
             note[0] = e
     if acc.num_processes > 1:
         broadcast_object_list(note, from_process=0)
@@ -578,7 +586,8 @@ def train_epoch(run: Run, state: ckpt.TrainerState) -> bool:
         desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
     )
     if result["stopped"] and result["batch_in_epoch"] < run.micro_per_epoch:
-        run.save(state, result["step"], result["batch_in_epoch"], result["totals"])
+        if (state.step, state.batch_in_epoch) != (result["step"], result["batch_in_epoch"]):  # on_step saved it
+            run.save(state, result["step"], result["batch_in_epoch"], result["totals"])
         if not result["signalled"]:
             log.info("stopped at train.max_steps=%d (mid-epoch %d)", cfg.train.max_steps, epoch)
         return result["signalled"]
