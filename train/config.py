@@ -77,7 +77,12 @@ class ModelConfig:
     dropout: float = 0.3  # before the classifier
     norm: str = "batch"  # batch | group | none
     # inception_v3
-    weights: str = "none"  # none | imagenet | path to a state_dict file
+    # none | imagenet (torchvision download) | tf_inception_v3 (offline: Google's TF ImageNet graph, see
+    # train/pretrained.py) | path to a torchvision-layout state_dict file
+    weights: str = "none"
+    # InceptionV3's auxiliary head (on Mixed_6e). tf_inception_v3 has no weights for it: when on, it trains from
+    # scratch (torchvision's init); it never affects the main head's logits or a frozen backbone's features.
+    aux_logits: bool = True
     freeze_backbone: bool = False  # feature extraction: only the new head trains
     trainable_blocks: int = -1  # fine-tune only the last N blocks (+ head); -1 = all
     aux_loss_weight: float = 0.4  # InceptionV3 auxiliary logits weight in training
