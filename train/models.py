@@ -144,7 +144,9 @@ def _load_inception_weights(net: nn.Module, weights: str) -> None:
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.weights={weights!r}: no such file; use none, imagenet, tf_inception_v3 or a state_dict path")
+            raise ConfigError(
+                f"model.weights={weights!r}: no such file; use none, imagenet, tf_inception_v3 or a state_dict path"
+            )
         try:
             # weights_only: a weights file is data, never code.
             state = torch.load(path, map_location="cpu", weights_only=True)
