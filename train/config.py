@@ -135,6 +135,9 @@ class TrainConfig:
     early_stop_mode: str = "max"  # max | min
     max_steps: int = 0  # stop after this many optimizer steps (tests, smoke runs); 0 = no limit
     log_every: int = 10  # steps between tracker logs
+    # Frozen backbone only: compute its features for each split once (eval transform: no augmentation), cache
+    # them, and train only the head on them (train/features.py). Minutes instead of hours on a CPU.
+    precompute_features: bool = False
 
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
@@ -198,6 +201,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.precompute_features and not (self.model.name == "inception_v3" and self.model.freeze_backbone):
+            raise ConfigError(
+                "train.precompute_features=true needs a frozen backbone: set model.name=inception_v3 and "
+                "model.freeze_backbone=true (or train.precompute_features=false)"
+            )
 
 
 def _read_yaml(path: Path) -> DictConfig:

@@ -217,6 +217,9 @@ def _tf_inception3(num_classes: int, aux_logits: bool) -> nn.Module:
         init_weights=True,
     )
     net.Mixed_7c.pool_kind = "max"
+    # The new classifier gets nn.Linear's default init, as on the imagenet path: torchvision's std-0.1 init
+    # over 2,048 features starts a linear probe with logits in the tens.
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net
 
 

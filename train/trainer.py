@@ -222,6 +222,11 @@ def main(cfg: Config) -> dict:
     if is_main:
         ckpt.remove_partial(run.ckpt_root)
     accelerator.wait_for_everyone()
+    # Branch point (issue 8): a frozen backbone trains its head on features computed once (train/features.py).
+    if cfg.train.precompute_features:
+        from train.features import train_on_features
+
+        return train_on_features(cfg, accelerator, run)
 
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway), and the
     # data order comes from (seed, epoch, position), not from this RNG.
