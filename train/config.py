@@ -111,9 +111,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0  # 0 = off
+    # Fine-tuning: layers that came with pretrained weights learn at lr x this; new heads at lr (1 = same LR)
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "sgd"))
+        if not 0 < self.backbone_lr_scale <= 10:
+            raise ConfigError(
+                f"optim.backbone_lr_scale={self.backbone_lr_scale}: use a factor in (0, 10], e.g. 0.1; "
+                "to keep the backbone fixed set model.freeze_backbone=true"
+            )
 
 
 @dataclass

@@ -266,6 +266,18 @@ def inception_v3(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return FrozenAwareInception(net)
 
 
+def new_parameter_prefixes(cfg: ModelConfig) -> tuple[str, ...] | None:
+    """Name prefixes of the parameters the weights did not provide (they learn at the full optim.lr; the rest at
+    lr x optim.backbone_lr_scale). None: nothing is pretrained."""
+    from train import pretrained
+
+    if cfg.name != "inception_v3" or cfg.weights == "none":
+        return None
+    if cfg.weights in pretrained.WEIGHTS:  # no aux weights in these files: the whole aux head is new
+        return ("net.fc.", "net.AuxLogits.")
+    return tuple(f"net.{h}." for h in _NEW_HEADS)
+
+
 MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "scratch_cnn": scratch_cnn,
     "inception_v3": inception_v3,

@@ -32,7 +32,7 @@ from train import plots, tracking
 from train.config import Config, ConfigError, save_config
 from train.data import TrainStream, eval_loader
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
-from train.models import build_model
+from train.models import build_model, new_parameter_prefixes
 
 log = logging.getLogger("catdog")
 
@@ -93,13 +93,19 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD+momentum; no weight decay on biases and normalisation weights (1-d tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    """AdamW or SGD+momentum; no weight decay on biases and normalisation weights (1-d tensors). Pretrained layers
+    get ``lr_scale = optim.backbone_lr_scale`` (engine.train_one_epoch multiplies the scheduled LR by it)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    new = new_parameter_prefixes(cfg.model)
+    groups = []
+    for is_new in (True, False):
+        scale = 1.0 if is_new else cfg.optim.backbone_lr_scale
+        params = [p for n, p in named if (new is None or n.startswith(new)) == is_new]
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay, "lr_scale": scale},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale},
+        ]
+    groups = [g | {"lr": cfg.optim.lr * g["lr_scale"]} for g in groups if g["params"]]
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
