@@ -35,6 +35,7 @@ from accelerate.utils import set_seed
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from data_prep.fetch import cache_dir
 from data_prep.info import DatasetInfo
@@ -86,12 +87,19 @@ class Head(nn.Module):
 
 @torch.inference_mode()
 def extract(
-    model: nn.Module, batches, *, device: torch.device, bf16: bool, channels_last: bool
+    model: nn.Module,
+    batches,
+    *,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+    desc: str = "features",
+    show: bool = False,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """(features float32, labels, keys) for every batch of ``(images, labels, keys)``; no autograd anywhere."""
     model.eval()
     feats, labels, keys = [], [], []
-    for x, y, k in batches:
+    for x, y, k in tqdm(batches, desc=desc, disable=not show, dynamic_ncols=True, leave=False):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
