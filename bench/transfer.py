@@ -35,7 +35,10 @@ def _prep(photos: Path, shards: Path, size: int) -> float:
     if (shards / "_info.json").is_file():
         return 0.0
     t0 = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "catdog-prep"), str(photos), str(shards), "--image-size", str(size)], check=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "catdog-prep"), str(photos), str(shards), "--image-size", str(size)],
+        check=True,
+    )
     return time.perf_counter() - t0
 
 
@@ -62,7 +65,13 @@ def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, boo
     torch.set_num_threads(default_workers())
     cfg = load_config(ROOT / "configs" / "inception_v3.yaml", [f"data.dir={shards}"])
     loader = eval_loader(
-        cfg.data, load_info(shards), split="val", batch_size=batch, image_size=cfg.model.input_size(), rank=0, world_size=1
+        cfg.data,
+        load_info(shards),
+        split="val",
+        batch_size=batch,
+        image_size=cfg.model.input_size(),
+        rank=0,
+        world_size=1,
     )
     x, _ = next(iter(loader))
     model = build_model(cfg.model, 2).eval()
@@ -86,6 +95,58 @@ def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, boo
     return out
 
 
+def _finetune_speed(shards: Path, batch: int, reps: int) -> dict[bool, float]:
+    """Images/s of one full fine-tuning step (forward, backward, SGD; all layers train) at 299 px, fp32 vs bf16."""
+    import torch
+    from accelerate import Accelerator
+
+    from data_prep.info import load_info
+    from data_prep.prepare import default_workers
+    from train.config import load_config
+    from train.data import eval_loader
+    from train.engine import EpochTotals, train_one_epoch
+    from train.models import build_model
+    from train.trainer import make_optimizer
+
+    torch.set_num_threads(default_workers())
+    cfg = load_config(ROOT / "configs" / "inception_v3_finetune.yaml", [f"data.dir={shards}"])
+    loader = eval_loader(
+        cfg.data,
+        load_info(shards),
+        split="train",
+        batch_size=batch,
+        image_size=cfg.model.input_size(),
+        rank=0,
+        world_size=1,
+    )
+    x, y = next(iter(loader))
+    out = {}
+    for bf16 in (False, True):
+        model = build_model(cfg.model, 2).to(memory_format=torch.channels_last)
+        opt = make_optimizer(cfg, model)
+        acc = Accelerator(cpu=True, mixed_precision="bf16" if bf16 else "no")
+        model, opt = acc.prepare(model, opt)
+        batches = [(x.contiguous(memory_format=torch.channels_last), y)] * (reps + 1)
+        times = []
+        for i, b in enumerate(batches):
+            r = train_one_epoch(
+                model,
+                [b],
+                opt,
+                acc,
+                lr_fn=lambda s: 1e-3,
+                step=i,
+                start_batch=0,
+                num_batches=1,
+                totals=EpochTotals(),
+                channels_last=True,
+            )
+            if i:
+                times.append(r["seconds"])
+        out[bf16] = len(x) / statistics.median(times)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "catsdogs"))
@@ -93,7 +154,8 @@ def main() -> int:
     ap.add_argument("--shard-size", type=int, default=342, help="short side of the shards (299 / 0.875 = 342)")
     ap.add_argument("--batch", type=int, default=32, help="forward-pass benchmark batch")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--skip-forward", action="store_true", help="skip the forward-pass and fine-tuning speeds")
+    ap.add_argument("--skip-transfer", action="store_true", help="only the speeds (shards must exist)")
     ap.add_argument("overrides", nargs="*", help="extra trainer overrides for the transfer run")
     args = ap.parse_args()
     from train import pretrained
@@ -106,27 +168,47 @@ def main() -> int:
     shutil.rmtree(xdg, ignore_errors=True)
     (xdg / "catdog").mkdir(parents=True)
     (xdg / "catdog" / "weights").symlink_to(pretrained.weights_dir())
-    cold_s, cold = _transfer_run(shards, work / "run", xdg, args.overrides)
-    warm_s, warm = _transfer_run(shards, work / "run_cached", xdg, args.overrides)
+    if not args.skip_transfer:
+        cold_s, cold = _transfer_run(shards, work / "run", xdg, args.overrides)
+        warm_s, warm = _transfer_run(shards, work / "run_cached", xdg, args.overrides)
     speeds = {} if args.skip_forward else _forward_speeds(shards, args.batch, args.reps)
+    tune = {} if args.skip_forward else _finetune_speed(shards, 16, args.reps)
 
-    print(f"\nshards: {shards} ({'prepared in %.0f s' % prep_s if prep_s else 'reused'}); load avg {os.getloadavg()}")
-    print(f"{'transfer run (configs/inception_v3.yaml)':<44} {'wall_s':>7} {'features_s':>10} {'val_acc':>8} {'best':>7}")
-    for name, wall, m in (("cold: features extracted + cached", cold_s, cold), ("warm: features from the cache", warm_s, warm)):
+    prepared = f"prepared in {prep_s:.0f} s" if prep_s else "reused"
+    print(f"\nshards: {shards} ({prepared}); load average {os.getloadavg()} (the machine is shared)")
+    if not args.skip_transfer:
         print(
-            f"{name:<44} {wall:>7.1f} {m['features/extract_seconds']:>10.1f} {m['val/accuracy']:>8.4f} "
-            f"{m['best/val/accuracy']:>7.4f}"
+            f"{'transfer run (configs/inception_v3.yaml)':<44} {'wall_s':>7} {'features_s':>10} {'val_acc':>8} {'best':>7}"
         )
+        for name, wall, m in (
+            ("cold: features extracted + cached", cold_s, cold),
+            ("warm: features from the cache", warm_s, warm),
+        ):
+            print(
+                f"{name:<44} {wall:>7.1f} {m['features/extract_seconds']:>10.1f} {m['val/accuracy']:>8.4f} "
+                f"{m['best/val/accuracy']:>7.4f}"
+            )
     if speeds:
         print(f"\nbackbone forward, batch {args.batch} real val photos at 299 px (img/s, median of {args.reps}):")
         print(f"{'':<22} {'fp32':>8} {'bf16':>8} {'bf16/fp32':>10}")
         for cl in (False, True):
             fp32, bf16 = speeds[(cl, False)], speeds[(cl, True)]
             print(f"{'channels_last ' + ('on' if cl else 'off'):<22} {fp32:>8.1f} {bf16:>8.1f} {bf16 / fp32:>10.2f}")
-        print(f"channels_last on/off: fp32 {speeds[(True, False)] / speeds[(False, False)]:.2f}, bf16 "
-              f"{speeds[(True, True)] / speeds[(False, True)]:.2f}")
-    print(f"ratio target/wall (5 min, >= 1 meets it): {TARGET_S / cold_s:.2f}")
-    print(f"ratio val_acc/target (99 %, >= 1 meets it): {cold['val/accuracy'] / TARGET_ACC:.3f}")
+        print(
+            f"channels_last on/off: fp32 {speeds[(True, False)] / speeds[(False, False)]:.2f}, bf16 "
+            f"{speeds[(True, True)] / speeds[(False, True)]:.2f}"
+        )
+    if tune:
+        print(
+            "\nfull fine-tuning step (all layers, SGD, batch 16, 299 px, channels_last), img/s; epoch of 2,000 photos:"
+        )
+        for bf16, ips in tune.items():
+            print(
+                f"{'bf16' if bf16 else 'fp32':<6} {ips:>6.1f} img/s  ->  {2000 / ips / 60:.1f} min/epoch (compute only)"
+            )
+    if not args.skip_transfer:
+        print(f"ratio target/wall (5 min, >= 1 meets it): {TARGET_S / cold_s:.2f}")
+        print(f"ratio val_acc/target (99 %, >= 1 meets it): {cold['val/accuracy'] / TARGET_ACC:.3f}")
     return 0
 
 
