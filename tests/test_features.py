@@ -167,3 +167,31 @@ def test_precompute_features_needs_a_frozen_backbone(shards, tmp_path):
         load_config(None, ["data.dir=x", "train.precompute_features=true"])
     proc = run_train_failing([f"data.dir={shards}", f"run.dir={tmp_path / 'r'}", "train.precompute_features=true"])
     assert "model.freeze_backbone=true" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_extraction_and_cache_what_one_rank_does(shards, cache, tmp_path, port):
+    """Two gloo ranks each extract half the images, gather them sorted by key, and cache the same table."""
+    from safetensors import safe_open
+
+    tables = []
+    for procs in (1, 2):
+        xdg = tmp_path / f"xdg{procs}"
+        (xdg / "catdog").mkdir(parents=True)
+        (xdg / "catdog" / "weights").symlink_to(pretrained.weights_dir())
+        run_dir = tmp_path / f"run{procs}"
+        args = [*BASE, "model.image_size=96", f"data.dir={shards}", f"run.dir={run_dir}", "train.epochs=2"]
+        run_train([*args, "train.batch_size=16", "eval.batch_size=16"], procs=procs, port=port, XDG_CACHE_HOME=str(xdg))
+        found = {}
+        for f in (xdg / "catdog" / "features").glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as t:
+                split = json.loads(t.metadata()["inputs"])["split"]
+                found[split] = (t.get_tensor("features"), t.get_tensor("labels"), json.loads(t.metadata()["keys"]))
+        tables.append(found)
+        assert json.loads((run_dir / "final_metrics.json").read_text())["val/samples"] == 40
+    one, two = tables
+    for split in ("train", "val"):
+        assert one[split][2] == two[split][2] and len(one[split][2]) == sum(LENGTHS[split])  # same rows, same order
+        assert torch.equal(one[split][1], two[split][1])
+        # bf16 convolutions may round differently for another batch composition; the rows are the same images.
+        assert torch.allclose(one[split][0], two[split][0], rtol=0.05, atol=0.05)
