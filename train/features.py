@@ -380,7 +380,6 @@ def train_on_features(cfg: Config, acc: Accelerator, run) -> dict:
     if state.epoch > start_epoch:
         _save_best_and_last(acc, run, head, state, best)
     final = finish(run, model, state)
-    final = finish(run, model, state)
     if is_main:
         extra = {
             "features/extract_seconds": round(extract_seconds, 3),
