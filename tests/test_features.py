@@ -73,6 +73,7 @@ def test_transfer_run_learns_keeps_the_backbone_and_writes_a_normal_run_dir(shar
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["val/samples"] == 40 and final["features/cached"] is False and final["features/bf16"] in (True, False)
     assert final["best/val/accuracy"] >= 0.8, final  # chance is 0.5; ~0.95 measured
+    assert (run_dir / "train.log").read_text().count(" final: ") == 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 9))
     assert {"loss.png", "accuracy.png", "confusion_matrix.png", "roc.png"} <= {

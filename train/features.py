@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from data_prep.atomic import atomic_write_json
 from data_prep.fetch import cache_dir
 from data_prep.info import DatasetInfo
 from train import checkpoint as ckpt
@@ -387,8 +388,6 @@ def train_on_features(cfg: Config, acc: Accelerator, run) -> dict:
             "features/bf16": bool(train["bf16"]),
         }
         final.update(extra)
-        from data_prep.atomic import atomic_write_json
-
         atomic_write_json(run.dir / "final_metrics.json", final)
     acc.end_training()
     return final
