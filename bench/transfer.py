@@ -92,6 +92,9 @@ def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, boo
                     if i:  # the first pass builds oneDNN kernels
                         times.append(time.perf_counter() - t0)
             out[(channels_last, bf16)] = len(x) / statistics.median(times)
+            print(
+                f"forward channels_last={channels_last} bf16={bf16}: {out[(channels_last, bf16)]:.1f} img/s", flush=True
+            )
     return out
 
 
@@ -121,29 +124,31 @@ def _finetune_speed(shards: Path, batch: int, reps: int) -> dict[bool, float]:
     )
     x, y = next(iter(loader))
     out = {}
+    acc = Accelerator(cpu=True)  # one per process; bf16 comes from the autocast below, as Accelerate's would
     for bf16 in (False, True):
         model = build_model(cfg.model, 2).to(memory_format=torch.channels_last)
         opt = make_optimizer(cfg, model)
-        acc = Accelerator(cpu=True, mixed_precision="bf16" if bf16 else "no")
         model, opt = acc.prepare(model, opt)
         batches = [(x.contiguous(memory_format=torch.channels_last), y)] * (reps + 1)
         times = []
         for i, b in enumerate(batches):
-            r = train_one_epoch(
-                model,
-                [b],
-                opt,
-                acc,
-                lr_fn=lambda s: 1e-3,
-                step=i,
-                start_batch=0,
-                num_batches=1,
-                totals=EpochTotals(),
-                channels_last=True,
-            )
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                r = train_one_epoch(
+                    model,
+                    [b],
+                    opt,
+                    acc,
+                    lr_fn=lambda s: 1e-3,
+                    step=i,
+                    start_batch=0,
+                    num_batches=1,
+                    totals=EpochTotals(),
+                    channels_last=True,
+                )
             if i:
                 times.append(r["seconds"])
         out[bf16] = len(x) / statistics.median(times)
+        print(f"fine-tuning step {'bf16' if bf16 else 'fp32'}: {out[bf16]:.1f} img/s", flush=True)
     return out
 
 
