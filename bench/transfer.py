@@ -170,10 +170,10 @@ def main() -> int:
     prep_s = _prep(Path(args.photos), shards, args.shard_size)
     # A private cache: the real converted weights linked in, an empty feature cache.
     xdg = work / "xdg"
-    shutil.rmtree(xdg, ignore_errors=True)
-    (xdg / "catdog").mkdir(parents=True)
-    (xdg / "catdog" / "weights").symlink_to(pretrained.weights_dir())
     if not args.skip_transfer:
+        shutil.rmtree(xdg, ignore_errors=True)
+        (xdg / "catdog").mkdir(parents=True)
+        (xdg / "catdog" / "weights").symlink_to(pretrained.weights_dir())
         cold_s, cold = _transfer_run(shards, work / "run", xdg, args.overrides)
         warm_s, warm = _transfer_run(shards, work / "run_cached", xdg, args.overrides)
     speeds = {} if args.skip_forward else _forward_speeds(shards, args.batch, args.reps)
