@@ -251,7 +251,7 @@ def train_on_features(cfg: Config, acc: Accelerator, run) -> dict:
     if n == 0:
         raise ConfigError(f"split {cfg.data.train_split!r} of {info.root} has no readable samples to train on")
     log.info(
-        "features: train %d x %d (%s, %.1f s), val %d (%s, %.1f s); %s, channels_last",
+        "features: train %d x %d (%s, %.1f s), val %d (%s, %.1f s); %s, channels_last %s",
         n,
         train["features"].shape[1],
         "cached" if train["cached"] else "extracted",
@@ -260,9 +260,11 @@ def train_on_features(cfg: Config, acc: Accelerator, run) -> dict:
         "cached" if val["cached"] else "extracted",
         val["seconds"],
         "bf16" if train["bf16"] else "fp32",
+        "on" if cfg.train.channels_last else "off",
     )
     head = Head(model)
-    optimizer = make_optimizer(cfg, head)
+    # Built over the model (not the head) so parameter names, hence LR groups, match an image run's.
+    optimizer = make_optimizer(cfg, model)
     model, optimizer = acc.prepare(model, optimizer)  # checkpoints save the whole model + the head's optimizer
 
     batch = cfg.train.batch_size
