@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: prepare shards -> train the scratch CNN (configs/cnn.yaml) -> evaluate -> show results -> classify a few photos.
+# `make demo`: prepare shards -> train the scratch CNN (configs/cnn.yaml) and InceptionV3 feature extraction
+# (configs/inception_v3.yaml, offline ImageNet weights) -> evaluate -> show results and the comparison report
+# -> classify a few photos with catdog-predict.
 # Usage: scripts/demo.sh [DATA_DIR] [DEMO_DIR]. An empty DATA_DIR downloads cats_and_dogs_filtered
 # (checksum-verified) into ~/.cache/catdog; offline, that step stops and says to set DATA_DIR.
 set -euo pipefail
@@ -11,13 +13,19 @@ BIN=.venv/bin
 if [ -z "$DATA_DIR" ]; then
     DATA_DIR=$($BIN/python -m data_prep.fetch)
 fi
-echo "== 1/3 prepare shards from $DATA_DIR -> $DEMO_DIR/shards"
+echo "== 1/4 prepare shards from $DATA_DIR -> $DEMO_DIR/shards (192 px) and $DEMO_DIR/shards342 (InceptionV3)"
 $BIN/catdog-prep "$DATA_DIR" "$DEMO_DIR/shards" --image-size 192
+$BIN/catdog-prep "$DATA_DIR" "$DEMO_DIR/shards342" --image-size 342  # 299 / 0.875: eval's resize, no upsampling
 
-echo "== 2/3 train the scratch CNN (configs/cnn.yaml) -> $DEMO_DIR/run"
+echo "== 2/4 train the scratch CNN (configs/cnn.yaml) -> $DEMO_DIR/run"
 $BIN/catdog-launch local --config configs/cnn.yaml data.dir="$DEMO_DIR/shards" run.dir="$DEMO_DIR/run"
 
-echo "== 3/3 results"
+echo "== 3/4 InceptionV3 feature extraction (configs/inception_v3.yaml) -> $DEMO_DIR/inception_v3"
+$BIN/catdog-launch local --config configs/inception_v3.yaml data.dir="$DEMO_DIR/shards342" \
+    run.dir="$DEMO_DIR/inception_v3" "track.backends=[csv,tensorboard]"
+$BIN/catdog-report "$DEMO_DIR/run" "$DEMO_DIR/inception_v3" --out "$DEMO_DIR/report"
+
+echo "== 4/4 results (scratch CNN)"
 $BIN/python - "$DEMO_DIR/run" <<'PY'
 import json, sys
 from pathlib import Path

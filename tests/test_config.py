@@ -25,7 +25,7 @@ def test_configs_differ_where_they_should():
     extract = load_config(CONFIGS / "inception_v3.yaml", ["data.dir=x"])
     finetune = load_config(CONFIGS / "inception_v3_finetune.yaml", ["data.dir=x"])
     assert extract.model.freeze_backbone and not finetune.model.freeze_backbone
-    assert finetune.model.weights == extract.model.weights == "imagenet"  # inherited through `defaults:`
+    assert finetune.model.weights == extract.model.weights == "tf_inception_v3"  # inherited through `defaults:`
     assert load_config(CONFIGS / "debug_cpu.yaml", ["data.dir=x"]).train.cpu
 
 

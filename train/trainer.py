@@ -35,7 +35,7 @@ from train.data import EvalSet, TrainStream, eval_loader
 from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
 from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
-from train.models import build_model
+from train.models import build_model, new_parameter_prefixes
 
 log = logging.getLogger("catdog")
 
@@ -138,13 +138,19 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD+momentum; no weight decay on biases and normalisation weights (1-d tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    """AdamW or SGD+momentum; no weight decay on biases and normalisation weights (1-d tensors). Pretrained layers
+    get ``lr_scale = optim.backbone_lr_scale`` (engine.train_one_epoch multiplies the scheduled LR by it)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    new = new_parameter_prefixes(cfg.model)
+    groups = []
+    for is_new in (True, False):
+        scale = 1.0 if is_new else cfg.optim.backbone_lr_scale
+        params = [p for n, p in named if (new is None or n.startswith(new)) == is_new]
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay, "lr_scale": scale},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale},
+        ]
+    groups = [g | {"lr": cfg.optim.lr * g["lr_scale"]} for g in groups if g["params"]]
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
@@ -246,7 +252,7 @@ class Run:
         if split == self.cfg.data.val_split:
             batches = self.val.loader()
         else:  # the test split: scored once, at the end
-            batches = eval_loader(self.cfg.data, self.info, split=split, **_eval_args(self.cfg, self.acc))
+            batches = eval_loader(self.cfg.data, self.info, split=split, **eval_args(self.cfg, self.acc))
         return evaluate(
             unwrapped,
             batches,
@@ -288,7 +294,7 @@ class Run:
         tracking.log_plots(self.acc, made, step)
 
 
-def _eval_args(cfg: Config, acc: Accelerator) -> dict:
+def eval_args(cfg: Config, acc: Accelerator) -> dict:
     world = acc.num_processes
     return {
         "batch_size": max(1, cfg.eval.batch_size // world),
@@ -327,6 +333,11 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
         )
     if start_note.moved:
         log.info("train.resume=none: moved the previous start's checkpoints and tracker state to %s", start_note.moved)
+    if cfg.train.precompute_features:
+        # A frozen backbone trains its head on features computed once (train/features.py): same run dir outputs.
+        from train.features import train_on_features
+
+        return train_on_features(cfg, acc, info, start_note.checkpoint)
     run = build(cfg, acc, info, stop)
     state = resume(run, start_note.checkpoint)
     if acc.is_main_process:
@@ -440,7 +451,7 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
         seed=cfg.train.seed,
         pin_memory=on_gpu,
     )
-    val = EvalSet(cfg.data, info, pin_memory=on_gpu, split=cfg.data.val_split, **_eval_args(cfg, acc))
+    val = EvalSet(cfg.data, info, pin_memory=on_gpu, split=cfg.data.val_split, **eval_args(cfg, acc))
     accum = cfg.train.grad_accum
     steps_per_epoch = stream.batches_per_epoch // accum
     if steps_per_epoch == 0:

@@ -1,0 +1,198 @@
+"""train.precompute_features: the frozen backbone's features computed once and cached; only the head trains.
+
+Real photos and the real offline InceptionV3 weights, at 160 px on ~100 photos so the whole file stays ~1 min on 2
+cores (InceptionV3 runs ~10-20 img/s here at 299 px; the full-size, full-data run is bench/transfer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from data_shards import rewrite_member, tiny_jpegs, write_shards
+from safetensors.torch import load_file
+from train_helpers import run_train, run_train_failing
+
+from data_prep.info import load_info
+from train import features, pretrained
+from train.config import ConfigError, load_config
+from train.data import eval_loader
+from train.models import build_model
+
+LENGTHS = {"train": [32, 32], "val": [40]}  # alternating cat/dog: balanced splits
+SIZE = 160
+BASE = [
+    "model.name=inception_v3",
+    "model.weights=tf_inception_v3",
+    "model.freeze_backbone=true",
+    "model.aux_logits=false",
+    f"model.image_size={SIZE}",
+    "train.precompute_features=true",
+    "train.mixed_precision=bf16",
+    "train.channels_last=true",
+    "data.num_workers=0",
+    "track.backends=[csv]",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(real_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(root, tiny_jpegs(real_data, sum(sum(v) for v in LENGTHS.values()), size=SIZE), LENGTHS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A private XDG cache (empty feature cache) that links the real, already converted weights."""
+    try:
+        pretrained.ensure_converted("tf_inception_v3")
+    except pretrained.PretrainedError as e:
+        if os.environ.get("CATDOG_REQUIRE_WEIGHTS"):
+            pytest.fail(str(e))
+        pytest.skip(f"tf_inception_v3 weights unavailable: {e}")
+    xdg = tmp_path_factory.mktemp("xdg")
+    (xdg / "catdog").mkdir()
+    (xdg / "catdog" / "weights").symlink_to(pretrained.weights_dir())
+    return xdg
+
+
+@pytest.fixture
+def xdg(cache, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+def test_transfer_run_learns_keeps_the_backbone_and_writes_a_normal_run_dir(shards, xdg, tmp_path):
+    run_dir = tmp_path / "run"
+    common = [*BASE, f"data.dir={shards}", f"run.dir={run_dir}", "train.epochs=8", "train.batch_size=16"]
+    run_train(common, XDG_CACHE_HOME=str(xdg))
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["val/samples"] == 40 and final["features/cached"] is False and final["features/bf16"] in (True, False)
+    assert final["best/val/accuracy"] >= 0.8, final  # chance is 0.5; ~0.95 measured
+    assert (run_dir / "train.log").read_text().count(" final: ") == 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    assert {"loss.png", "accuracy.png", "confusion_matrix.png", "roc.png"} <= {
+        p.name for p in (run_dir / "plots").iterdir()
+    }
+
+    # Checkpoints hold the whole model: frozen trunk (weights AND BN statistics) exactly as loaded, new head.
+    loaded = pretrained.load_state_dict("tf_inception_v3")
+    best = load_file(str(run_dir / "checkpoints" / final["best_checkpoint"] / "model.safetensors"))
+    last = load_file(str(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
+    for saved in (best, last):
+        for k, v in loaded.items():
+            if not k.endswith("num_batches_tracked"):
+                assert torch.equal(saved[f"net.{k}"], v), k
+    assert not torch.equal(
+        best["net.fc.weight"], build_model(load_config(None, ["data.dir=x", *BASE]).model, 2).net.fc.weight
+    )
+
+    # The best checkpoint, run on images the ordinary way (fp32, no feature cache), scores what the head did.
+    cfg = load_config(None, [f"data.dir={shards}", *BASE])
+    model = build_model(cfg.model, 2)
+    model.load_state_dict(best)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in eval_loader(
+            cfg.data, load_info(shards), split="val", batch_size=20, image_size=SIZE, rank=0, world_size=1
+        ):
+            correct += int((model(x).argmax(1) == y).sum())
+    assert abs(correct / 40 - final["best/val/accuracy"]) <= 1 / 40 + 1e-6  # bf16 features may flip one photo
+
+    # Second run on the same inputs: the features come from the cache (the run dir is new, so nothing resumes).
+    run_train(
+        [*common[:-2], f"run.dir={tmp_path / 'again'}", "train.epochs=2", "train.batch_size=16"],
+        XDG_CACHE_HOME=str(xdg),
+    )
+    again = json.loads((tmp_path / "again" / "final_metrics.json").read_text())
+    assert again["features/cached"] is True and again["features/extract_seconds"] < 5
+    assert list((xdg / "catdog" / "features").glob(".tmp-*")) == []
+
+
+def test_cache_is_reused_and_invalidated_when_an_input_changes(shards, xdg, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    cfg = load_config(None, [f"data.dir={shards}", *BASE, "model.image_size=96"])
+    info = load_info(shards)
+    acc = Accelerator(cpu=True)
+    model = build_model(cfg.model, 2)
+    first = features.split_features(cfg, info, model, acc, "val")
+    assert not first["cached"] and first["features"].shape == (40, 2048) and first["path"].is_file()
+
+    def no_extract(*a, **k):
+        raise AssertionError("extracted again")
+
+    monkeypatch.setattr(features, "extract", no_extract)
+    second = features.split_features(cfg, info, model, acc, "val")
+    assert second["cached"] and torch.equal(second["features"], first["features"])
+    assert torch.equal(second["labels"], first["labels"])
+
+    key = features.cache_key(cfg, info, "val", first["bf16"])[0]
+    changed = {
+        "image size": load_config(None, [f"data.dir={shards}", *BASE, "model.image_size=128"]),
+        "weights": load_config(None, [f"data.dir={shards}", *BASE, "model.image_size=96", "model.weights=none"]),
+        "mean": load_config(None, [f"data.dir={shards}", *BASE, "model.image_size=96", "data.mean=[0.5,0.5,0.5]"]),
+    }
+    for what, other in changed.items():
+        assert features.cache_key(other, info, "val", first["bf16"])[0] != key, what
+    assert features.cache_key(cfg, info, "val", not first["bf16"])[0] != key  # precision
+    assert features.cache_key(cfg, info, "train", first["bf16"])[0] != key
+
+    # A shard's content changes (same name, same _info.json): recomputed, not served stale.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in shards.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    rewrite_member(copy / "val-000000.tar", "val_00_000", "cls", b"0" if first["labels"][0] else b"1")
+    info2 = load_info(copy)
+    assert features.cache_key(cfg, info2, "val", first["bf16"])[0] != key
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    third = features.split_features(cfg, info2, model, acc, "val")
+    assert not third["cached"] and (third["labels"] != first["labels"]).sum() == 1
+    # _info.json's recorded shard sha256 (catdog-prep writes them) is what the key uses when present.
+    raw = json.loads((copy / "_info.json").read_text())
+    raw["shards"] = {"val-000000.tar": {"sha256": "0" * 64, "bytes": 1}}
+    (copy / "_info.json").write_text(json.dumps(raw))
+    assert features.cache_key(cfg, load_info(copy), "val", first["bf16"])[1]["shards"] == [["val-000000.tar", "0" * 64]]
+
+
+def test_precompute_features_needs_a_frozen_backbone(shards, tmp_path):
+    with pytest.raises(ConfigError, match="train.precompute_features=true needs a frozen backbone"):
+        load_config(None, ["data.dir=x", "train.precompute_features=true"])
+    proc = run_train_failing([f"data.dir={shards}", f"run.dir={tmp_path / 'r'}", "train.precompute_features=true"])
+    assert "model.freeze_backbone=true" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_extraction_and_cache_what_one_rank_does(shards, cache, tmp_path, port):
+    """Two gloo ranks each extract half the images, gather them sorted by key, and cache the same table."""
+    from safetensors import safe_open
+
+    tables = []
+    for procs in (1, 2):
+        xdg = tmp_path / f"xdg{procs}"
+        (xdg / "catdog").mkdir(parents=True)
+        (xdg / "catdog" / "weights").symlink_to(pretrained.weights_dir())
+        run_dir = tmp_path / f"run{procs}"
+        args = [*BASE, "model.image_size=96", f"data.dir={shards}", f"run.dir={run_dir}", "train.epochs=2"]
+        run_train([*args, "train.batch_size=16", "eval.batch_size=16"], procs=procs, port=port, XDG_CACHE_HOME=str(xdg))
+        found = {}
+        for f in (xdg / "catdog" / "features").glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as t:
+                split = json.loads(t.metadata()["inputs"])["split"]
+                found[split] = (t.get_tensor("features"), t.get_tensor("labels"), json.loads(t.metadata()["keys"]))
+        tables.append(found)
+        assert json.loads((run_dir / "final_metrics.json").read_text())["val/samples"] == 40
+    one, two = tables
+    for split in ("train", "val"):
+        assert one[split][2] == two[split][2] and len(one[split][2]) == sum(LENGTHS[split])  # same rows, same order
+        assert torch.equal(one[split][1], two[split][1])
+        # bf16 convolutions may round differently for another batch composition; the rows are the same images.
+        assert torch.allclose(one[split][0], two[split][0], rtol=0.05, atol=0.05)
