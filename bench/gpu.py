@@ -70,6 +70,7 @@ def model_config(name: str) -> ModelConfig:
     if name == "cnn":
         return load_config(ROOT / "configs" / "cnn.yaml", ["data.dir=unused"]).model
     overrides = ["data.dir=unused", "model.weights=none", "model.freeze_backbone=false", "model.trainable_blocks=-1"]
+    overrides.append("train.precompute_features=false")  # a trained backbone, not cached features
     return load_config(ROOT / "configs" / "inception_v3.yaml", overrides).model
 
 
