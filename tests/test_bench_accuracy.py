@@ -19,7 +19,11 @@ def test_ablation_smoke_prints_a_row_per_variant(tmp_path, real_data):
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| variant |") and [r.split(" | ")[0] for r in rows[1:]] == ["| fp32", "| no_ema", "| mixup"]
+    assert rows[0].startswith("| variant |") and [r.split(" | ")[0] for r in rows[1:]] == [
+        "| fp32",
+        "| no_ema",
+        "| mixup",
+    ]
     results = json.loads((out / "ablation.json").read_text())
     assert list(results) == ["fp32", "no_ema", "mixup"]
     for name, r in results.items():
