@@ -41,8 +41,8 @@ from data_prep.atomic import atomic_write_json
 from data_prep.fetch import cache_dir
 from data_prep.info import DatasetInfo
 from train import checkpoint as ckpt
-from train import pretrained, tracking
-from train.config import Config, ConfigError, save_config
+from train import pretrained
+from train.config import Config, ConfigError
 from train.data import EvalSet, TrainStream, eval_loader
 from train.engine import EpochTotals, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import INCEPTION_BLOCKS, build_model
@@ -236,7 +236,8 @@ def _save_best_and_last(acc: Accelerator, run, head: Head, state: ckpt.TrainerSt
 def train_on_features(cfg: Config, acc: Accelerator, info: DatasetInfo, resume: Path | None) -> dict:
     """The whole run of a frozen backbone on cached features; writes the run dir like ``trainer.main`` does.
     ``resume``: the checkpoint rank 0 picked for this start (trainer.decide_start), or None."""
-    from train.trainer import Run, eval_args, finish, make_optimizer, model_fingerprint  # trainer imports us lazily
+    from train.trainer import Run, eval_args, finish, make_optimizer, model_fingerprint, start_trackers
+    from train.trainer import resume as resume_state  # the trainer imports this module lazily, so this is no cycle
 
     is_main, world = acc.is_main_process, acc.num_processes
     set_seed(cfg.train.seed)
@@ -312,17 +313,8 @@ def train_on_features(cfg: Config, acc: Accelerator, info: DatasetInfo, resume: 
         total_steps=total_steps,
         warmup_steps=warmup,
     )  # fmt: skip
-    state = ckpt.TrainerState(fingerprint=fingerprint)
-    if resume is not None:
-        ckpt.check_resumable(resume, ckpt.TrainerState.from_json(resume / ckpt.STATE_NAME), fingerprint)
-        state = ckpt.load_checkpoint(acc, resume)
-        state.fingerprint = fingerprint
-        log.info("resumed from %s: epoch %d, step %d", resume, state.epoch, state.step)
-    if is_main:
-        save_config(cfg, run.dir / "config.yaml")
-        tracking.truncate_csv(run.dir / tracking.CSV_NAME, state.step)
-        state.wandb_run_id = tracking.wandb_run_id(run.dir, state.wandb_run_id) if "wandb" in cfg.track.backends else ""
-    tracking.init_trackers(acc, cfg, run.dir, state.wandb_run_id, resume_step=state.step)
+    state = resume_state(run, resume)
+    start_trackers(run, state)
     if not state.history:  # the extraction is part of this run's time (a cache hit makes it ~0)
         state.train_seconds = extract_seconds
     metric, mode_max = cfg.train.early_stop_metric, cfg.train.early_stop_mode == "max"

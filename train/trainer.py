@@ -340,12 +340,7 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
         return train_on_features(cfg, acc, info, start_note.checkpoint)
     run = build(cfg, acc, info, stop)
     state = resume(run, start_note.checkpoint)
-    if acc.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")  # only once the checkpoint (if any) was accepted for it
-        # Rows the killed session logged after its last checkpoint are re-logged by this one: drop them first.
-        tracking.truncate_csv(run_dir / tracking.CSV_NAME, state.step)
-        state.wandb_run_id = tracking.wandb_run_id(run_dir, state.wandb_run_id) if "wandb" in cfg.track.backends else ""
-    tracking.init_trackers(acc, cfg, run_dir, state.wandb_run_id, resume_step=state.step)
+    start_trackers(run, state)
     _log_layout(run)
 
     interrupted = False
@@ -513,6 +508,17 @@ def resume(run: Run, path: Path | None) -> ckpt.TrainerState:
     run.seconds_before = state.train_seconds
     run.session_start = time.perf_counter()
     return state
+
+
+def start_trackers(run: Run, state: ckpt.TrainerState) -> None:
+    """config.yaml, the CSV cut back to the checkpoint, the W&B id; then the trackers (every rank calls this)."""
+    cfg, acc = run.cfg, run.acc
+    if acc.is_main_process:
+        save_config(cfg, run.dir / "config.yaml")  # only once the checkpoint (if any) was accepted for it
+        # Rows the killed session logged after its last checkpoint are re-logged by this one: drop them first.
+        tracking.truncate_csv(run.dir / tracking.CSV_NAME, state.step)
+        state.wandb_run_id = tracking.wandb_run_id(run.dir, state.wandb_run_id) if "wandb" in cfg.track.backends else ""
+    tracking.init_trackers(acc, cfg, run.dir, state.wandb_run_id, resume_step=state.step)
 
 
 def _done(run: Run, state: ckpt.TrainerState) -> bool:
