@@ -43,7 +43,7 @@ from data_prep.info import DatasetInfo
 from train import checkpoint as ckpt
 from train import pretrained
 from train.config import Config, ConfigError
-from train.data import EvalSet, TrainStream, eval_loader
+from train.data import eval_loader
 from train.engine import EpochTotals, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import INCEPTION_BLOCKS, build_model
 from train.transforms import EVAL_CROP_FRACTION
@@ -236,7 +236,15 @@ def _save_best_and_last(acc: Accelerator, run, head: Head, state: ckpt.TrainerSt
 def train_on_features(cfg: Config, acc: Accelerator, info: DatasetInfo, resume: Path | None) -> dict:
     """The whole run of a frozen backbone on cached features; writes the run dir like ``trainer.main`` does.
     ``resume``: the checkpoint rank 0 picked for this start (trainer.decide_start), or None."""
-    from train.trainer import Run, eval_args, finish, make_optimizer, model_fingerprint, start_trackers
+    from train.trainer import (
+        Run,
+        data_streams,
+        finish,
+        make_optimizer,
+        model_fingerprint,
+        run_fingerprint,
+        start_trackers,
+    )
     from train.trainer import resume as resume_state  # the trainer imports this module lazily, so this is no cycle
 
     is_main, world = acc.is_main_process, acc.num_processes
@@ -283,36 +291,25 @@ def train_on_features(cfg: Config, acc: Accelerator, info: DatasetInfo, resume: 
             min_lr_ratio=cfg.optim.min_lr_ratio,
         )
 
-    fingerprint = {
-        "model": cfg.model.name,
-        "model_shapes": shapes,
-        "optimizer": cfg.optim.name,
-        "batch_size": batch,
-        "grad_accum": cfg.train.grad_accum,
-        "train_samples": info.split(cfg.data.train_split).num_samples,
-        "seed": cfg.train.seed,
-        "world_size": world,
-    }
+    fingerprint = run_fingerprint(cfg, shapes, info.split(cfg.data.train_split).num_samples, world)
     # The trainer's Run over the whole model: finish() scores the test split on images with it, checkpoints and
     # outputs go where an image run puts them.
+    stream, val_set = data_streams(cfg, acc, info)
     run = Run(
         cfg=cfg,
         acc=acc,
         info=info,
         model=model,
         optimizer=optimizer,
-        stream=TrainStream(
-            cfg.data, info, split=cfg.data.train_split, batch_size=cfg.train.per_device_batch(world),
-            image_size=cfg.model.input_size(), rank=acc.process_index, world_size=world, seed=cfg.train.seed,
-        ),
-        val=EvalSet(cfg.data, info, split=cfg.data.val_split, **eval_args(cfg, acc)),
+        stream=stream,
+        val=val_set,
         fingerprint=fingerprint,
         stop=None,
         ema=None,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         warmup_steps=warmup,
-    )  # fmt: skip
+    )
     state = resume_state(run, resume)
     start_trackers(run, state)
     if not state.history:  # the extraction is part of this run's time (a cache hit makes it ~0)

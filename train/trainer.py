@@ -434,19 +434,7 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
         model = torch.compile(model)
     if stop is not None:
         stop.setup()
-    on_gpu = acc.device.type == "cuda"
-    stream = TrainStream(
-        cfg.data,
-        info,
-        split=cfg.data.train_split,
-        batch_size=cfg.train.per_device_batch(world),
-        image_size=cfg.model.input_size(),
-        rank=acc.process_index,
-        world_size=world,
-        seed=cfg.train.seed,
-        pin_memory=on_gpu,
-    )
-    val = EvalSet(cfg.data, info, pin_memory=on_gpu, split=cfg.data.val_split, **eval_args(cfg, acc))
+    stream, val = data_streams(cfg, acc, info)
     accum = cfg.train.grad_accum
     steps_per_epoch = stream.batches_per_epoch // accum
     if steps_per_epoch == 0:
@@ -454,16 +442,7 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
             f"train.batch_size={cfg.train.batch_size} x grad_accum={accum}: one optimizer step needs more samples "
             f"than split {cfg.data.train_split!r} has ({stream.num_samples}); lower train.batch_size"
         )
-    fingerprint = {
-        "model": cfg.model.name,
-        "model_shapes": shapes,
-        "optimizer": cfg.optim.name,
-        "batch_size": cfg.train.batch_size,
-        "grad_accum": accum,
-        "train_samples": stream.num_samples,
-        "seed": cfg.train.seed,
-        "world_size": world,
-    }
+    fingerprint = run_fingerprint(cfg, shapes, stream.num_samples, world)
     return Run(
         cfg=cfg,
         acc=acc,
@@ -479,6 +458,37 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
         total_steps=steps_per_epoch * cfg.train.epochs,
         warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
     )
+
+
+def data_streams(cfg: Config, acc: Accelerator, info: DatasetInfo) -> tuple[TrainStream, EvalSet]:
+    """This rank's training stream and validation set (page-locked batches when training on a GPU)."""
+    on_gpu = acc.device.type == "cuda"
+    stream = TrainStream(
+        cfg.data,
+        info,
+        split=cfg.data.train_split,
+        batch_size=cfg.train.per_device_batch(acc.num_processes),
+        image_size=cfg.model.input_size(),
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        seed=cfg.train.seed,
+        pin_memory=on_gpu,
+    )
+    return stream, EvalSet(cfg.data, info, pin_memory=on_gpu, split=cfg.data.val_split, **eval_args(cfg, acc))
+
+
+def run_fingerprint(cfg: Config, shapes: str, train_samples: int, world: int) -> dict:
+    """What a checkpoint's weights and data position depend on (checked on resume: train/checkpoint.RESUME_KEYS)."""
+    return {
+        "model": cfg.model.name,
+        "model_shapes": shapes,
+        "optimizer": cfg.optim.name,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "train_samples": train_samples,
+        "seed": cfg.train.seed,
+        "world_size": world,
+    }
 
 
 def resume(run: Run, path: Path | None) -> ckpt.TrainerState:
