@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 15 * 60
 
 # name -> overrides on top of the config: one change each against `base` (the config as it is; configs/cnn.yaml
-# ships with EMA and TrivialAugment on, so those variants switch them off or swap them).
+# ships with EMA, TrivialAugment and pool_before_norm on, so those variants switch them off or swap them).
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "fp32": ["train.mixed_precision=no"],
@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "mixup": ["data.augment.mixup_alpha=0.2"],
     "cutmix": ["data.augment.cutmix_alpha=1.0"],
     "no_jitter": ["data.augment.color_jitter=0"],
+    "norm_before_pool": ["model.pool_before_norm=false"],
 }
 SMOKE = [
     "model.image_size=64",

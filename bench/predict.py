@@ -2,9 +2,9 @@
 
 - ours: what catdog-predict runs after loading the model (``train.predict.predict``): batches, decode worker
   processes, catdog-prep's decode and the eval transform, BatchNorm folded into the convolutions,
-  channels_last on CPU; by default (exact: the pixels
-  validation saw) and with its fast options (``--decode fast``: JPEG ``draft()`` straight to the model's size;
-  ``--precision bf16`` where the CPU runs bf16 natively);
+  channels_last on CPU; with each decode (``exact``, the default: the pixels validation saw; ``fast``: JPEG
+  ``draft()`` straight to the model's size) and precision (fp32; bf16 where the CPU runs it natively, which
+  ``--precision auto``, the default, picks for a bf16-trained model such as the demo's);
 - naive: for each photo, ``Image.open`` + ``convert("RGB")``, the eval transform (train.transforms), the model
   on that one image.
 
@@ -32,8 +32,9 @@ from data_prep.info import DatasetInfo
 from data_prep.prepare import PrepArgs, default_workers
 from train.bundle import load_bundle, make_meta, write_bundle
 from train.config import load_config
-from train.inference import TorchClassifier, expand_inputs
+from train.inference import TorchClassifier, expand_inputs, resolve_precision
 from train.models import build_model
+from train.precision import cpu_has_bf16
 from train.predict import predict
 from train.transforms import eval_transform
 
@@ -64,14 +65,6 @@ def naive(bundle, paths: list[Path]) -> int:
     return n
 
 
-def bf16_supported() -> bool:
-    """oneDNN runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "catsdogs" / "val"))
@@ -90,7 +83,7 @@ def main() -> None:
     # Both sides get the same thread count. catdog-predict's own choice; the naive loop gets the same, which on
     # a busy 2-core machine is also its best (2 threads made its single-image forwards 25x slower here).
     torch.set_num_threads(args.threads or max(1, default_workers() - args.workers))
-    bf16 = bf16_supported()
+    bf16 = cpu_has_bf16()
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = load_bundle(args.model or demo_bundle(Path(tmp)))
@@ -100,8 +93,10 @@ def main() -> None:
             )
             for p in ("fp32", "bf16")[: 1 + bf16]
         }
-        # catdog-predict's default (exact decode, fp32), then its fast options (--decode fast, --precision bf16).
+        # Every decode x precision; catdog-predict's default is exact decode at --precision auto (bf16 where the
+        # CPU has it natively and the model trained in bf16, as the demo's did), its fastest --decode fast.
         variants = [(d, p) for d in ("exact", "fast") for p in clfs]
+        default = f"ours exact {resolve_precision('auto', bundle.meta, 'cpu')}"
         paths = sorted(Path(args.src).rglob("*.jpg"))[: args.n]
         entries, _ = expand_inputs([str(p) for p in paths])
         print(
@@ -129,7 +124,9 @@ def main() -> None:
             print("bf16: not supported by this CPU (no AVX512-BF16/AMX), not measured")
         base = med.pop("naive fp32")
         for k, v in med.items():
-            print(f"ratio {k} / naive: {v / base:.2f}x")
+            if k != default:
+                print(f"ratio {k} / naive: {v / base:.2f}x")
+        print(f"ratio {default} (catdog-predict's default) / naive: {med[default] / base:.2f}x")
 
 
 if __name__ == "__main__":

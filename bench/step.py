@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from train.config import load_config  # noqa: E402
 from train.engine import EpochTotals, train_one_epoch  # noqa: E402
 from train.models import build_model  # noqa: E402
+from train.precision import choose_precision  # noqa: E402
 
 
 def bare_loop(model, opt, batches, lr: float, autocast_dtype) -> float:
@@ -56,7 +57,8 @@ def main() -> int:
     cfg = load_config(args.config, ["data.dir=unused", *args.overrides])
     if args.threads:
         torch.set_num_threads(args.threads)
-    precision = cfg.train.mixed_precision if cfg.train.mixed_precision != "fp16" else "no"
+    precision, _ = choose_precision(cfg.train.mixed_precision, "cpu")  # "auto" -> what the trainer would pick
+    precision = precision if precision != "fp16" else "no"
     acc = Accelerator(cpu=True, mixed_precision=precision)
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     size, batch = cfg.model.input_size(), cfg.train.batch_size

@@ -59,8 +59,9 @@ def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, boo
     from data_prep.prepare import default_workers
     from train.config import load_config
     from train.data import eval_loader
-    from train.features import backbone_features, bf16_supported
+    from train.features import backbone_features
     from train.models import build_model
+    from train.precision import native_bf16
 
     torch.set_num_threads(default_workers())
     cfg = load_config(ROOT / "configs" / "inception_v3.yaml", [f"data.dir={shards}"])
@@ -81,7 +82,7 @@ def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, boo
         model = model.to(memory_format=fmt)
         xx = x.contiguous(memory_format=fmt)
         for bf16 in (False, True):
-            if bf16 and not bf16_supported(torch.device("cpu")):
+            if bf16 and not native_bf16("cpu"):
                 out[(channels_last, bf16)] = float("nan")
                 continue
             times = []

@@ -135,7 +135,7 @@ def test_mixed_precision_no_typed_on_a_real_command_line(tmp_path, real_data):
 
 
 def test_auto_precision_follows_what_the_hardware_supports():
-    from train.trainer import choose_precision
+    from train.precision import choose_precision
 
     # The hardware's answer is simulated both ways (no bf16-capable and bf16-less machine exists side by side here).
     assert choose_precision("auto", "cpu", cpu_bf16=lambda: True) == ("bf16", "the CPU has AVX512-BF16 or AMX")

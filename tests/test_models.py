@@ -24,6 +24,37 @@ def test_scratch_cnn_shapes_and_options(norm):
     assert ("BatchNorm2d" in has) == (norm == "batch") and ("GroupNorm" in has) == (norm == "group")
 
 
+@pytest.mark.parametrize("convs", [1, 2])
+def test_pool_before_norm_is_the_same_function_in_eval(convs):
+    """conv-pool-norm-ReLU == conv-norm-ReLU-pool when each norm's scale is positive (both monotone per channel, so
+    max-pool commutes): same parameters, same eval outputs; only training's batch statistics see other values."""
+    torch.manual_seed(0)
+    kw = dict(width=8, depth=3, convs_per_block=convs, image_size=32)
+    plain = build_model(ModelConfig(**kw), 2).eval()
+    pooled = build_model(ModelConfig(**kw, pool_before_norm=True), 2).eval()
+    assert [p.shape for p in plain.parameters()] == [p.shape for p in pooled.parameters()]
+    for m in plain.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, positive scales
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    with torch.no_grad():
+        for a, b in zip(plain.parameters(), pooled.parameters(), strict=True):
+            b.copy_(a)
+        for a, b in zip(plain.buffers(), pooled.buffers(), strict=True):
+            b.copy_(a)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(pooled(x), plain(x), rtol=1e-5, atol=1e-5)
+    # The norm really runs on pooled maps: a quarter of the pixels of the same layer in the plain order.
+    seen = {}
+    for name, model in (("plain", plain), ("pooled", pooled)):
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.register_forward_hook(lambda m, i, o, name=name: seen.update({name: i[0].shape[-1]}))
+        model(x)
+    assert seen["pooled"] * 2 == seen["plain"] if convs == 1 else seen["pooled"] == seen["plain"]
+
+
 def test_unknown_model_names_the_key():
     # The config checks model.name against MODEL_NAMES (no torch import); they must be the registry's names.
     assert set(MODELS) == set(MODEL_NAMES) == {"scratch_cnn", "inception_v3"}

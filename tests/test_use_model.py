@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from train_helpers import BIN, ROOT, TINY, env, run_train
 
 from data_prep.info import load_info
+from train.bundle import BundleError
 from train.config import load_config
 from train.data import eval_loader
 from train.models import build_model
@@ -224,6 +225,49 @@ def test_evaluate_on_photo_folders_reproduces_the_trainers_val_metrics(trained, 
     assert (out / "mistakes.html").read_text().count("<figure>") == min(mistakes, 16)
     assert set(got["per_class"]) == {"cat", "dog"} and 0 <= got["calibration_error"] <= 1
     assert len((out / "predictions.csv").read_text().splitlines()) == 1 + 8
+
+
+def test_precision_auto_follows_the_run_and_the_hardware(monkeypatch):
+    import train.inference as inference
+
+    meta = {"training": {"mixed_precision": "auto"}}
+    monkeypatch.setattr(inference, "native_bf16", lambda device: True)
+    assert inference.resolve_precision("auto", meta, "cpu") == "bf16"  # auto-trained here means bf16-trained
+    assert inference.resolve_precision("auto", {"training": {"mixed_precision": "bf16"}}, "cpu") == "bf16"
+    assert inference.resolve_precision("auto", {"training": {"mixed_precision": "no"}}, "cpu") == "fp32"
+    assert inference.resolve_precision("auto", {}, "cpu") == "fp32"  # a bundle that does not say: fp32
+    assert inference.resolve_precision("fp32", meta, "cpu") == "fp32"
+    monkeypatch.setattr(inference, "native_bf16", lambda device: False)  # simulated: a CPU without AVX512-BF16/AMX
+    assert inference.resolve_precision("auto", meta, "cpu") == "fp32"
+    assert inference.resolve_precision("bf16", meta, "cpu") == "bf16"  # asked for explicitly: emulated, still bf16
+    with pytest.raises(BundleError, match="fp16"):
+        inference.resolve_precision("fp16", meta, "cpu")
+
+
+def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):
+    """The default config trains in bf16 where the CPU has it: catdog-evaluate's default (--precision auto) then
+    scores in bf16 too and gets the trainer's validation numbers; --precision fp32 is the other, close, answer."""
+    from train.precision import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16: mixed_precision=auto trains in fp32 here (covered above)")
+    run_dir = tmp_path / "bf16run"
+    tiny = [o for o in TINY if not o.startswith("train.mixed_precision")]
+    run_train([*tiny, f"data.dir={trained['shards']}", f"run.dir={run_dir}", "train.epochs=2", "optim.lr=0.003",
+               "train.mixed_precision=auto", "train.channels_last=true"])  # fmt: skip
+    expected = _val_metrics({"run": run_dir})
+    got = {}
+    for precision in ("auto", "fp32"):
+        out = tmp_path / precision
+        args = ("--split", "val", "--out", out, "--batch-size", "8", "--workers", "0", "--precision", precision)
+        r = cli("evaluation", run_dir / "model", trained["shards"], *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[precision] = json.loads((out / "metrics.json").read_text())
+    assert got["auto"]["model"].endswith(", bf16") and got["fp32"]["model"].endswith(", fp32")
+    for k, v in expected.items():
+        assert got["auto"][k] == pytest.approx(v, abs=1e-6), f"{k}: evaluate {got['auto'][k]} vs the trainer's {v}"
+    assert got["fp32"]["loss"] != pytest.approx(expected["loss"], abs=1e-6)  # bf16 rounding is really in play
+    assert got["fp32"]["loss"] == pytest.approx(expected["loss"], abs=0.02)
 
 
 def test_evaluate_refuses_other_class_names(trained, tmp_path):

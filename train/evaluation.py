@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (default 64)")
     p.add_argument("--workers", type=int, default=2, help="decode processes per process (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (under accelerate launch: each rank's GPU)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto (default): the run's training precision where this device has it natively (bf16 models are "
+        "scored in bf16 as the trainer's validation did), else fp32",
+    )
     p.add_argument("--layout", default="auto", help="photo folder layout, as catdog-prep --layout (default auto)")
     p.add_argument("--mistakes", type=int, default=16, help="most confident mistakes in the gallery (default 16)")
     p.add_argument("--checkpoint", default="best", help="for a run dir without a bundle: best | last | PATH")
@@ -87,7 +94,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
     if acc.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         # N ranks each using every core would oversubscribe the CPU (as in the trainer).
         torch.set_num_threads(max(1, default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    clf = load_classifier(args.model, device=str(acc.device), checkpoint=args.checkpoint)
+    clf = load_classifier(args.model, device=str(acc.device), precision=args.precision, checkpoint=args.checkpoint)
     source = _data_source(args, clf)
     records, mistakes, skipped = source(acc.process_index, acc.num_processes)
     # One gather at the end: ranks may hold different numbers of batches, so nothing collective runs per batch.

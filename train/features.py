@@ -46,6 +46,7 @@ from train.config import Config, ConfigError
 from train.data import eval_loader
 from train.engine import EpochTotals, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import INCEPTION_BLOCKS, build_model
+from train.precision import native_bf16
 from train.transforms import EVAL_CROP_FRACTION
 
 log = logging.getLogger("catdog")
@@ -53,16 +54,6 @@ log = logging.getLogger("catdog")
 FEATURES_VERSION = "1"  # bump when what is cached changes meaning
 # Inception3's forward up to the pooled features, in order (torchvision's _forward without aux, dropout, fc).
 _TRUNK = (*INCEPTION_BLOCKS[:3], "maxpool1", *INCEPTION_BLOCKS[3:5], "maxpool2", *INCEPTION_BLOCKS[5:], "avgpool")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 matmuls/convs run natively here (CUDA with bf16, or a CPU with AVX512-BF16/AMX via oneDNN)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def backbone_features(model: nn.Module, x: Tensor) -> Tensor:
@@ -170,7 +161,7 @@ def _gather(acc: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) ->
 def split_features(cfg: Config, info: DatasetInfo, model: nn.Module, acc: Accelerator, split: str) -> dict:
     """``{"features", "labels", "cached", "seconds"}`` for ``split``: from the cache, else extracted and cached."""
     t0 = time.perf_counter()
-    bf16 = cfg.train.mixed_precision == "bf16" and bf16_supported(acc.device)
+    bf16 = cfg.train.mixed_precision == "bf16" and native_bf16(acc.device)
     key, inputs = cache_key(cfg, info, split, bf16)
     path = features_dir() / f"{key}.safetensors"
     if path.is_file():

@@ -32,6 +32,7 @@ from data_prep.info import INFO_NAME
 from data_prep.scan import kind_problem, walk_images
 from train.bundle import META_NAME, Bundle, BundleError, bundle_from_run, load_bundle, read_meta
 from train.data import decode_rgb
+from train.precision import native_bf16
 from train.transforms import eval_resize, normalise
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript")
@@ -80,6 +81,22 @@ class Classifier:
         return f"{self.kind} {self.meta['model']['name']} from {self.source}"
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(requested: str, meta: dict, device: torch.device | str) -> str:
+    """``fp32`` or ``bf16`` for a PyTorch model. ``auto``: the precision the run trained and validated in (its
+    ``train.mixed_precision``: bf16, or auto, which chose bf16 where native) when ``device`` computes bf16 natively,
+    else fp32 -- so evaluate reproduces the trainer's numbers on the same kind of machine, and predict gets the
+    ~1.4x of native bf16 without changing what the model was scored in."""
+    if requested not in PRECISIONS:
+        raise BundleError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    trained = str(meta.get("training", {}).get("mixed_precision", "no"))
+    return "bf16" if trained in ("bf16", "auto") and native_bf16(device) else "fp32"
+
+
 class TorchClassifier(Classifier):
     """A bundle's model (or a TorchScript module) on a torch device, optionally channels_last / bf16 autocast."""
 
@@ -99,12 +116,15 @@ class TorchClassifier(Classifier):
         self.device = torch.device(device)
         self.channels_last = bool(meta["input"].get("channels_last")) or self.device.type == "cpu"
         self.model = model.to(self.device).eval()
+        self.precision = resolve_precision(precision, meta, self.device)
         if fuse and kind == "pytorch":
             self.model = fuse_conv_bn(self.model)
         if self.channels_last and kind == "pytorch":
             # oneDNN's convolutions are faster in NHWC on CPUs; the results are the same to float rounding.
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.precision = precision
+
+    def describe(self) -> str:
+        return f"{super().describe()}, {self.precision}"
 
     @torch.inference_mode()
     def __call__(self, x: Tensor) -> Tensor:
@@ -161,11 +181,12 @@ def onnxruntime_module():
 
 
 def load_classifier(
-    path: str | Path, *, device: str = "auto", precision: str = "fp32", checkpoint: str = "best", fuse: bool = False
+    path: str | Path, *, device: str = "auto", precision: str = "auto", checkpoint: str = "best", fuse: bool = False
 ) -> Classifier:
     """MODEL as catdog-predict/-evaluate take it: a bundle folder, a run dir (its bundle, else its ``checkpoint``),
     or an exported ``.onnx`` / TorchScript (``.pt``/``.ts``) file carrying its model.json. ``fuse``: fold BatchNorm
-    into convolutions (predict; evaluate keeps the model exactly as validation ran it)."""
+    into convolutions (predict; evaluate keeps the model exactly as validation ran it). ``precision``: see
+    ``resolve_precision`` (PyTorch and TorchScript models; an ONNX model runs as exported, fp32)."""
     path = Path(path)
     device = resolve_device(device)
     if path.is_dir():

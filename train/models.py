@@ -37,7 +37,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class ScratchCNN(nn.Module):
-    """conv-norm-ReLU blocks (``convs`` convs each, 2x2 max-pool after), global average pool, dropout, linear head."""
+    """conv-norm-ReLU blocks (``convs`` convs each, 2x2 max-pool after; or, with ``pool_before_norm``, the block's last
+    conv pooled before its norm and ReLU), global average pool, dropout, linear head."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class ScratchCNN(nn.Module):
         convs: int = 1,
         dropout: float = 0.3,
         norm: str = "batch",
+        pool_before_norm: bool = False,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -55,12 +57,12 @@ class ScratchCNN(nn.Module):
         for i in range(depth):
             out_ch = width * 2**i
             for j in range(convs):
-                layers += [
-                    nn.Conv2d(in_ch if j == 0 else out_ch, out_ch, 3, padding=1, bias=norm == "none"),
-                    _norm(norm, out_ch),
-                    nn.ReLU(inplace=True),
-                ]
-            layers.append(nn.MaxPool2d(2))
+                layers.append(nn.Conv2d(in_ch if j == 0 else out_ch, out_ch, 3, padding=1, bias=norm == "none"))
+                if pool_before_norm and j == convs - 1:
+                    layers.append(nn.MaxPool2d(2))
+                layers += [_norm(norm, out_ch), nn.ReLU(inplace=True)]
+            if not pool_before_norm:
+                layers.append(nn.MaxPool2d(2))
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -77,7 +79,13 @@ class ScratchCNN(nn.Module):
 
 def scratch_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return ScratchCNN(
-        num_classes, width=cfg.width, depth=cfg.depth, convs=cfg.convs_per_block, dropout=cfg.dropout, norm=cfg.norm
+        num_classes,
+        width=cfg.width,
+        depth=cfg.depth,
+        convs=cfg.convs_per_block,
+        dropout=cfg.dropout,
+        norm=cfg.norm,
+        pool_before_norm=cfg.pool_before_norm,
     )
 
 

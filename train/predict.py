@@ -34,7 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="decode processes (default 2; 0 = decode inline)")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (PyTorch models)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto (default): bf16 autocast where the device has native bf16 and the model trained in bf16 (as "
+        "catdog-evaluate and the trainer's validation), else fp32",
+    )
     p.add_argument(
         "--decode",
         choices=("exact", "fast"),

@@ -36,6 +36,7 @@ from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_
 from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model, new_parameter_prefixes
+from train.precision import choose_precision
 
 log = logging.getLogger("catdog")
 
@@ -72,24 +73,6 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
     for name in ("train.data", "train.tracking"):
         logging.getLogger(name).handlers = log.handlers[:]
         logging.getLogger(name).setLevel(log.level)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's CPU backend sees it."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def choose_precision(requested: str, device: str, *, cpu_bf16=cpu_has_bf16, cuda_bf16=None) -> tuple[str, str]:
-    """(precision for Accelerate, why). ``auto`` is bf16 where the hardware has it natively, else fp32: emulated
-    bf16 is slower than fp32 (measured on CPUs without AVX512-BF16: no gain), native bf16 about 2x faster."""
-    if requested != "auto":
-        return requested, "as configured"
-    if device == "cuda":
-        ok = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16()
-        return ("bf16", "the GPU supports bf16") if ok else ("no", "the GPU has no native bf16 (pre-Ampere)")
-    if cpu_bf16():
-        return "bf16", "the CPU has AVX512-BF16 or AMX"
-    return "no", "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
 
 
 def check_device(device: torch.device, plan: CudaPlan, current: int) -> None:

@@ -1,0 +1,34 @@
+"""Which floating-point precision to compute in: one answer for the trainer, feature extraction and catdog-predict.
+
+``auto`` means bf16 where the hardware computes it natively (a GPU that supports it; a CPU with AVX512-BF16 or AMX,
+as torch's CPU backend reports), fp32 elsewhere: emulated bf16 is slower than fp32 (measured on CPUs without
+AVX512-BF16), native bf16 about 2x faster.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's CPU backend sees it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls/convolutions run natively on ``device`` (CUDA with bf16, or a bf16-capable CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def choose_precision(requested: str, device: str, *, cpu_bf16=cpu_has_bf16, cuda_bf16=None) -> tuple[str, str]:
+    """(precision in Accelerate's words: ``no``/``bf16``/``fp16``, why) for ``requested`` on a ``device`` type."""
+    if requested != "auto":
+        return requested, "as configured"
+    if device == "cuda":
+        ok = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16()
+        return ("bf16", "the GPU supports bf16") if ok else ("no", "the GPU has no native bf16 (pre-Ampere)")
+    if cpu_bf16():
+        return "bf16", "the CPU has AVX512-BF16 or AMX"
+    return "no", "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
