@@ -33,6 +33,7 @@ def test_pool_before_norm_is_the_same_function_in_eval(convs):
     plain = build_model(ModelConfig(**kw), 2).eval()
     pooled = build_model(ModelConfig(**kw, pool_before_norm=True), 2).eval()
     assert [p.shape for p in plain.parameters()] == [p.shape for p in pooled.parameters()]
+    assert list(plain.state_dict()) != list(pooled.state_dict())  # the norms moved: other layer indices
     for m in plain.modules():
         if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, positive scales
             m.running_mean.uniform_(-0.5, 0.5)

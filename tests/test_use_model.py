@@ -99,6 +99,9 @@ def test_bundle_torchscript_onnx_match_the_in_run_model(trained, capsys):
         got = load_classifier(model, device="cpu")(x)
         assert (got - reference).abs().max() <= 1e-4, model
         assert torch.equal(got.argmax(1), reference.argmax(1))
+    assert load_classifier(trained["run"] / "model.onnx", device="cpu").describe().endswith(", fp32")
+    with pytest.raises(BundleError, match="runs as exported"):
+        load_classifier(trained["run"] / "model.onnx", device="cpu", precision="bf16")
 
 
 def test_bundle_works_with_the_shards_moved_away(trained, tmp_path):
@@ -236,6 +239,14 @@ def test_precision_auto_follows_the_run_and_the_hardware(monkeypatch):
     assert inference.resolve_precision("auto", {"training": {"mixed_precision": "bf16"}}, "cpu") == "bf16"
     assert inference.resolve_precision("auto", {"training": {"mixed_precision": "no"}}, "cpu") == "fp32"
     assert inference.resolve_precision("auto", {}, "cpu") == "fp32"  # a bundle that does not say: fp32
+    # What validation really computed in wins over the configured value: auto that ran in fp32 (no native bf16
+    # where it trained) stays fp32 even here.
+    ran_fp32 = {"training": {"mixed_precision": "auto", "precision": "no"}}
+    assert inference.resolve_precision("auto", ran_fp32, "cpu") == "fp32"
+    assert (
+        inference.resolve_precision("auto", {"training": {"mixed_precision": "auto", "precision": "bf16"}}, "cpu")
+        == "bf16"
+    )
     assert inference.resolve_precision("fp32", meta, "cpu") == "fp32"
     monkeypatch.setattr(inference, "native_bf16", lambda device: False)  # simulated: a CPU without AVX512-BF16/AMX
     assert inference.resolve_precision("auto", meta, "cpu") == "fp32"
@@ -256,6 +267,8 @@ def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):
     run_train([*tiny, f"data.dir={trained['shards']}", f"run.dir={run_dir}", "train.epochs=2", "optim.lr=0.003",
                "train.mixed_precision=auto", "train.channels_last=true"])  # fmt: skip
     expected = _val_metrics({"run": run_dir})
+    meta = json.loads((run_dir / "model" / "model.json").read_text())
+    assert meta["training"]["mixed_precision"] == "auto" and meta["training"]["precision"] == "bf16"
     got = {}
     for precision in ("auto", "fp32"):
         out = tmp_path / precision
@@ -268,6 +281,10 @@ def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):
         assert got["auto"][k] == pytest.approx(v, abs=1e-6), f"{k}: evaluate {got['auto'][k]} vs the trainer's {v}"
     assert got["fp32"]["loss"] != pytest.approx(expected["loss"], abs=1e-6)  # bf16 rounding is really in play
     assert got["fp32"]["loss"] == pytest.approx(expected["loss"], abs=0.02)
+    # Exporting checks the file against the fp32 PyTorch model, so the check must run the export in fp32 too.
+    from train import export
+
+    assert export.main([str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "bf16.pt")]) == 0
 
 
 def test_evaluate_refuses_other_class_names(trained, tmp_path):

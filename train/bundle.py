@@ -171,6 +171,8 @@ def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, met
             "early_stop_metric": cfg.train.early_stop_metric,
             "best_metric": state.get("best_metric"),
             "mixed_precision": cfg.train.mixed_precision,
+            # What validation computed in (auto resolved), for predict/evaluate's --precision auto; "" if unknown.
+            "precision": state.get("precision", ""),
         },
         "metrics": metrics,
     }

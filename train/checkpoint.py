@@ -80,6 +80,7 @@ class TrainerState:
     corrupt_in_epoch: int = 0  # corrupt samples skipped (all ranks) in `epoch` before batch_in_epoch
     fingerprint: dict = field(default_factory=dict)  # what weights and position depend on; see RESUME_KEYS
     eval_weights: str = "model.safetensors"  # the weights file validation scored (ema.safetensors with train.ema)
+    precision: str = ""  # what training and validation computed in (Accelerate's no/bf16/fp16, auto resolved)
 
     @classmethod
     def from_json(cls, path: Path) -> TrainerState:

@@ -137,7 +137,7 @@ def export_file(bundle, fmt: str, out: Path, x) -> str:
         else:
             tmp = tmp.with_suffix(".onnx")
             engine = _export_onnx(model, x, tmp, meta_text)
-        clf = load_classifier(tmp, device="cpu")
+        clf = load_classifier(tmp, device="cpu", precision="fp32")  # the reference above is fp32
         got, got_1 = clf(x), clf(x[:1])
         diff = max(float((got - reference).abs().max()), float((got_1 - reference_1).abs().max()))
         if not diff <= MAX_ABS_DIFF:

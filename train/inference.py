@@ -85,16 +85,19 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(requested: str, meta: dict, device: torch.device | str) -> str:
-    """``fp32`` or ``bf16`` for a PyTorch model. ``auto``: the precision the run trained and validated in (its
-    ``train.mixed_precision``: bf16, or auto, which chose bf16 where native) when ``device`` computes bf16 natively,
-    else fp32 -- so evaluate reproduces the trainer's numbers on the same kind of machine, and predict gets the
-    ~1.4x of native bf16 without changing what the model was scored in."""
+    """``fp32`` or ``bf16`` for a PyTorch model. ``auto``: bf16 when the run validated in bf16 and ``device`` computes
+    bf16 natively, else fp32 -- so evaluate reproduces the trainer's numbers on the same kind of machine, and predict
+    gets the ~1.4x of native bf16 without changing what the model was scored in. What the run validated in is
+    model.json's ``training.precision`` (auto resolved by the trainer); bundles older than that field only have the
+    configured ``training.mixed_precision``, where ``auto`` counts as bf16 (what it picks on bf16 hardware). fp16
+    runs (GPU) are predicted in fp32."""
     if requested not in PRECISIONS:
         raise BundleError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested != "auto":
         return requested
-    trained = str(meta.get("training", {}).get("mixed_precision", "no"))
-    return "bf16" if trained in ("bf16", "auto") and native_bf16(device) else "fp32"
+    training = meta.get("training", {})
+    ran = str(training.get("precision") or training.get("mixed_precision", "no"))
+    return "bf16" if ran in ("bf16", "auto") and native_bf16(device) else "fp32"
 
 
 class TorchClassifier(Classifier):
@@ -158,6 +161,9 @@ class OnnxClassifier(Classifier):
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
+    def describe(self) -> str:
+        return f"{super().describe()}, fp32"  # as exported
+
     def __call__(self, x: Tensor) -> Tensor:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.float().contiguous().numpy()})[0])
 
@@ -204,6 +210,10 @@ def load_classifier(
     if not path.is_file():
         raise BundleError(f"MODEL {path} does not exist: pass a bundle folder, a run dir, or an exported file")
     if path.suffix == ".onnx":
+        if precision == "bf16":
+            raise BundleError(
+                f"--precision bf16 applies to PyTorch and TorchScript models; {path} runs as exported (fp32)"
+            )
         ort = onnxruntime_module()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         try:

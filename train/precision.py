@@ -15,10 +15,22 @@ def cpu_has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cuda_has_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether a CUDA device (default: the current one) has bf16 tensor cores: compute capability 8.0+ (Ampere on),
+    or ROCm. Not ``torch.cuda.is_bf16_supported()``: by default that also says yes on a V100/T4, where bf16 is
+    emulated (slower than fp32), and it only ever looks at the current device."""
+    if torch.version.hip:
+        return True
+    if not torch.cuda.is_available():
+        return False
+    index = torch.device(device).index if device is not None else None
+    return torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device()) >= (8, 0)
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls/convolutions run natively on ``device`` (CUDA with bf16, or a bf16-capable CPU)."""
     if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return cuda_has_bf16(device)
     return cpu_has_bf16()
 
 
@@ -27,7 +39,7 @@ def choose_precision(requested: str, device: str, *, cpu_bf16=cpu_has_bf16, cuda
     if requested != "auto":
         return requested, "as configured"
     if device == "cuda":
-        ok = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16()
+        ok = cuda_has_bf16() if cuda_bf16 is None else cuda_bf16()
         return ("bf16", "the GPU supports bf16") if ok else ("no", "the GPU has no native bf16 (pre-Ampere)")
     if cpu_bf16():
         return "bf16", "the CPU has AVX512-BF16 or AMX"

@@ -36,7 +36,7 @@ from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_
 from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model, new_parameter_prefixes
-from train.precision import choose_precision
+from train.precision import choose_precision, cuda_has_bf16
 
 log = logging.getLogger("catdog")
 
@@ -97,7 +97,9 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    precision, why = choose_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
+    # The plan's GPU, not the current one: on a node with mixed GPUs each rank asks about its own.
+    this_gpu = None if plan is None else (lambda: cuda_has_bf16(torch.device("cuda", plan.device_index)))
+    precision, why = choose_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda", cuda_bf16=this_gpu)
     fp16_on_cpu = cpu and precision == "fp16"
     accelerator = Accelerator(
         cpu=cpu,
@@ -498,6 +500,7 @@ def resume(run: Run, path: Path | None) -> ckpt.TrainerState:
                 run.acc.num_processes,
             )
         state.fingerprint = run.fingerprint
+    state.precision = run.acc.mixed_precision  # train.mixed_precision=auto resolved on this hardware (bundles say it)
     run.seconds_before = state.train_seconds
     run.session_start = time.perf_counter()
     return state
