@@ -34,13 +34,22 @@ def native_bf16(device: torch.device | str) -> bool:
     return cpu_has_bf16()
 
 
+def auto_reason(precision: str, device: str) -> str:
+    """Why ``auto`` came out as ``precision`` (Accelerate's ``no``/``bf16``) on a ``device`` type, for the log."""
+    if device == "cuda":
+        return "the GPU supports bf16" if precision == "bf16" else "the GPU has no native bf16 (pre-Ampere)"
+    if precision == "bf16":
+        return "the CPU has AVX512-BF16 or AMX"
+    return "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
+
+
 def choose_precision(requested: str, device: str, *, cpu_bf16=cpu_has_bf16, cuda_bf16=None) -> tuple[str, str]:
     """(precision in Accelerate's words: ``no``/``bf16``/``fp16``, why) for ``requested`` on a ``device`` type."""
     if requested != "auto":
         return requested, "as configured"
     if device == "cuda":
         ok = cuda_has_bf16() if cuda_bf16 is None else cuda_bf16()
-        return ("bf16", "the GPU supports bf16") if ok else ("no", "the GPU has no native bf16 (pre-Ampere)")
-    if cpu_bf16():
-        return "bf16", "the CPU has AVX512-BF16 or AMX"
-    return "no", "the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32"
+    else:
+        ok = cpu_bf16()
+    precision = "bf16" if ok else "no"
+    return precision, auto_reason(precision, device)

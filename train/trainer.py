@@ -36,7 +36,7 @@ from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_
 from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model, new_parameter_prefixes
-from train.precision import choose_precision, cuda_has_bf16
+from train.precision import auto_reason, choose_precision, cuda_has_bf16
 
 log = logging.getLogger("catdog")
 
@@ -99,7 +99,7 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     # The plan's GPU, not the current one: on a node with mixed GPUs each rank asks about its own.
     this_gpu = None if plan is None else (lambda: cuda_has_bf16(torch.device("cuda", plan.device_index)))
-    precision, why = choose_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda", cuda_bf16=this_gpu)
+    precision, _ = choose_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda", cuda_bf16=this_gpu)
     fp16_on_cpu = cpu and precision == "fp16"
     accelerator = Accelerator(
         cpu=cpu,
@@ -313,8 +313,11 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     if acc.is_main_process and cfg.train.mixed_precision == "fp16" and acc.mixed_precision == "no":
         log.warning("train.mixed_precision=fp16 is not applied on CPU: training in fp32 (bf16 works on CPU)")
     if cfg.train.mixed_precision == "auto":
+        # The reason for the choice make_accelerator made, not a second look at the hardware.
         log.info(
-            "train.mixed_precision=auto: %s (%s)", acc.mixed_precision, choose_precision("auto", acc.device.type)[1]
+            "train.mixed_precision=auto: %s (%s)",
+            acc.mixed_precision,
+            auto_reason(acc.mixed_precision, acc.device.type),
         )
     if start_note.moved:
         log.info("train.resume=none: moved the previous start's checkpoints and tracker state to %s", start_note.moved)
