@@ -94,20 +94,25 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
     if acc.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         # N ranks each using every core would oversubscribe the CPU (as in the trainer).
         torch.set_num_threads(max(1, default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    clf = load_classifier(args.model, device=str(acc.device), precision=args.precision, checkpoint=args.checkpoint)
-    source = _data_source(args, clf)
-    records, mistakes, skipped = source(acc.process_index, acc.num_processes)
-    # One gather at the end: ranks may hold different numbers of batches, so nothing collective runs per batch.
-    records = gather_object(records)
-    mistakes = gather_object(mistakes)
-    skipped = gather_object(skipped)
-    if not acc.is_main_process:
-        acc.wait_for_everyone()
-        return None
     try:
-        return write_outputs(args, clf, records, mistakes, skipped, acc.num_processes)
+        clf = load_classifier(args.model, device=str(acc.device), precision=args.precision, checkpoint=args.checkpoint)
+        source = _data_source(args, clf)
+        records, mistakes, skipped = source(acc.process_index, acc.num_processes)
+        # One gather at the end: ranks may hold different numbers of batches, so nothing collective runs per batch.
+        records = gather_object(records)
+        mistakes = gather_object(mistakes)
+        skipped = gather_object(skipped)
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return None
+        try:
+            return write_outputs(args, clf, records, mistakes, skipped, acc.num_processes)
+        finally:
+            acc.wait_for_everyone()
     finally:
-        acc.wait_for_everyone()
+        # Destroy the process group before the interpreter exits: a gloo group left to interpreter finalisation
+        # can abort a rank ("terminate called without an active exception", SIGABRT) after its work is done.
+        acc.end_training()
 
 
 def _data_source(args, clf):
