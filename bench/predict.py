@@ -35,7 +35,7 @@ from train.config import load_config
 from train.inference import TorchClassifier, expand_inputs, resolve_precision
 from train.models import build_model
 from train.precision import cpu_has_bf16
-from train.predict import predict
+from train.predict import CPU_BATCH, predict
 from train.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,9 @@ def main() -> None:
     ap.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "catsdogs" / "val"))
     ap.add_argument("--n", type=int, default=400, help="photos per pass")
     ap.add_argument("--model", help="bundle folder (default: the demo architecture, random weights)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--batch-size", type=int, default=CPU_BATCH, help=f"ours (default {CPU_BATCH}: catdog-predict's on CPU)"
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(

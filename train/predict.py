@@ -20,6 +20,11 @@ from pathlib import Path
 
 TABLE_MAX_ROWS = 50  # more rows than this and no --output: they go to predictions.csv instead of the terminal
 DEFAULT_OUTPUT = "predictions.csv"
+# Default images per forward pass. On CPU a smaller batch keeps the activations nearer the caches while the decode
+# workers share the cores: bench/predict.py on 2 cores (demo model, fp32, 2026-11-29) gave 212.8 img/s at 32 vs
+# 159.0 at 64 (--decode fast; exact 2.29x vs 2.01x the naive loop), 16 no better than 32. GPUs want bigger batches;
+# 64 there is unmeasured (no GPU was lent).
+CPU_BATCH, GPU_BATCH = 32, 64
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,7 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("model", help="bundle folder (run.dir/model), run dir, or exported .onnx / .pt file")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive), globs, shard folders")
     p.add_argument("--output", "-o", help=f"write rows to this .csv or .jsonl (default: a table, or {DEFAULT_OUTPUT})")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per forward pass (default {CPU_BATCH} on CPU, {GPU_BATCH} on a GPU)",
+    )
     p.add_argument("--workers", type=int, default=2, help="decode processes (default 2; 0 = decode inline)")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -60,7 +69,7 @@ def _fail(msg: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
+    if (args.batch_size is not None and args.batch_size < 1) or args.workers < 0:
         return _fail(f"--batch-size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})", 2)
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
         return _fail(f"--output {args.output}: use a .csv or .jsonl file name", 2)
@@ -84,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.prepare import default_workers
 
         torch.set_num_threads(max(1, default_workers() - args.workers))
+    if args.batch_size is None:
+        on_cpu = getattr(clf, "device", None) is None or clf.device.type == "cpu"  # ONNX runs on onnxruntime's CPU
+        args.batch_size = CPU_BATCH if on_cpu else GPU_BATCH
     if not entries and not shard_dirs:
         return _fail(f"no images found in {' '.join(args.inputs)} (looked for image file extensions)", 2)
     try:
