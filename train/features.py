@@ -5,7 +5,8 @@ A frozen backbone with no augmentation maps each image to the same 2,048 numbers
 is pure waste (an InceptionV3 forward at 299 px is ~99.9 % of a frozen run's compute). Here:
 
 1. Each split's features are computed without autograd (``torch.inference_mode``), in bf16 where the CPU or GPU
-   supports it (``train.mixed_precision=bf16``) and channels_last, with the eval transform (resize + centre crop).
+   has it natively (``train.mixed_precision=auto`` or ``bf16``; never emulated) and channels_last, with the eval
+   transform (resize + centre crop).
    Ranks split the images and gather the result; rows are sorted by sample key, so the cache does not depend on
    the number of ranks.
 2. They are cached in ``~/.cache/catdog/features/<key>.safetensors``; the key hashes everything the numbers depend
@@ -161,7 +162,7 @@ def _gather(acc: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) ->
 def split_features(cfg: Config, info: DatasetInfo, model: nn.Module, acc: Accelerator, split: str) -> dict:
     """``{"features", "labels", "cached", "seconds"}`` for ``split``: from the cache, else extracted and cached."""
     t0 = time.perf_counter()
-    bf16 = cfg.train.mixed_precision == "bf16" and native_bf16(acc.device)
+    bf16 = cfg.train.mixed_precision in ("auto", "bf16") and native_bf16(acc.device)  # never emulated: slower
     key, inputs = cache_key(cfg, info, split, bf16)
     path = features_dir() / f"{key}.safetensors"
     if path.is_file():

@@ -36,7 +36,7 @@ from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_
 from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model, new_parameter_prefixes
-from train.precision import auto_reason, choose_precision, cuda_has_bf16
+from train.precision import auto_reason, choose_precision, cuda_has_bf16, native_bf16
 
 log = logging.getLogger("catdog")
 
@@ -312,6 +312,14 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     _setup_logging(run_dir, acc.is_main_process)
     if acc.is_main_process and cfg.train.mixed_precision == "fp16" and acc.mixed_precision == "no":
         log.warning("train.mixed_precision=fp16 is not applied on CPU: training in fp32 (bf16 works on CPU)")
+    if acc.mixed_precision == "bf16" and cfg.train.mixed_precision == "bf16" and not native_bf16(acc.device):
+        # Honoured as configured (a user may want bf16 numerics), but it costs: emulated bf16 runs slower than fp32.
+        log.warning(
+            "train.mixed_precision=bf16 on %s without native bf16 (%s): bf16 is emulated, slower than fp32. "
+            "Use train.mixed_precision=auto to get fp32 here and bf16 where the hardware has it.",
+            acc.device,
+            auto_reason("no", acc.device.type),
+        )
     if cfg.train.mixed_precision == "auto":
         # The reason for the choice make_accelerator made, not a second look at the hardware.
         log.info(
