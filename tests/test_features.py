@@ -21,8 +21,9 @@ from train import features, pretrained
 from train.config import ConfigError, load_config
 from train.data import eval_loader
 from train.models import build_model
-from train.precision import cpu_has_bf16
+from train.precision import native_bf16
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where run_train trains
 LENGTHS = {"train": [32, 32], "val": [40]}  # alternating cat/dog: balanced splits
 SIZE = 160
 BASE = [
@@ -72,7 +73,11 @@ def test_transfer_run_learns_keeps_the_backbone_and_writes_a_normal_run_dir(shar
     common = [*BASE, f"data.dir={shards}", f"run.dir={run_dir}", "train.epochs=8", "train.batch_size=16"]
     run_train(common, XDG_CACHE_HOME=str(xdg))
     final = json.loads((run_dir / "final_metrics.json").read_text())
-    assert final["val/samples"] == 40 and final["features/cached"] is False and final["features/bf16"] is cpu_has_bf16()
+    assert (
+        final["val/samples"] == 40
+        and final["features/cached"] is False
+        and final["features/bf16"] is native_bf16(DEVICE)
+    )
     assert final["best/val/accuracy"] >= 0.8, final  # chance is 0.5; ~0.95 measured
     assert (run_dir / "train.log").read_text().count(" final: ") == 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

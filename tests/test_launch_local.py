@@ -14,6 +14,7 @@ from launch_helpers import make_shards, tiny_config
 from launch.__main__ import main
 from launch.local import NO_GPU_NOTE, accelerate_command, gpu_ids_for
 from train.config import ConfigError
+from train.precision import cpu_has_bf16
 
 
 @pytest.fixture
@@ -129,11 +130,15 @@ def test_real_run_with_two_cpu_ranks(real_data: Path, tmp_path: Path, port: int)
     cfg = tiny_config(tmp_path / "tiny.yaml", make_shards(real_data, tmp_path), backends="[csv]")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch", "local", "--config", str(cfg), "--cpu-ranks", "2", "--port", str(port)]
-    res = subprocess.run([*cmd, f"run.dir={run}"], capture_output=True, text=True, timeout=300)
+    # bf16 typed explicitly: honoured on both ranks, and where this CPU would emulate it, warned once (not per rank).
+    res = subprocess.run(
+        [*cmd, f"run.dir={run}", "train.mixed_precision=bf16"], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     printed = res.stdout.splitlines()[0]  # the command comes first, before the trainer's output
-    assert (
-        " launch " in printed and "--num_processes 2" in printed and printed.endswith(f"run.dir={run} train.cpu=true")
-    )
+    assert " launch " in printed and "--num_processes 2" in printed and "--mixed_precision bf16" in printed
+    assert printed.endswith(f"run.dir={run} train.mixed_precision=bf16 train.cpu=true")
+    warned = res.stderr.count("WARNING train.mixed_precision=bf16 on cpu")  # cpu or cpu:0 as Accelerate names it
+    assert warned == (0 if cpu_has_bf16() else 1), res.stderr[-3000:]
     assert "on 2 process(es) (MULTI_CPU" in (run / "train.log").read_text()  # two gloo ranks, not one
     assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 2

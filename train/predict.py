@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(max(1, default_workers() - args.workers))
     if args.batch_size is None:
-        on_cpu = getattr(clf, "device", None) is None or clf.device.type == "cpu"  # ONNX runs on onnxruntime's CPU
-        args.batch_size = CPU_BATCH if on_cpu else GPU_BATCH
+        if getattr(clf, "session", None) is not None:  # ONNX: where onnxruntime placed it (CUDA when asked and present)
+            on_gpu = clf.session.get_providers()[0] != "CPUExecutionProvider"
+        else:
+            on_gpu = clf.device.type != "cpu"
+        args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
     if not entries and not shard_dirs:
         return _fail(f"no images found in {' '.join(args.inputs)} (looked for image file extensions)", 2)
     try:

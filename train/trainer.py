@@ -312,11 +312,16 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     _setup_logging(run_dir, acc.is_main_process)
     if acc.is_main_process and cfg.train.mixed_precision == "fp16" and acc.mixed_precision == "no":
         log.warning("train.mixed_precision=fp16 is not applied on CPU: training in fp32 (bf16 works on CPU)")
-    if acc.mixed_precision == "bf16" and cfg.train.mixed_precision == "bf16" and not native_bf16(acc.device):
-        # Honoured as configured (a user may want bf16 numerics), but it costs: emulated bf16 runs slower than fp32.
+    if (
+        acc.is_main_process  # once per run, not once per rank (like the fp16 warning)
+        and acc.mixed_precision == "bf16"
+        and cfg.train.mixed_precision == "bf16"
+        and not native_bf16(acc.device)
+    ):
+        # Honoured as configured (a user may want bf16 numerics), but it costs.
         log.warning(
-            "train.mixed_precision=bf16 on %s without native bf16 (%s): bf16 is emulated, slower than fp32. "
-            "Use train.mixed_precision=auto to get fp32 here and bf16 where the hardware has it.",
+            "train.mixed_precision=bf16 on %s: %s. Use train.mixed_precision=auto for fp32 here and bf16 where the "
+            "hardware has it natively.",
             acc.device,
             auto_reason("no", acc.device.type),
         )
