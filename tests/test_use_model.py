@@ -166,6 +166,7 @@ def test_predict_reports_every_bad_input_and_never_stops(trained, real_data, tmp
     for row in classified.values():
         assert row["prediction"] in ("cat", "dog") and abs(sum(row["probs"].values()) - 1) < 1e-5
     assert "21 inputs = 11 classified + 10 skipped" in r.stderr
+    assert "2 decode workers" in r.stderr  # --workers not given: the CPU default
 
 
 def test_predict_with_no_readable_input_fails_with_one_line(trained, tmp_path, capsys):
@@ -253,6 +254,29 @@ def test_precision_auto_follows_the_run_and_the_hardware(monkeypatch):
     assert inference.resolve_precision("bf16", meta, "cpu") == "bf16"  # asked for explicitly: emulated, still bf16
     with pytest.raises(BundleError, match="fp16"):
         inference.resolve_precision("fp16", meta, "cpu")
+
+
+def test_decode_workers_and_batch_follow_where_the_model_runs(trained):
+    import train.inference as inference
+
+    # CPU: the model shares the cores with decoding; the measured default.
+    assert inference.default_decode_workers(False, env={}, affinity=64) == inference.CPU_DECODE_WORKERS == 2
+    # GPU: decoding is the bottleneck, so every CPU of the rank but one (as data.num_workers=auto), at most 16.
+    assert inference.default_decode_workers(True, env={}, affinity=8) == 7
+    assert inference.default_decode_workers(True, env={}, affinity=64) == 16
+    assert inference.default_decode_workers(True, env={}, affinity=1) == 0  # one CPU: decode in the process
+    four_ranks = {"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}  # accelerate launch on a 32-CPU, 4-GPU node
+    assert inference.default_decode_workers(True, env=four_ranks, affinity=32) == 7
+    clf = inference.load_classifier(trained["bundle"], device="cpu")
+    assert inference.runs_on_gpu(clf) is False
+
+    class FakeCudaSession:  # stands in for an onnxruntime-gpu session (no GPU here)
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    onnx_on_gpu = inference.OnnxClassifier.__new__(inference.OnnxClassifier)
+    onnx_on_gpu.session = FakeCudaSession()
+    assert inference.runs_on_gpu(onnx_on_gpu) is True
 
 
 def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):

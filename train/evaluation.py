@@ -41,7 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="test", help="split of a shard folder or pre-split photo folder (default test)")
     p.add_argument("--out", default="outputs/evaluate", help="folder for metrics, plots and the gallery")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (default 64)")
-    p.add_argument("--workers", type=int, default=2, help="decode processes per process (default 2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decode processes per process (default: 2 on CPU; on a GPU every CPU of the rank but one, at most 16)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (under accelerate launch: each rank's GPU)")
     p.add_argument(
         "--precision",
@@ -58,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or args.mistakes < 0:
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0) or args.mistakes < 0:
         print("catdog-evaluate: --batch-size must be >= 1, --workers and --mistakes >= 0", file=sys.stderr)
         return 2
     from data_prep.info import InfoError
@@ -87,7 +91,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
     from accelerate.utils import gather_object
 
     from data_prep.prepare import default_workers
-    from train.inference import load_classifier
+    from train.inference import default_decode_workers, load_classifier, runs_on_gpu
 
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu)
@@ -96,6 +100,8 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
         torch.set_num_threads(max(1, default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         clf = load_classifier(args.model, device=str(acc.device), precision=args.precision, checkpoint=args.checkpoint)
+        if args.workers is None:
+            args.workers = default_decode_workers(runs_on_gpu(clf))
         source = _data_source(args, clf)
         records, mistakes, skipped = source(acc.process_index, acc.num_processes)
         # One gather at the end: ranks may hold different numbers of batches, so nothing collective runs per batch.

@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help=f"images per forward pass (default {CPU_BATCH} on CPU, {GPU_BATCH} on a GPU)",
     )
-    p.add_argument("--workers", type=int, default=2, help="decode processes (default 2; 0 = decode inline)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="decode processes (default: 2 on CPU; on a GPU every CPU but one, at most 16; 0 = decode inline)",
+    )
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument(
@@ -69,14 +73,19 @@ def _fail(msg: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (args.batch_size is not None and args.batch_size < 1) or args.workers < 0:
+    if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
         return _fail(f"--batch-size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})", 2)
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
         return _fail(f"--output {args.output}: use a .csv or .jsonl file name", 2)
 
     from data_prep.info import InfoError
     from train.bundle import BundleError
-    from train.inference import expand_inputs, load_classifier  # torch only once the arguments are sane
+    from train.inference import (  # torch only once the arguments are sane
+        default_decode_workers,
+        expand_inputs,
+        load_classifier,
+        runs_on_gpu,
+    )
 
     try:
         clf = load_classifier(
@@ -85,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         entries, shard_dirs = expand_inputs(args.inputs)
     except (BundleError, InfoError) as e:
         return _fail(str(e), 2)
+    on_gpu = runs_on_gpu(clf)
+    if args.batch_size is None:
+        args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
+    if args.workers is None:
+        args.workers = default_decode_workers(on_gpu)
     if getattr(clf, "device", None) is not None and clf.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         # The decode workers take cores too: model threads + workers > cores makes OpenMP's barriers spin against
         # each other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward).
@@ -93,12 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.prepare import default_workers
 
         torch.set_num_threads(max(1, default_workers() - args.workers))
-    if args.batch_size is None:
-        if getattr(clf, "session", None) is not None:  # ONNX: where onnxruntime placed it (CUDA when asked and present)
-            on_gpu = clf.session.get_providers()[0] != "CPUExecutionProvider"
-        else:
-            on_gpu = clf.device.type != "cpu"
-        args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
     if not entries and not shard_dirs:
         return _fail(f"no images found in {' '.join(args.inputs)} (looked for image file extensions)", 2)
     try:
