@@ -46,6 +46,7 @@ def test_accelerate_configs_parse(path):
         (["model.norm=layer"], "model.norm"),
         (["optim.name=adam"], "optim.name"),
         (["track.backends=[wandb,mlflow]"], "track.backends"),
+        (["track.plot_every_s=-1"], "track.plot_every_s"),
         (["model.trainable_blocks=40"], "model.trainable_blocks"),
         (["data.on_error=ignore"], "data.on_error"),
         (["model.name=resnet50"], "model.name"),

@@ -30,6 +30,7 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
         "data.num_workers=1",
         "track.backends=[wandb,tensorboard,csv]",
         "train.mixed_precision=fp16",  # not applied on CPU (fp32 either way): warned once, not once per rank
+        "track.plot_every_s=3600",  # plots after the first epoch and at the end only (not after epoch 2 or 3)
     ]
     proc = run_train(overrides, procs=2, port=port, WANDB_API_KEY=FAKE_KEY)
 
@@ -86,8 +87,10 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
     record = (wandb_runs[0] / f"run-{run_id}.wandb").read_bytes()
     for key in (b"val/accuracy", b"val/auroc", b"train/lr", b"train/images_per_s", b"train/loss", b"model.width"):
         assert key in record, key
-    media = {p.name.split("_")[0] for p in (wandb_runs[0] / "files" / "media" / "images" / "plots").iterdir()}
-    assert {"loss", "accuracy", "roc", "confusion"} <= media
+    images = sorted(p.name for p in (wandb_runs[0] / "files" / "media" / "images" / "plots").iterdir())
+    assert {"loss", "accuracy", "roc", "confusion"} <= {name.split("_")[0] for name in images}
+    # track.plot_every_s=3600: the first epoch's plots (step 5) and the final ones (step 15), not epoch 2's (10).
+    assert sorted(int(name.split("_")[1]) for name in images if name.startswith("loss_")) == [5, 15], images
 
     # The API key reaches no file in the run dir (W&B's own logs included) and no console output.
     for path in run_dir.rglob("*"):

@@ -281,11 +281,16 @@ class WandbConfig:
 class TrackConfig:
     backends: list[str] = field(default_factory=lambda: ["csv"])  # any of wandb, tensorboard, csv
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Plots (run.dir/plots and their W&B images) at most this often during training, and always at the end;
+    # 0 = after every epoch. Scalars are logged every epoch regardless.
+    plot_every_s: float = 60.0
 
     def __post_init__(self) -> None:
         bad = [b for b in self.backends if b not in ("wandb", "tensorboard", "csv")]
         if bad:
             raise ConfigError(f"track.backends has unknown {bad}: choose from wandb, tensorboard, csv")
+        if self.plot_every_s < 0:
+            raise ConfigError(f"track.plot_every_s={self.plot_every_s}: use seconds >= 0 (0 = every epoch)")
 
 
 @dataclass
