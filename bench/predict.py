@@ -32,7 +32,7 @@ from data_prep.info import DatasetInfo
 from data_prep.prepare import PrepArgs, default_workers
 from train.bundle import load_bundle, make_meta, write_bundle
 from train.config import load_config
-from train.inference import TorchClassifier, expand_inputs, resolve_precision
+from train.inference import CPU_DECODE_WORKERS, TorchClassifier, expand_inputs, resolve_precision
 from train.models import build_model
 from train.precision import cpu_has_bf16
 from train.predict import CPU_BATCH, predict
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument(
         "--batch-size", type=int, default=CPU_BATCH, help=f"ours (default {CPU_BATCH}: catdog-predict's on CPU)"
     )
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=CPU_DECODE_WORKERS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--threads",

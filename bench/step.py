@@ -64,7 +64,8 @@ def main() -> int:
     size, batch = cfg.model.input_size(), cfg.train.batch_size
     print(
         f"model {cfg.model.name} width {cfg.model.width} depth {cfg.model.depth} @ {size}px, batch {batch}, "
-        f"precision {precision}, channels_last {cfg.train.channels_last}, {torch.get_num_threads()} threads, {args.steps} steps x {args.reps} reps"
+        f"precision {precision}, channels_last {cfg.train.channels_last}, {torch.get_num_threads()} threads, "
+        f"{args.steps} steps x {args.reps} reps"
     )
 
     g = torch.Generator().manual_seed(0)

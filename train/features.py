@@ -162,7 +162,8 @@ def _gather(acc: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) ->
 def split_features(cfg: Config, info: DatasetInfo, model: nn.Module, acc: Accelerator, split: str) -> dict:
     """``{"features", "labels", "cached", "seconds"}`` for ``split``: from the cache, else extracted and cached."""
     t0 = time.perf_counter()
-    bf16 = cfg.train.mixed_precision in ("auto", "bf16") and native_bf16(acc.device)  # never emulated: slower
+    # The precision make_accelerator resolved (auto -> bf16 only where native); never emulated here: slower.
+    bf16 = acc.mixed_precision == "bf16" and native_bf16(acc.device)
     key, inputs = cache_key(cfg, info, split, bf16)
     path = features_dir() / f"{key}.safetensors"
     if path.is_file():
