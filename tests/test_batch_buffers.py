@@ -1,0 +1,116 @@
+"""train/batch_buffers.py: workers reuse shared-memory batch buffers, and reuse never overwrites a batch the
+consumer still holds (real DataLoader worker processes over small real shards, and the protocol in-process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from data_shards import SHARD_LENGTHS, tiny_jpegs, write_shards
+
+from data_prep.info import load_info
+from train.batch_buffers import PER_WORKER, BatchBuffers
+from train.config import DataConfig
+from train.data import EvalSet, TrainStream
+
+SIZE = 32
+BATCH = 2  # 27 training samples: 14 batches, 7 per worker of 2 -- more than a worker's PER_WORKER buffers
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, real_data):
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(out, tiny_jpegs(real_data, sum(sum(v) for v in SHARD_LENGTHS.values())))
+    return out
+
+
+def stream(root, workers: int) -> TrainStream:
+    cfg = DataConfig(dir=str(root), num_workers=workers, shuffle_buffer=8)
+    return TrainStream(
+        cfg, load_info(root), split="train", batch_size=BATCH, image_size=SIZE, rank=0, world_size=1, seed=0
+    )
+
+
+def buffers_of(s: TrainStream) -> BatchBuffers:
+    return s._loaders[False][1].buffers
+
+
+def placed_per_worker(b: BatchBuffers) -> list[int]:
+    """Batches each worker wrote into a reused buffer so far (its last sequence number)."""
+    return [int(v) for v in b.state[:, :, 0].max(dim=1).values]
+
+
+def test_kept_batches_are_never_overwritten(root):
+    """``list(loader)`` keeps every batch: past its buffers a worker falls back to fresh memory, and every kept
+    batch still equals what inline loading gives, epoch after epoch."""
+    s = stream(root, workers=2)
+    for epoch in range(2):
+        kept = list(s.loader(epoch))
+        inline = list(stream(root, workers=0).loader(epoch))
+        assert len(kept) == len(inline) == 14
+        for (x, y), (xi, yi) in zip(kept, inline, strict=True):
+            assert torch.equal(x, xi) and torch.equal(y, yi)
+        if epoch == 0:
+            # Each worker filled exactly its PER_WORKER buffers: the 2 other batches it built went the usual way.
+            assert placed_per_worker(buffers_of(s)) == [PER_WORKER, PER_WORKER]
+        del kept
+
+
+def test_a_training_loop_reuses_the_buffers_and_frees_them_all(root):
+    """Dropping each batch before the next (what a training loop does): every batch of 3 epochs, one of them cut
+    short, goes through the workers' few buffers, each batch is right, and none stays marked in use."""
+    s = stream(root, workers=2)
+    seen = 0
+    for epoch, cut in ((0, None), (1, 3), (2, None)):
+        inline = list(stream(root, workers=0).loader(epoch))
+        for i, (x, y) in enumerate(s.loader(epoch)):
+            assert torch.equal(x, inline[i][0]) and torch.equal(y, inline[i][1])
+            seen += 1
+            if i + 1 == cut:
+                break  # the rest of the pass is drained and dropped when the next pass starts
+        del x, y
+    b = buffers_of(s)
+    assert len(b._buffers) == 0  # the main process never allocates any: they live in the workers
+    assert sum(placed_per_worker(b)) >= seen  # every yielded batch came through a reused buffer
+    b.release_dead()
+    written, released = b.state[:, :, 0], b.state[:, :, 1]
+    assert written.max() > PER_WORKER and torch.equal(written, released)
+
+
+def test_validation_set_reuses_buffers_across_evaluations(root):
+    info = load_info(root)
+    cfg = DataConfig(dir=str(root), num_workers=2)
+    ev = EvalSet(cfg, info, split="val", batch_size=3, image_size=SIZE, rank=0, world_size=1)
+    first = [(x.clone(), y.clone()) for x, y in ev.loader()]  # 11 samples: batches of 3, 3, 3 and a short 2
+    assert [len(y) for _, y in first] == [3, 3, 3, 2]
+    for _ in range(3):
+        again = [(x.clone(), y.clone()) for x, y in ev.loader()]
+        assert all(torch.equal(a, b) and torch.equal(u, v) for (a, u), (b, v) in zip(first, again, strict=True))
+    assert sum(placed_per_worker(ev._cached[1].buffers)) == 4 * 4
+
+
+def test_protocol_in_one_process():
+    """The bookkeeping alone: a buffer comes back only once the storage the consumer got is gone, a short batch
+    uses a full buffer's prefix, the budget caps the count, and a batch of another shape is never squeezed in.
+    One process plays both sides, so the main process's own mapping of a buffer is stood in for by a copy."""
+    b = BatchBuffers(num_workers=1, per_worker=2, budget_bytes=10**9)
+    x = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    v1, w1 = b.place(0, x)
+    m1 = v1.clone()  # what the main process receives
+    b.hold(w1, m1)
+    v2, w2 = b.place(0, x + 1)
+    b.hold(w2, v2.clone())  # dropped at once: released at the next hold/release_dead
+    assert (w1[1], w2[1]) == (0, 1) and torch.equal(v1, x) and torch.equal(v2, x + 1)
+    assert b.place(0, x + 2)[1] is None  # both buffers held (w2 not yet seen dead): the batch goes as it is
+    b.release_dead()
+    assert b.place(0, x + 3)[1] == (0, 1, 3)  # w2's buffer came back
+    view = m1[1:]  # a view keeps the storage alive
+    del m1
+    b.release_dead()
+    assert b.place(0, x)[1] is None
+    del view
+    b.release_dead()
+    short, w4 = b.place(0, x[:3] * 10)  # buffer 0 is free again; a short batch uses its first rows
+    assert w4 == (0, 0, 4) and short.shape == (3, 6) and torch.equal(short, x[:3] * 10)
+    assert b.place(0, torch.zeros(4, 7))[1] is None  # other shape: no buffer fits, none left to allocate
+    small = BatchBuffers(num_workers=2, per_worker=5, budget_bytes=3 * x.nbytes)
+    assert small.place(0, x)[1] is not None and small.place(0, x)[1] is None  # 2 workers x 1 buffer fit
