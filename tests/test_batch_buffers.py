@@ -10,7 +10,7 @@ from data_shards import SHARD_LENGTHS, tiny_jpegs, write_shards
 from data_prep.info import load_info
 from train.batch_buffers import PER_WORKER, BatchBuffers
 from train.config import DataConfig
-from train.data import EvalSet, TrainStream
+from train.data import EvalSet, TrainStream, eval_loader
 
 SIZE = 32
 BATCH = 2  # 27 training samples: 14 batches, 7 per worker of 2 -- more than a worker's PER_WORKER buffers
@@ -88,29 +88,46 @@ def test_validation_set_reuses_buffers_across_evaluations(root):
     assert sum(placed_per_worker(ev._cached[1].buffers)) == 4 * 4
 
 
+def test_one_pass_loaders_are_right_when_iterated_again(root):
+    """A non-persistent loader forks new workers for every pass (they use torch's own shared memory): three plain
+    passes over the same eval loader each give what inline loading gives."""
+    info = load_info(root)
+    args = dict(split="val", batch_size=3, image_size=SIZE, rank=0, world_size=1)
+    inline = [(x, y) for x, y in eval_loader(DataConfig(dir=str(root), num_workers=0), info, **args)]
+    batches = eval_loader(DataConfig(dir=str(root), num_workers=2), info, **args)
+    for _ in range(3):
+        n = 0
+        for (x, y), (xi, yi) in zip(batches, inline, strict=True):
+            assert torch.equal(x, xi) and torch.equal(y, yi)
+            n += 1
+        assert n == len(inline) == 4
+
+
 def test_protocol_in_one_process():
     """The bookkeeping alone: a buffer comes back only once the storage the consumer got is gone, a short batch
-    uses a full buffer's prefix, the budget caps the count, and a batch of another shape is never squeezed in.
-    One process plays both sides, so the main process's own mapping of a buffer is stood in for by a copy."""
+    takes a full-size buffer (a full batch fits it later), the budget caps the count, and a batch of another shape
+    is never squeezed in. One process plays both sides, so the main process's own mapping of a buffer is stood in
+    for by a copy."""
     b = BatchBuffers(num_workers=1, per_worker=2, budget_bytes=10**9)
     x = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    v1, w1 = b.place(0, x)
+    v1, w1 = b.place(0, x, 1, 4)
     m1 = v1.clone()  # what the main process receives
     b.hold(w1, m1)
-    v2, w2 = b.place(0, x + 1)
+    v2, w2 = b.place(0, x[:3] + 1, 1, 4)  # a short batch: its buffer holds 4 rows all the same
     b.hold(w2, v2.clone())  # dropped at once: released at the next hold/release_dead
-    assert (w1[1], w2[1]) == (0, 1) and torch.equal(v1, x) and torch.equal(v2, x + 1)
-    assert b.place(0, x + 2)[1] is None  # both buffers held (w2 not yet seen dead): the batch goes as it is
+    assert (w1[1], w2[1]) == (0, 1) and torch.equal(v1, x) and torch.equal(v2, x[:3] + 1) and len(v2) == 3
+    assert b.place(0, x + 2, 1, 4)[1] is None  # both buffers held (w2 not yet seen dead): the batch goes as it is
     b.release_dead()
-    assert b.place(0, x + 3)[1] == (0, 1, 3)  # w2's buffer came back
+    full, w3 = b.place(0, x + 3, 1, 4)
+    assert w3 == (0, 1, 3) and torch.equal(full, x + 3)  # the short batch's buffer takes a full one
     view = m1[1:]  # a view keeps the storage alive
     del m1
     b.release_dead()
-    assert b.place(0, x)[1] is None
+    assert b.place(0, x, 1, 4)[1] is None
     del view
     b.release_dead()
-    short, w4 = b.place(0, x[:3] * 10)  # buffer 0 is free again; a short batch uses its first rows
+    short, w4 = b.place(0, x[:3] * 10, 1, 4)  # buffer 0 is free again; a short batch uses its first rows
     assert w4 == (0, 0, 4) and short.shape == (3, 6) and torch.equal(short, x[:3] * 10)
-    assert b.place(0, torch.zeros(4, 7))[1] is None  # other shape: no buffer fits, none left to allocate
+    assert b.place(0, torch.zeros(4, 7), 1, 4)[1] is None  # other shape: no buffer fits, none left to allocate
     small = BatchBuffers(num_workers=2, per_worker=5, budget_bytes=3 * x.nbytes)
-    assert small.place(0, x)[1] is not None and small.place(0, x)[1] is None  # 2 workers x 1 buffer fit
+    assert small.place(0, x, 1, 4)[1] is not None and small.place(0, x, 1, 4)[1] is None  # 2 x 1 buffer fit

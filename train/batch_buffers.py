@@ -11,8 +11,8 @@ Reuse must never overwrite a batch the consumer still reads, whatever the consum
 loop drops each batch before asking for the next; ``list(loader)`` keeps them all). So a buffer is only reused
 once the main process has seen the batch's storage die:
 
-* the worker writes into a free buffer, marks it ``written[w, s] = seq`` and ``pass[w, s]`` in shared state, and
-  says ``(w, s, seq)`` beside the batch;
+* the worker writes into a free buffer, marks it ``written[w, s] = seq`` and ``pass[w, s]`` (the pass number it
+  read when its pass began) in shared state, and says ``(w, s, seq)`` beside the batch;
 * the main process keeps a weak reference to each batch storage it yields; when it is gone (the consumer and
   every view of it dropped it) it sets ``released[w, s] = seq``;
 * a buffer is free when ``released == written``. None free and the worker's share of the budget spent: the
@@ -20,8 +20,13 @@ once the main process has seen the batch's storage die:
 
 Batches the main process never yields (a pass cut short: the DataLoader drains and drops the rest when the next
 pass starts) are reclaimed at the start of the next pass: every buffer written in an earlier pass that the main
-process does not hold. The pass number is bumped before the DataLoader dispatches the new pass's work, so a
-buffer of the new pass is never taken for an old one.
+process does not hold. The main process bumps the pass number before the DataLoader's iter() (which drains the
+old pass, then tells the persistent workers to start the new one), and a worker reads it when its pass begins,
+so a buffer of the new pass is never taken for an old one. Only persistent loaders (training, validation) use
+buffers: a loader that forks new workers on every iter() could have two generations of workers on one state.
+
+The guarantee covers the main process: a consumer that sends a batch on to another process and then drops it
+must copy it first (as it would for any batch it hands to another process that outlives it).
 
 With ``pin_memory`` the pin thread copies each batch out of shared memory at once; the main process then
 tracks the pinned copy, which only releases the buffer later than necessary.
@@ -39,17 +44,22 @@ from torch.multiprocessing.reductions import StorageWeakRef
 # consumer uses and the one its loop variable still holds when it asks for the next.
 PER_WORKER = 5
 # Shared memory all of one loader's buffers may hold (they live as long as its workers; the validation loader's
-# persist through training): past it a worker keeps fewer buffers, at worst none (torch's default path). At most
-# an eighth of /dev/shm, so a container's small one (Docker's default is 64 MB) is left to torch's own batches.
+# persist through training): past it a worker keeps fewer buffers, at worst none (torch's default path).
 BUDGET_BYTES = 512 * 2**20
 
 
-def default_budget() -> int:
+def default_budget(env=None) -> int:
+    """BUDGET_BYTES, or less where /dev/shm is small: the buffers of every rank on the node (a training and a
+    validation loader each) take at most an eighth of it, and a quarter of what is free now. A container's small
+    /dev/shm (Docker's default is 64 MB) is then left to torch's own batches, which need it only while in flight."""
+    env = os.environ if env is None else env
     try:
         st = os.statvfs("/dev/shm")
     except OSError:  # no /dev/shm (not Linux): torch shares memory its own way there
         return BUDGET_BYTES
-    return min(BUDGET_BYTES, st.f_blocks * st.f_frsize // 8)
+    local_ranks = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    return min(BUDGET_BYTES, total // (16 * local_ranks), free // 4)
 
 
 _WRITTEN, _RELEASED, _PASS = range(3)
@@ -74,9 +84,10 @@ class BatchBuffers:
 
     # --- worker side ---------------------------------------------------------------------------------------------
 
-    def place(self, worker: int, x: Tensor) -> tuple[Tensor, tuple[int, int, int] | None]:
-        """Copy batch ``x`` into a free buffer of this worker: (the buffer's view, (worker, slot, seq)), or
-        (x, None) when no buffer fits or is free."""
+    def place(self, worker: int, x: Tensor, pass_no: int, rows: int) -> tuple[Tensor, tuple[int, int, int] | None]:
+        """Copy batch ``x`` (of pass ``pass_no``, as the worker read it when the pass began) into a free buffer of
+        this worker: (the buffer's view, (worker, slot, seq)), or (x, None) when no buffer fits or is free.
+        Buffers hold ``rows`` (a full batch), so a short last batch does not take one a full batch cannot use."""
         state = self.state[worker]
         slot = next(
             (
@@ -87,23 +98,30 @@ class BatchBuffers:
             None,
         )
         if slot is None:
-            affordable = self.budget_bytes // max(1, self.num_workers * x.nbytes)
+            if len(x) == 0 or len(x) > rows:
+                return x, None
+            nbytes = x.nbytes // len(x) * rows
+            affordable = self.budget_bytes // max(1, self.num_workers * nbytes)
             if len(self._buffers) >= min(self.per_worker, affordable):
                 return x, None
-            # A full batch's shape even for a short last batch, so later full batches fit too.
-            self._buffers.append(torch.empty(x.shape, dtype=x.dtype).share_memory_())
+            try:
+                buf = torch.empty((rows, *x.shape[1:]), dtype=x.dtype).share_memory_()
+            except (RuntimeError, OSError):  # out of shared memory: this batch goes torch's way
+                return x, None
+            self._buffers.append(buf)
             slot = len(self._buffers) - 1
         self._seq += 1
         view = self._buffers[slot][: len(x)]
         view.copy_(x)
-        state[slot, _PASS] = int(self.pass_no)
+        state[slot, _PASS] = pass_no
         state[slot, _WRITTEN] = self._seq
         return view, (worker, slot, self._seq)
 
     # --- main process side -----------------------------------------------------------------------------------------
 
     def begin_pass(self) -> None:
-        """Before the DataLoader's iter(): batches from here on belong to the new pass."""
+        """Before the DataLoader's iter(): workers start the new pass after it (on the resume message iter()
+        sends them) and tag its batches with the new number."""
         self.release_dead()
         self.pass_no += 1
 

@@ -331,6 +331,12 @@ class _Plan:
     colour: BatchColour | None = None  # training: colour jitter + normalisation per batch (replaces `normalise`)
     buffers: BatchBuffers | None = None  # set with the DataLoader when it has workers: reusable shared memory
 
+    def rows(self) -> int:
+        """Samples in a full batch."""
+        if self.schedule is None:
+            return max((len(b) for b in self.batches), default=0)
+        return self.schedule.batch_size
+
     def num_batches(self) -> int:
         if self.schedule is None:
             return len(self.batches)
@@ -367,11 +373,13 @@ class _BatchDataset(IterableDataset):
         w, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
         this = _Pass(self.plan, w, nw)
         reader = _Reader(self.plan.indices, self.plan.num_classes)
+        buffers = self.plan.buffers
+        pass_no = int(buffers.pass_no) if buffers is not None else 0  # read once the pass has begun
         try:
             for batch in this.batches:
                 x, y, keys, report = self._build(reader, batch, this)
-                if x is not None and self.plan.buffers is not None:
-                    x, report["buffer"] = self.plan.buffers.place(w, x)
+                if x is not None and buffers is not None:
+                    x, report["buffer"] = buffers.place(w, x, pass_no, self.plan.rows())
                 yield x, y, keys, report
         finally:
             reader.close()
@@ -527,9 +535,9 @@ def _dataloader(plan: _Plan, num_workers: int, *, persistent: bool, pin_memory: 
     shard indices to them again."""
     most = plan.schedule.batches_per_epoch if plan.schedule is not None else len(plan.batches)
     workers = min(num_workers, most)  # a worker with no batch would only cost a fork
-    # Workers write batches into shared memory they reuse instead of a fresh segment per batch (see
-    # train/batch_buffers.py); inline loading (no workers) shares nothing.
-    plan.buffers = BatchBuffers(workers) if workers > 0 else None
+    # Persistent workers write batches into shared memory they reuse instead of a fresh segment per batch (see
+    # train/batch_buffers.py); inline loading (no workers) shares nothing, and one-pass loaders gain little.
+    plan.buffers = BatchBuffers(workers) if workers > 0 and persistent else None
     return DataLoader(
         _BatchDataset(plan),
         batch_size=None,  # batches are built in the workers
