@@ -8,7 +8,7 @@ import torch
 from data_shards import SHARD_LENGTHS, tiny_jpegs, write_shards
 
 from data_prep.info import load_info
-from train.batch_buffers import PER_WORKER, BatchBuffers
+from train.batch_buffers import BUDGET_BYTES, PER_WORKER, BatchBuffers, shm_budget
 from train.config import DataConfig
 from train.data import EvalSet, TrainStream, eval_loader
 
@@ -131,3 +131,18 @@ def test_protocol_in_one_process():
     assert b.place(0, torch.zeros(4, 7), 1, 4)[1] is None  # other shape: no buffer fits, none left to allocate
     small = BatchBuffers(num_workers=2, per_worker=5, budget_bytes=3 * x.nbytes)
     assert small.place(0, x, 1, 4)[1] is not None and small.place(0, x, 1, 4)[1] is None  # 2 x 1 buffer fit
+
+
+def test_small_shared_memory_gets_small_budgets():
+    """A roomy node gets the full budget; Docker's default 64 MB /dev/shm leaves a 7 MB batch (the demo's 64 x 3 x
+    96 x 96 float32) on torch's own path; 8 ranks on one node share what their node has."""
+    gib = 2**30
+    assert shm_budget(total=24 * gib, free=24 * gib, local_ranks=1) == BUDGET_BYTES
+    docker = shm_budget(total=64 * 2**20, free=64 * 2**20, local_ranks=1)
+    assert docker == 4 * 2**20
+    batch = torch.empty(64, 3, 96, 96)
+    assert BatchBuffers(1, budget_bytes=docker).place(0, batch, 1, 64)[1] is None
+    assert BatchBuffers(1, budget_bytes=BUDGET_BYTES).place(0, batch, 1, 64)[1] is not None
+    assert shm_budget(total=64 * gib, free=64 * gib, local_ranks=8) == 512 * 2**20  # 8 ranks x 2 loaders = 1/8
+    assert shm_budget(total=16 * gib, free=16 * gib, local_ranks=8) == 128 * 2**20
+    assert shm_budget(total=24 * gib, free=gib, local_ranks=1) == gib // 4  # mostly used already: a quarter of free

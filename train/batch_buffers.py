@@ -49,16 +49,20 @@ BUDGET_BYTES = 512 * 2**20
 
 
 def default_budget(env=None) -> int:
-    """BUDGET_BYTES, or less where /dev/shm is small: the buffers of every rank on the node (a training and a
-    validation loader each) take at most an eighth of it, and a quarter of what is free now. A container's small
-    /dev/shm (Docker's default is 64 MB) is then left to torch's own batches, which need it only while in flight."""
+    """``shm_budget`` for this node's /dev/shm and ``LOCAL_WORLD_SIZE`` ranks."""
     env = os.environ if env is None else env
     try:
         st = os.statvfs("/dev/shm")
     except OSError:  # no /dev/shm (not Linux): torch shares memory its own way there
         return BUDGET_BYTES
     local_ranks = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
-    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    return shm_budget(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, local_ranks)
+
+
+def shm_budget(total: int, free: int, local_ranks: int) -> int:
+    """BUDGET_BYTES, or less where /dev/shm is small: the buffers of every rank on the node (a training and a
+    validation loader each) take at most an eighth of it, and a quarter of what is free now. A container's small
+    /dev/shm (Docker's default is 64 MB) is then left to torch's own batches, which need it only while in flight."""
     return min(BUDGET_BYTES, total // (16 * local_ranks), free // 4)
 
 
