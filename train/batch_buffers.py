@@ -48,14 +48,13 @@ PER_WORKER = 5
 BUDGET_BYTES = 512 * 2**20
 
 
-def default_budget(env=None) -> int:
+def default_budget() -> int:
     """``shm_budget`` for this node's /dev/shm and ``LOCAL_WORLD_SIZE`` ranks."""
-    env = os.environ if env is None else env
     try:
         st = os.statvfs("/dev/shm")
     except OSError:  # no /dev/shm (not Linux): torch shares memory its own way there
         return BUDGET_BYTES
-    local_ranks = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return shm_budget(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, local_ranks)
 
 

@@ -375,11 +375,12 @@ class _BatchDataset(IterableDataset):
         reader = _Reader(self.plan.indices, self.plan.num_classes)
         buffers = self.plan.buffers
         pass_no = int(buffers.pass_no) if buffers is not None else 0  # read once the pass has begun
+        rows = self.plan.rows()
         try:
             for batch in this.batches:
                 x, y, keys, report = self._build(reader, batch, this)
                 if x is not None and buffers is not None:
-                    x, report["buffer"] = buffers.place(w, x, pass_no, self.plan.rows())
+                    x, report["buffer"] = buffers.place(w, x, pass_no, rows)
                 yield x, y, keys, report
         finally:
             reader.close()
