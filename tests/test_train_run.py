@@ -70,6 +70,7 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
     log = (run_dir / "train.log").read_text()
     assert "2 process(es) (MULTI_CPU" in log and "epoch 3:" in log and "final:" in log
     assert log.count("INFO epoch 1:") == 1  # only rank 0 logs
+    assert log.count("CPU memory: glibc malloc keeps freed memory") == 1  # train/cpu_memory.py, said once
     assert "epoch 1: skipped 8 corrupt training sample(s) on all ranks" in log
     # Rank 0 met only some of them itself (train.log holds its per-sample warnings): the 8 is a sum over ranks.
     assert 0 < log.count("skipped corrupt sample") < 24
