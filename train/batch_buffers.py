@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from train.config import local_world_size
+
 # Buffers per worker: the DataLoader's prefetch (2 batches dispatched ahead), the one being built, the one the
 # consumer uses and the one its loop variable still holds when it asks for the next.
 PER_WORKER = 5
@@ -54,8 +56,7 @@ def default_budget() -> int:
         st = os.statvfs("/dev/shm")
     except OSError:  # no /dev/shm (not Linux): torch shares memory its own way there
         return BUDGET_BYTES
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return shm_budget(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, local_ranks)
+    return shm_budget(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, local_world_size())
 
 
 def shm_budget(total: int, free: int, local_ranks: int) -> int:

@@ -99,6 +99,12 @@ class DataConfig:
 MAX_AUTO_WORKERS = 16  # beyond this, more workers mostly add memory (each holds prefetched batches), not speed
 
 
+def local_world_size(env: Mapping[str, str] | None = None) -> int:
+    """Ranks on this node: accelerate launch, torchrun and submitit's export() set LOCAL_WORLD_SIZE; 1 if unset."""
+    env = os.environ if env is None else env
+    return max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
+
+
 def rank_cpus(env: Mapping[str, str] | None = None, affinity: int | None = None) -> tuple[int, str]:
     """(CPUs this rank may use, how that was found) from the environment the launchers set.
 
@@ -112,7 +118,7 @@ def rank_cpus(env: Mapping[str, str] | None = None, affinity: int | None = None)
     if affinity is None:
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     world = int(env.get("WORLD_SIZE", "1"))
-    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    local = local_world_size(env)
     slurm_cpus = env.get("SLURM_CPUS_PER_TASK")
     if slurm_cpus:
         cpus, why = min(int(slurm_cpus), affinity), f"SLURM_CPUS_PER_TASK={slurm_cpus}, affinity mask {affinity}"

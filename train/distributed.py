@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
+from train.config import local_world_size
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ def cuda_device_plan(env: Mapping[str, str], visible: int) -> CudaPlan:
     module's device. Fewer GPUs than ranks otherwise would put two ranks on one GPU, which NCCL refuses.
     """
     local_rank = int(env.get("LOCAL_RANK", "0"))
-    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    local_world = local_world_size(env)
     if visible < 1:
         raise DeviceError("no CUDA device visible to this rank; set train.cpu=true to train on CPU")
     if local_rank < visible:

@@ -23,7 +23,6 @@ import heapq
 import html
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -90,14 +89,14 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    from data_prep.prepare import default_workers
     from train.inference import default_decode_workers, load_classifier, runs_on_gpu
+    from train.trainer import cpu_threads
 
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu)
-    if acc.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        # N ranks each using every core would oversubscribe the CPU (as in the trainer).
-        torch.set_num_threads(max(1, default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if acc.device.type == "cpu":
+        # N ranks each using every core would oversubscribe the CPU: the trainer's split (OMP_NUM_THREADS wins).
+        torch.set_num_threads(cpu_threads())
     try:
         clf = load_classifier(args.model, device=str(acc.device), precision=args.precision, checkpoint=args.checkpoint)
         if args.workers is None:

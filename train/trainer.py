@@ -30,7 +30,7 @@ from data_prep.prepare import default_workers  # cores this process may use (aff
 from train import checkpoint as ckpt
 from train import plots, tracking
 from train.bundle import write_run_bundle
-from train.config import Config, ConfigError, auto_num_workers, save_config
+from train.config import Config, ConfigError, auto_num_workers, local_world_size, save_config
 from train.cpu_memory import keep_freed_memory
 from train.data import EvalSet, TrainStream, eval_loader
 from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
@@ -40,11 +40,6 @@ from train.models import build_model, new_parameter_prefixes
 from train.precision import auto_reason, choose_precision, cuda_has_bf16, native_bf16
 
 log = logging.getLogger("catdog")
-
-
-def local_world_size() -> int:
-    """Ranks on this node: torchrun/accelerate launch and submitit's export() set LOCAL_WORLD_SIZE."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def cpu_threads() -> int:
