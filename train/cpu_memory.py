@@ -11,7 +11,8 @@ and the heap never trimmed, freed blocks stay in the heap and are reused: the de
 This is what Intel's and PyTorch's CPU tuning guides get from jemalloc/tcmalloc (``torch.backends.xeon.run_cpu``
 preloads them); those are not installed here, glibc's own switches need nothing. The cost is that the process keeps
 its peak heap until it exits, which a training process reaches in its first steps anyway. GPU training allocates
-its activations on the device, so only CPU training turns this on.
+its activations on the device, so only CPU runs turn this on: the trainer (feature extraction included), and
+catdog-predict / catdog-evaluate, where InceptionV3's 299 px forward went 4.3-4.6 -> 6.2-6.5 img/s.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    from train.cpu_memory import keep_freed_memory
     from train.inference import default_decode_workers, load_classifier, runs_on_gpu
     from train.trainer import cpu_threads
 
@@ -97,6 +98,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
     if acc.device.type == "cpu":
         # N ranks each using every core would oversubscribe the CPU: the trainer's split (OMP_NUM_THREADS wins).
         torch.set_num_threads(cpu_threads())
+        keep_freed_memory()  # large activations (InceptionV3) reuse the heap: train/cpu_memory.py
     try:
         clf = load_classifier(args.model, device=str(acc.device), precision=args.precision, checkpoint=args.checkpoint)
         if args.workers is None:

@@ -99,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
     if args.workers is None:
         args.workers = default_decode_workers(on_gpu)
-    if getattr(clf, "device", None) is not None and clf.device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+    on_cpu = getattr(clf, "device", None) is not None and clf.device.type == "cpu"
+    if on_cpu:
+        # Before the decode workers fork. InceptionV3's 299 px activations are fresh mmaps per batch otherwise: its
+        # CPU forward ran 4.3-4.6 -> 6.2-6.5 img/s with this (train/cpu_memory.py); no change for the demo's CNN.
+        from train.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
+    if on_cpu and not os.environ.get("OMP_NUM_THREADS"):
         # The decode workers take cores too: model threads + workers > cores makes OpenMP's barriers spin against
         # each other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward).
         import torch
