@@ -238,3 +238,5 @@ def test_cpu_threads_split_cores_between_local_ranks(monkeypatch):
     assert cpu_threads() == max(1, cores // 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit choice wins
     assert cpu_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # OpenMP's per-nesting-level list: the first level is ours
+    assert cpu_threads() == 3

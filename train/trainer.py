@@ -48,7 +48,8 @@ def cpu_threads() -> int:
     N ranks each using every core oversubscribe the CPU and run several times slower than N x 1/N.
     """
     if os.environ.get("OMP_NUM_THREADS"):
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+        # OpenMP also takes a per-nesting-level list ("4,2"): its first level is this process's team.
+        return max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
     return max(1, default_workers() // local_world_size())
 
 
