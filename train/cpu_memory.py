@@ -5,13 +5,13 @@ kernel on ``free``. A scratch-CNN step at batch 64 and 96 px allocates several t
 block's activations and their gradients are 56 MB each), so every step pays the kernel to zero and map those pages
 again: in the development VMs first touch costs ~1.2 ms per MB, and a profile of one step showed the ``fill_`` of
 the max-pool backward's 56 MB gradient taking 23 ms, 5 % of the step, almost all of it page faults. With mmap off
-and the heap trimmed only past 2 GB free, freed blocks stay in the heap and are reused: the demo's training went 72-79 s ->
-65-67 s for 3 epochs (measured 2026-11-29, AVX2-only AMD EPYC, fp32), the same numbers to the digit.
+and the heap trimmed only past 2 GB free, freed blocks stay in the heap and are reused: the demo's training went
+72-79 s -> 65-67 s for 3 epochs (measured 2026-11-29, AVX2-only AMD EPYC, fp32), the same numbers to the digit.
 
 This is what Intel's and PyTorch's CPU tuning guides get from jemalloc/tcmalloc (``torch.backends.xeon.run_cpu``
-preloads them); those are not installed here, glibc's own switches need nothing. The cost is that the process keeps
-its peak main heap until it exits, which a training process reaches in its first steps anyway. GPU training allocates
-its activations on the device, so only CPU runs turn this on: the trainer (feature extraction included), and
+preloads them); those are not installed here, glibc's own switches need nothing. The cost is that the process
+keeps its peak main heap until it exits, which a training process reaches in its first steps anyway. GPU training
+allocates its activations on the device, so only CPU runs turn this on: the trainer (feature extraction included), and
 catdog-predict / catdog-evaluate, where InceptionV3's 299 px forward went 4.3-4.6 -> 6.2-6.5 img/s.
 """
 
@@ -38,8 +38,8 @@ def user_choice(env: Mapping[str, str]) -> list[str]:
 
 
 def keep_freed_memory(env: Mapping[str, str] | None = None) -> str:
-    """Switch glibc's malloc to serve large blocks from the (never trimmed) main heap. Returns what was done, for
-    the log.
+    """Switch glibc's malloc to serve large blocks from the main heap, trimmed only past 2 GB free. Returns what was
+    done, for the log.
 
     A no-op, saying why, where the C library is not glibc or the allocator was tuned already (``user_choice``).
     Forked DataLoader workers inherit the setting (it lives in the process's malloc state). Blocks that threads
@@ -61,4 +61,7 @@ def keep_freed_memory(env: Mapping[str, str] | None = None) -> str:
     # mallopt returns 1 on success. Trim first: with mmap off, the heap is the only place large blocks can come from.
     if mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1 or mallopt(M_MMAP_MAX, 0) != 1:
         return "allocator left as is (mallopt refused)"
-    return "glibc malloc keeps freed memory (mmap off, heap trimmed only past 2 GB free): large activations are not faulted in every step"
+    return (
+        "glibc malloc keeps freed memory (mmap off, heap trimmed only past 2 GB free): "
+        "large activations are not faulted in every step"
+    )
