@@ -67,20 +67,30 @@ class SlurmTrainer:
         from train.trainer import main
 
         # USR2 (SLURM's warning before a time limit, or a preemption) must not requeue mid-step with the work
-        # since the last checkpoint lost, which is what submitit's own handler would do. Ours only sets a flag:
-        # every rank stops at the same step boundary, they save one checkpoint together, and then rank 0 hands
-        # over to submitit's handler, which calls checkpoint() below and requeues the job.
+        # since the last checkpoint lost, which is what submitit's own handler would do. During the training loop
+        # ours only sets a flag: every rank stops at the same step boundary, they save one checkpoint together,
+        # and then we hand over to submitit's handler, which calls checkpoint() below and requeues the job (on
+        # rank 0; on the others it returns). Outside the loop the signal goes to submitit's handler at once
+        # (train/distributed.py StopFlag). The signal is submitit's (SUBMITIT_PREEMPT_SIGNAL, default USR2): the
+        # one its sbatch script asked SLURM for.
         stop = StopFlag()
-        submitit_handler = stop.install(signal.SIGUSR2)[signal.SIGUSR2]
+        stop.install(preempt_signal(job))
         result = main(self.config(), stop=stop)
-        if result.get("interrupted") and job.global_rank == 0 and callable(submitit_handler):
-            submitit_handler(signal.SIGUSR2, None)  # requeues and exits; it does not return
+        if result.get("interrupted"):
+            stop.hand_over()  # on rank 0: requeues and exits; it does not return
         return result
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         # The trainer has saved a checkpoint at the step where the signal stopped it. The requeued job must resume
         # from the newest checkpoint, whatever train.resume said at submission.
         return submitit.helpers.DelayedSubmission(SlurmTrainer(self.config_path, self.use_gpus, resume="auto"))
+
+
+def preempt_signal(job: submitit.JobEnvironment) -> int:
+    """The signal SLURM sends before the time limit or a preemption: the one submitit's sbatch script asked for
+    (``SUBMITIT_PREEMPT_SIGNAL``, default USR2) and its own handler is installed on."""
+    usr_sig = getattr(job, "_usr_sig", None)  # submitit's own reader of that variable (private, so guarded)
+    return usr_sig() if callable(usr_sig) else signal.SIGUSR2
 
 
 def export_distributed_env(job_id: str) -> None:
@@ -206,14 +216,16 @@ def parse_nodes(text: str) -> list[Node]:
 
 def partition_nodes(partition: str) -> tuple[str, list[Node]]:
     """(partition name, its nodes) from sinfo; '' means the cluster's default partition."""
-    names = [p.strip() for p in _run(["sinfo", "-h", "-o", "%P"]).split()]
+    # -a: hidden partitions and those of other groups too (sbatch decides who may use them, not this check).
+    names = [p.strip() for p in _run(["sinfo", "-a", "-h", "-o", "%P"]).split()]
     default = next((p.rstrip("*") for p in names if p.endswith("*")), "")
     known = [p.rstrip("*") for p in names]
     part = partition or default
     if not part:
         raise ConfigError(f"no --partition given and the cluster has no default; partitions: {', '.join(known)}")
-    if part not in known:
-        raise ConfigError(f"partition {part!r} does not exist on this cluster; partitions: {', '.join(known)}")
+    unknown = [p for p in part.split(",") if p not in known]  # sbatch takes a list: the first that can run it
+    if unknown:
+        raise ConfigError(f"partition {unknown[0]!r} does not exist on this cluster; partitions: {', '.join(known)}")
     return part, parse_nodes(_run(["sinfo", "-h", "-N", "-p", part, "-o", "%N|%c|%m|%G"]))
 
 
@@ -411,7 +423,7 @@ def launch(
         if not (Path(cfg.data.dir) / "_info.json").is_file():
             raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")
         _check_not_running(Path(cfg.run.dir))
-    from train.checkpoint import start_over  # late: it imports accelerate, which `status` need not pay for
+    from train.checkpoint import pin_resume, start_over  # late: they import accelerate (`status` need not)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for _, cfg in points:
@@ -422,6 +434,12 @@ def launch(
             cfg.train.resume = "auto"
             if moved:
                 print(f"train.resume=none: moved the previous checkpoints and tracker state to {moved}", file=out)
+        elif cfg.train.resume != "auto":
+            # Likewise a checkpoint path: copied into the run dir now, and the job resumes the newest checkpoint
+            # there, so a requeue continues from its own progress instead of going back to the path.
+            copy = pin_resume(cfg.train.resume, Path(cfg.run.dir))
+            print(f"train.resume={cfg.train.resume}: the job resumes from {copy}", file=out)
+            cfg.train.resume = "auto"
     try:
         submitted = submit(points, slurm, folder)
     except FailedJobError as e:

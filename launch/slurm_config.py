@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.config import ConfigError
+from train.config import ConfigError, strings_as_written
 
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 _MEM = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?$", re.IGNORECASE)
@@ -118,7 +118,10 @@ def load_slurm_config(path: str | os.PathLike | None = None, values: Mapping[str
     try:
         if path is not None:
             where = str(path)
-            node = OmegaConf.merge(node, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if isinstance(loaded, DictConfig):
+                strings_as_written(loaded, Path(path), SlurmConfig)  # time: 4:00:00 is not 14400 minutes
+            node = OmegaConf.merge(node, loaded)
         if values:
             where = "command line"
             node = OmegaConf.merge(node, OmegaConf.create(dict(values)))

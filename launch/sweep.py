@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.atomic import atomic_write_text
-from train.config import ConfigError
+from train.config import ConfigError, field_type
 
 TABLE = "sweep.tsv"  # in the sweep's root dir: point, job id, run dir, overrides
 _COLUMNS = ["point", "job_id", "run_dir", "overrides"]
@@ -34,13 +34,15 @@ class Point:
     overrides: list[str]  # key=value, applied after the command line's
 
 
-def _value(v: Any) -> str:
+def _value(v: Any, key: str = "") -> str:
     # Overrides are parsed as YAML by OmegaConf's dotlist: scalars as written, containers as JSON (valid YAML).
+    if isinstance(v, bool) and field_type(key) is str:
+        return "yes" if v else "no"  # `no` in the sweep file is YAML 1.1's False; a string field means the word
     return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
 def _name(i: int, items: Sequence[tuple[str, Any]]) -> str:
-    text = ",".join(f"{k}={_value(v)}" for k, v in items)
+    text = ",".join(f"{k}={_value(v, k)}" for k, v in items)
     return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:120]
 
 
@@ -83,7 +85,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     for i, items in enumerate(combos):
         if any(k == "run.dir" for k, _ in items):
             raise ConfigError(f"{path}: a sweep must not set run.dir (each point gets <run.dir>/<point name>)")
-        out.append(Point(_name(i, items), [f"{k}={_value(v)}" for k, v in items]))
+        out.append(Point(_name(i, items), [f"{k}={_value(v, k)}" for k, v in items]))
     if len({tuple(p.overrides) for p in out}) != len(out):
         raise ConfigError(f"{path}: two points are identical")
     return Sweep(out, config)

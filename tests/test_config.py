@@ -110,6 +110,21 @@ def test_per_device_batch_must_divide():
         cfg.train.per_device_batch(world_size=3)
 
 
+def test_an_aux_head_with_no_loss_weight_is_refused_on_several_processes(caplog):
+    # Nothing trains it, and DDP fails at the second step on its parameters that get no gradient. Configs, bundles
+    # and run dirs with it still load; training refuses it on several processes and warns on one.
+    from train.trainer import check_aux_head
+
+    cfg = load_config(None, ["data.dir=x", "model.name=inception_v3", "model.aux_loss_weight=0"])
+    with pytest.raises(ConfigError, match="model.aux_logits=true with model.aux_loss_weight=0 on 2 processes"):
+        check_aux_head(cfg.model, world=2)
+    with caplog.at_level("WARNING", logger="catdog"):
+        check_aux_head(cfg.model, world=1)
+    assert "nothing trains the auxiliary head" in caplog.text
+    cfg.model.aux_logits = False
+    check_aux_head(cfg.model, world=2)
+
+
 def test_yaml_boolean_words_reach_string_fields_as_typed(tmp_path):
     # YAML 1.1 reads `no`/`off`/`yes` as booleans; for a string field the user meant the word.
     for value in ("no", "bf16", "auto"):

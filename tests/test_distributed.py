@@ -104,14 +104,101 @@ def test_stop_flag_is_set_by_the_signal_and_chains_to_the_previous_handler():
     try:
         flag = StopFlag()
         previous = flag.install(signal.SIGUSR2)[signal.SIGUSR2]
+        flag.start_polling()  # the training loop
         assert not flag.agreed(0)
         os.kill(os.getpid(), signal.SIGUSR2)
         assert flag.requested and flag.signum == signal.SIGUSR2 and flag.agreed(1)
         assert seen == []  # the previous handler (submitit's) is not run by the signal itself ...
-        previous(signal.SIGUSR2, None)  # ... the launcher calls it once the checkpoint is saved
-        assert seen == [signal.SIGUSR2]
+        flag.hand_over()  # ... the launcher hands over once the checkpoint is saved
+        assert seen == [signal.SIGUSR2] and previous is not None
+        flag.hand_over()
+        assert seen == [signal.SIGUSR2]  # once
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+def test_a_signal_outside_the_training_loop_goes_to_the_previous_handler_at_once():
+    """Start-up, feature extraction and the final scoring do not poll the flag: there submitit's handler must
+    requeue at once, or SLURM kills the job at its time limit with no requeue. A signal that came after the
+    loop's last poll is handed over when the loop ends."""
+    seen = []
+
+    def submitits(signum, frame):
+        seen.append(signum)
+
+    old = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        flag = StopFlag()
+        flag.install(signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)  # before the loop
+        assert seen == [signal.SIGUSR2] and flag.requested
+
+        signal.signal(signal.SIGUSR2, submitits)
+        late = StopFlag()
+        late.install(signal.SIGUSR2)
+        late.start_polling()
+        os.kill(os.getpid(), signal.SIGUSR2)  # after the loop's last poll
+        assert seen == [signal.SIGUSR2]
+        late.stop_polling()  # the loop is over: hand it over now
+        assert seen == [signal.SIGUSR2] * 2
+        os.kill(os.getpid(), signal.SIGUSR2)  # during finish(): already handed over, not twice
+        assert seen == [signal.SIGUSR2] * 2
+
+        signal.signal(signal.SIGUSR2, submitits)
+        unsignalled = StopFlag()  # rank 0 stopped by the vote (another node got the signal first) ...
+        unsignalled.install(signal.SIGUSR2)
+        unsignalled.start_polling()
+        unsignalled.hand_over()  # ... must still requeue the job
+        assert seen == [signal.SIGUSR2] * 3
+
+        plain = StopFlag()  # no handler to chain to (SIG_DFL would kill the process): the flag only
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        plain.install(signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert plain.requested
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_barrier_runs_on_the_ranks_own_gpu(monkeypatch):
+    """MOCKED GPU (none exists here): with one GPU per task every rank trains on cuda:0, and Accelerate's
+    wait_for_everyone would name cuda:<local rank> for the NCCL barrier (accelerate#3775)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from train.distributed import wait_for_everyone
+
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda **kw: calls.append(kw))
+    acc = SimpleNamespace(
+        num_processes=8, device=torch.device("cuda", 0), wait_for_everyone=lambda: calls.append("acc")
+    )
+    wait_for_everyone(acc)
+    assert calls == [{"device_ids": [0]}]
+    cpu = SimpleNamespace(num_processes=2, device=torch.device("cpu"), wait_for_everyone=lambda: calls.append("acc"))
+    wait_for_everyone(cpu)  # gloo ranks: Accelerate's own barrier
+    assert calls[-1] == "acc"
+
+
+def test_bare_module_leaves_the_compiled_training_model_alone(tmp_path):
+    """accelerate's unwrap_model returned the compile wrapper (keys `_orig_mod.*`: loading the best weights for the
+    test scoring failed) and re-pointed it from DDP to the bare module (DDP's no_sync gone)."""
+    import torch.distributed as dist
+
+    from train.trainer import bare_module
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    compiled = torch.compile(net)  # compiled lazily: nothing is compiled here
+    assert bare_module(compiled) is net
+    bare_module(compiled).load_state_dict(net.state_dict())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        training = torch.compile(ddp)
+        assert bare_module(training) is net and training._orig_mod is ddp
+    finally:
+        dist.destroy_process_group()
 
 
 def test_cpu_sync_batchnorm_is_plain_batchnorm_on_one_process():

@@ -85,6 +85,37 @@ def test_evaluate_matches_hand_computed_metrics():
     assert {k for k, v in out.items() if isinstance(v, float)} == {f"val/{m}" for m in VAL_METRICS}
 
 
+def test_evaluate_in_deterministic_mode_gives_the_same_metrics_and_keeps_the_switch(monkeypatch):
+    """train.deterministic=true: torchmetrics would replace bincount by a dense table (~4 GB for a 128-image batch
+    of the 1,001-threshold ROC; a 32-image batch took 7.5 s here). Metric updates count with the switch off."""
+    import importlib
+
+    curves = importlib.import_module("torchmetrics.functional.classification.precision_recall_curve")
+
+    seen = []
+    counting = curves._bincount
+    monkeypatch.setattr(
+        curves,
+        "_bincount",
+        lambda *a, **k: seen.append(torch.are_deterministic_algorithms_enabled()) or counting(*a, **k),
+    )
+    torch.manual_seed(1)
+    labels = torch.randint(0, 2, (40,))
+    logits = torch.randn(40, 2)
+    ids = torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1).expand(40, 3, 2, 2)
+    batches = [(ids[i : i + 20], labels[i : i + 20]) for i in (0, 20)]
+    acc = Accelerator(cpu=True)
+    plain = evaluate(FixedLogits(logits), batches, acc, num_classes=2)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        strict = evaluate(FixedLogits(logits), batches, acc, num_classes=2)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert strict == plain
+    assert seen and not any(seen)  # the ROC/AUROC counts took torch's bincount, not the dense fallback
+
+
 def test_evaluate_auroc_is_nan_when_val_has_one_class():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.5]])
     ids = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 3, 2, 2)
@@ -179,6 +210,19 @@ def test_resume_is_refused_under_a_different_config(tmp_path):
         check_resumable(tmp_path, saved, {"model": "scratch_cnn", "batch_size": 4, "grad_accum": 1, "world_size": 2})
     # A checkpoint from before fingerprints were recorded resumes as it did.
     check_resumable(tmp_path, TrainerState(), {"model": "inception_v3", "batch_size": 4})
+
+
+def test_fp16_resume_of_a_checkpoint_without_a_loss_scaler_is_refused_clearly(tmp_path):
+    """MOCKED GPU: fp16 (a GradScaler) exists only on CUDA. A bf16 checkpoint has no scaler.pt, and Accelerate
+    would fail on it after loading the weights; the error says which precision to resume with."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "step_00000008"
+    path.mkdir()
+    (path / "trainer_state.json").write_text('{"step": 8, "precision": "bf16"}')
+    fp16_gpu = SimpleNamespace(scaler=object(), process_index=0)
+    with pytest.raises(ConfigError, match="with train.mixed_precision=fp16: it was trained in bf16.*=bf16"):
+        load_checkpoint(fp16_gpu, path)
 
 
 def test_csv_rows_after_the_resumed_step_are_dropped(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from data_shards import rewrite_member, tiny_jpegs, write_shards
 from safetensors.torch import load_file
-from train_helpers import run_train, run_train_failing
+from train_helpers import run_env_ranks, run_train, run_train_failing
 
 from data_prep.info import load_info
 from train import features, pretrained
@@ -202,3 +202,21 @@ def test_two_ranks_split_the_extraction_and_cache_what_one_rank_does(shards, cac
         assert torch.equal(one[split][1], two[split][1])
         # bf16 convolutions may round differently for another batch composition; the rows are the same images.
         assert torch.allclose(one[split][0], two[split][0], rtol=0.05, atol=0.05)
+
+    # Ranks that disagree about the cache (a node-local cache folder: rank 0 holds the 1-rank run's entries, rank 1
+    # an empty one) must still make one choice together: before, rank 0 read its cache and went on to the next
+    # collective while rank 1 waited in the extraction's gather, until the timeout.
+    fresh = tmp_path / "xdg_fresh"
+    (fresh / "catdog").mkdir(parents=True)
+    (fresh / "catdog" / "weights").symlink_to(pretrained.weights_dir())
+    run_dir = tmp_path / "disagree"
+    args = [*BASE, "model.image_size=96", f"data.dir={shards}", f"run.dir={run_dir}", "train.epochs=2"]
+    run_env_ranks(
+        [*args, "train.batch_size=16", "eval.batch_size=16"],
+        world=2,
+        port=port + 1,
+        timeout=300,
+        rank_envs=[{"XDG_CACHE_HOME": str(tmp_path / "xdg1")}, {"XDG_CACHE_HOME": str(fresh)}],
+    )
+    assert "features: train 64 x 2048 (extracted" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "final_metrics.json").read_text())["val/samples"] == 40

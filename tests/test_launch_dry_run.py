@@ -5,6 +5,7 @@ No cluster needed: the script comes from submitit's own SlurmExecutor, minus its
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -156,6 +157,29 @@ def test_time_formats():
         parse_time_minutes("2h")
 
 
+def test_unquoted_yaml_values_of_string_fields_are_read_as_written(tmp_path: Path):
+    # YAML 1.1 reads an unquoted 4:00:00 as the base-60 integer 14400: taken as minutes, that asked SLURM for ten
+    # days. `no` would be the boolean False. String fields keep the text as the file has it.
+    f = tmp_path / "res.yaml"
+    f.write_text("time: 4:00:00\nqos: no\npartition: gpu\nnodes: 2\n")
+    slurm = load_slurm_config(f)
+    assert (slurm.time, slurm.time_minutes(), slurm.qos, slurm.nodes) == ("4:00:00", 240, "no", 2)
+    f.write_text("time: 1:30\nsignal_delay_s: 30\n")  # SLURM's MM:SS: 90 seconds, not 90 minutes
+    assert load_slurm_config(f).time_minutes() == 2
+    f.write_text("time: '12:00:00'\n")
+    assert load_slurm_config(f).time_minutes() == 720
+    # A sweep's `no` for a string field is the word too (the override would have been `=False`).
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  train.mixed_precision: [no, bf16]\n  train.epochs: [3]\n")
+    points = [p.overrides for p in load_sweep(sweep).points]
+    assert points == [["train.mixed_precision=no", "train.epochs=3"], ["train.mixed_precision=bf16", "train.epochs=3"]]
+    assert load_config(None, [*points[0], "data.dir=x"]).train.mixed_precision == "no"
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text("data: {dir: x}\nrun: {name: 1e3}\ntrain: {mixed_precision: no}\n")
+    cfg = load_config(train_yaml)
+    assert (cfg.run.name, cfg.train.mixed_precision) == ("1e3", "no")
+
+
 def test_shipped_slurm_configs_and_sweeps_load():
     configs = sorted((ROOT / "configs" / "slurm").glob("*.yaml"))
     sweeps = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -200,6 +224,35 @@ def test_the_requeued_callable_resumes_automatically(tmp_path: Path):
     delayed = job.checkpoint()
     assert isinstance(delayed.function, SlurmTrainer) and delayed.function.config().train.resume == "auto"
     assert job.config().train.resume == "none"
+
+
+def test_a_checkpoint_path_is_copied_at_submission_so_a_requeue_continues_its_own_progress(tmp_path: Path):
+    """train.resume=PATH: SLURM reruns a requeued job as submitted; with the path it would go back to that
+    checkpoint and drop what it trained since. launch() copies it into the run dir and submits resume=auto."""
+    from train.checkpoint import STATE_NAME, pin_resume
+
+    def checkpoint(folder: Path, best: str = "") -> Path:
+        folder.mkdir(parents=True)
+        (folder / STATE_NAME).write_text(json.dumps({"best_checkpoint": best}))
+        (folder / "model.safetensors").write_bytes(b"weights")
+        return folder
+
+    other = tmp_path / "a" / "checkpoints"
+    checkpoint(other / "step_00000004")
+    src = checkpoint(other / "step_00000010", best="step_00000004")
+    run = tmp_path / "b"
+    copy = pin_resume(str(src), run)
+    assert copy == run / "checkpoints" / "step_00000010" and (copy / "model.safetensors").read_bytes() == b"weights"
+    assert (run / "checkpoints" / "step_00000004").is_dir()  # the best one too (early stopping refers to it)
+    assert pin_resume(str(src), run) == copy  # submitting again is fine
+    checkpoint(run / "checkpoints" / "step_00000020")  # the job trained on, then the user resubmits the path
+    with pytest.raises(ConfigError, match="already holds a newer checkpoint .step_00000020.*new run.dir"):
+        pin_resume(str(src), run)
+    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
+        pin_resume(str(tmp_path / "nothing"), run)
+    renamed = checkpoint(tmp_path / "mine")
+    with pytest.raises(ConfigError, match="step_NNNNNNNN"):
+        pin_resume(str(renamed), tmp_path / "c")
 
 
 def test_job_config_rejects_a_batch_that_does_not_split(train_yaml: Path):

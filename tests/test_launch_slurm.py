@@ -19,7 +19,16 @@ import pytest
 import submitit
 from launch_helpers import make_shards, tiny_config
 
-from launch.slurm import JobLostError, Submitted, check_resources, follow, job_config, job_states, launch
+from launch.slurm import (
+    JobLostError,
+    Submitted,
+    check_resources,
+    follow,
+    job_config,
+    job_states,
+    launch,
+    partition_nodes,
+)
 from launch.slurm_config import load_slurm_config
 from train.config import ConfigError
 
@@ -138,6 +147,30 @@ def test_two_task_training_job(slurm_cluster, train_yaml: Path, tmp_path: Path):
     status = cli("status", str(run), timeout=60)
     assert status.returncode == 0 and f"job      {job_id}  COMPLETED" in status.stdout
     assert re.search(r"val/accuracy\s+[0-9.]+", status.stdout)
+
+
+@pytest.mark.slow
+def test_a_job_submitted_with_a_checkpoint_path_resumes_its_copy_with_resume_auto(
+    slurm_cluster, train_yaml: Path, tmp_path: Path
+):
+    # Submitted as train.resume=PATH, a job that SLURM requeued by itself (node failure) would go back to PATH
+    # and drop what it trained since: the checkpoint is copied into the run dir at submission, and the job runs
+    # with resume=auto, so its requeues continue from its own newest checkpoint.
+    first = tmp_path / "first"
+    cmd = [sys.executable, "-m", "train", "--config", str(train_yaml), f"run.dir={first}", "train.epochs=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    src = sorted((first / "checkpoints").glob("step_*"))[-1]
+    run = tmp_path / "run"
+    args = ["--config", str(train_yaml), "--slurm-config", str(CPU_CLUSTER), f"run.dir={run}", f"train.resume={src}"]
+    res = cli("slurm", *args, "--wait")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    copy = run / "checkpoints" / src.name
+    assert f"train.resume={src}: the job resumes from {copy}" in res.stdout
+    assert "resume: auto" in (run / "submitted_config.yaml").read_text()
+    assert re.search(rf"resumed from {re.escape(str(copy))}: epoch 1, batch 0", (run / "train.log").read_text())
+    assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 2
+    assert src.is_dir()  # the other run's checkpoint is copied, never moved
 
 
 @pytest.mark.slow
@@ -270,14 +303,15 @@ def test_gpu_dry_run_says_what_cpus_per_task_it_assumed_from_the_real_sinfo(trai
     assert "# --cpus-per-task 8 (auto: ASSUMED, no node of the partition has 4 GPUs" in res.stdout, res.stdout[-800:]
 
 
-@pytest.fixture
-def empty_partition(slurm_cluster):
-    """A partition with no nodes on the real cluster, as sites keep for retired or moved hardware."""
-    name = "catdog_empty"
+def _scratch_partition(name: str, *settings: str):
+    """Create partition ``name`` on the real cluster for one test (skip, or fail in CI, without admin rights)."""
     delete = ["scontrol", "delete", f"PartitionName={name}"]
     subprocess.run(delete, capture_output=True, timeout=30)  # left over from an interrupted run, if any
     res = subprocess.run(
-        ["scontrol", "create", f"PartitionName={name}", "State=UP"], capture_output=True, text=True, timeout=30
+        ["scontrol", "create", f"PartitionName={name}", "State=UP", *settings],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     if res.returncode:
         msg = f"cannot create partition {name} (needs SLURM admin rights): {res.stderr.strip()}"
@@ -286,6 +320,30 @@ def empty_partition(slurm_cluster):
         pytest.skip(msg)
     yield name
     subprocess.run(delete, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def empty_partition(slurm_cluster):
+    """A partition with no nodes on the real cluster, as sites keep for retired or moved hardware."""
+    yield from _scratch_partition("catdog_empty")
+
+
+@pytest.fixture
+def hidden_partition(slurm_cluster):
+    """A Hidden partition (sinfo lists it only with -a, except to root; sbatch takes it), as sites keep for
+    special queues."""
+    yield from _scratch_partition("catdog_hidden", "Nodes=ALL", "Hidden=YES")
+
+
+def test_hidden_partitions_and_partition_lists_pass_the_preflight_check(hidden_partition: str):
+    # The check lists partitions with `sinfo -a`. (This test runs as root, who sees hidden partitions anyway.)
+    part, nodes = partition_nodes(hidden_partition)
+    node_names = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30).stdout
+    assert part == hidden_partition and [n.name for n in nodes] == sorted(set(node_names.split()))
+    part, nodes = partition_nodes(f"debug,{hidden_partition}")  # sbatch's list: the first that can run the job
+    assert part == f"debug,{hidden_partition}" and len(nodes) == 1  # the node is in both: listed once
+    with pytest.raises(ConfigError, match="partition 'nope' does not exist on this cluster"):
+        partition_nodes("debug,nope")
 
 
 def test_a_partition_without_nodes_is_a_clear_preflight_error(empty_partition: str):

@@ -11,10 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from data_shards import rewrite_member
 from PIL import Image
 from prep_helpers import as_unprivileged, make_tree, real_photos, small_jpeg
 from safetensors.torch import load_file
@@ -99,7 +101,10 @@ def test_bundle_torchscript_onnx_match_the_in_run_model(trained, capsys):
         got = load_classifier(model, device="cpu")(x)
         assert (got - reference).abs().max() <= 1e-4, model
         assert torch.equal(got.argmax(1), reference.argmax(1))
-    assert load_classifier(trained["run"] / "model.onnx", device="cpu").describe().endswith(", fp32")
+    onnx = load_classifier(trained["run"] / "model.onnx", device="cpu")
+    assert onnx.describe().endswith(", fp32")
+    # onnxruntime's default is a thread per core in every process; it takes the threads catdog gave torch.
+    assert onnx.session.get_session_options().intra_op_num_threads == torch.get_num_threads()
     with pytest.raises(BundleError, match="runs as exported"):
         load_classifier(trained["run"] / "model.onnx", device="cpu", precision="bf16")
 
@@ -279,6 +284,24 @@ def test_decode_workers_and_batch_follow_where_the_model_runs(trained):
     assert inference.runs_on_gpu(onnx_on_gpu) is True
 
 
+def test_device_typos_and_missing_gpus_are_one_clear_line(monkeypatch):
+    import train.inference as inference
+    from train.bundle import BundleError
+
+    for bad, message in (("gpu", "is not a device"), ("mps", "runs on cpu or cuda")):
+        with pytest.raises(BundleError, match=message):
+            inference.resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(BundleError, match="no CUDA device is available here"):
+            inference.resolve_device("cuda:0")
+    # MOCKED GPUs (none here): two visible devices, and the user asks for a third.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert inference.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(BundleError, match="has 2 CUDA device.s., cuda:0 to cuda:1"):
+        inference.resolve_device("cuda:2")
+
+
 def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):
     """The default config trains in bf16 where the CPU has it: catdog-evaluate's default (--precision auto) then
     scores in bf16 too and gets the trainer's validation numbers; --precision fp32 is the other, close, answer."""
@@ -347,6 +370,30 @@ def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (a.pop("processes"), b.pop("processes")) == (1, 2)
     assert a == b and a["samples"] == 8
+
+    # Shards with corrupt samples in batches of both ranks: the skip count is of samples, whatever the ranks.
+    shards = tmp_path / "shards"
+    shutil.copytree(trained["shards"], shards)
+    (val_shard,) = sorted(shards.glob("val-*.tar"))
+    with tarfile.open(val_shard) as t:
+        keys = sorted({Path(name).stem for name in t.getnames() if name.endswith(".jpg")})
+    for key in (keys[1], keys[4]):  # eval batches of 3: batch 0 goes to rank 0, batch 1 to rank 1
+        rewrite_member(val_shard, key, "jpg", b"\xff\xd8 not really a jpeg")
+    args = [trained["bundle"], shards, "--split", "val", "--batch-size", "3", "--workers", "0"]
+    one = cli("evaluation", *args, "--out", tmp_path / "one_shards")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [*launch, "-m", "train.evaluation", *map(str, args), "--out", str(tmp_path / "two_shards")],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-4000:]
+    for out in ("one_shards", "two_shards"):
+        m = json.loads((tmp_path / out / "metrics.json").read_text())
+        assert (m["samples"], m["skipped"], m["skipped_by_reason"]) == (6, 2, {"corrupt": 2}), out
+        rows = [json.loads(line) for line in (tmp_path / out / "skipped.jsonl").read_text().splitlines()]
+        assert rows == [
+            {"path": val_shard.name, "reason": "corrupt", "samples": 2, "detail": "2 corrupt sample(s) skipped"}
+        ]
 
 
 def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data, tmp_path, monkeypatch):

@@ -79,12 +79,16 @@ def final_weights(run_dir: Path) -> dict:
     return load_file(str(ckpts[-1] / "model.safetensors"))
 
 
-def run_env_ranks(overrides: list[str], *, world: int, port: int, timeout: int = 240) -> None:
+def run_env_ranks(
+    overrides: list[str], *, world: int, port: int, timeout: int = 240, rank_envs: list[dict] | None = None
+) -> list[str]:
     """Start `world` plain `python -m train` processes with the variables submitit's
-    TorchDistributedEnvironment().export() sets (no launcher): what a SLURM task runs."""
+    TorchDistributedEnvironment().export() sets (no launcher): what a SLURM task runs. ``rank_envs``: extra
+    variables per rank (ranks that see different things). Returns each rank's output."""
     procs = []
     for rank in range(world):
         rank_env = env(
+            **(rank_envs[rank] if rank_envs else {}),
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world),
@@ -110,3 +114,4 @@ def run_env_ranks(overrides: list[str], *, world: int, port: int, timeout: int =
                 p.kill()
     for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exit {p.returncode}\n{out[-6000:]}"
+    return outputs

@@ -173,6 +173,8 @@ def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, met
             "mixed_precision": cfg.train.mixed_precision,
             # What validation computed in (auto resolved), for predict/evaluate's --precision auto; "" if unknown.
             "precision": state.get("precision", ""),
+            # CUDA: the run's TF32 setting, so catdog-evaluate on a GPU computes as its validation did.
+            "tf32": cfg.train.tf32,
         },
         "metrics": metrics,
     }

@@ -34,10 +34,12 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import load as weights_only_load
+from accelerate.utils.constants import SCALER_NAME
 from safetensors.torch import save_file
 
 from data_prep.atomic import atomic_write_json
 from train.config import ConfigError
+from train.distributed import wait_for_everyone
 
 STATE_NAME = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -128,10 +130,10 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     # Every rank writes its own RNG file into the shared temp folder; the main process writes the rest.
     accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     if accelerator.is_main_process:
         for name, (tensors, metadata) in (extra or {}).items():
             save_file(tensors, str(tmp / name), metadata=metadata)
@@ -143,7 +145,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator)
     return final
 
 
@@ -183,6 +185,9 @@ def check_resumable(path: Path, state: TrainerState, current: dict) -> None:
         )
 
 
+_PRECISION_WORD = {"no": "fp32", "bf16": "bf16"}  # TrainerState.precision (Accelerate's names)
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     """Restore model/optimizer/RNG from ``path`` (weights_only loads) and return its TrainerState.
 
@@ -204,7 +209,20 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
                 f"wrote (tampered or corrupt), and is never unpickled. Delete {path} to resume from an older "
                 "checkpoint, or pass train.resume=none"
             ) from e
-    accelerator.load_state(str(path))
+    if getattr(accelerator, "scaler", None) is not None and not (path / SCALER_NAME).is_file():
+        # fp16 on a GPU keeps a loss scaler; a checkpoint trained in bf16 or fp32 has none, and Accelerate would
+        # fail on the missing file after loading the weights.
+        raise ConfigError(
+            f"cannot resume from {path} with train.mixed_precision=fp16: it was trained in "
+            f"{_PRECISION_WORD.get(state.precision, 'bf16 or fp32')} and holds no fp16 loss-scaler state "
+            f"({SCALER_NAME}); resume with train.mixed_precision={state.precision or 'bf16'} (or auto), or start over "
+            "with train.resume=none"
+        )
+    # map_location="cpu": with several GPU processes Accelerate would load optimizer.bin onto the GPU, and
+    # Optimizer.load_state_dict keeps each parameter's step counter where it was loaded (torch casts every other
+    # state to the parameter's device): AdamW then reads those CUDA steps with .item(), two host syncs per
+    # parameter per step, for the whole resumed run. From the CPU the counters stay on the CPU, as in a fresh run.
+    accelerator.load_state(str(path), map_location="cpu")
     return state
 
 
@@ -243,6 +261,33 @@ def start_over(run_dir: Path, stamp: str) -> Path | None:
     for path in present:
         path.rename(dest / path.name)
     return dest
+
+
+def pin_resume(resume: str, run_dir: Path) -> Path:
+    """``train.resume=PATH`` for a job that SLURM may requeue: copy the checkpoint into ``run_dir`` now (``adopt``)
+    and make sure it is the newest complete checkpoint there, so the job can run with ``resume=auto``.
+
+    A requeue (node failure, a preemption that requeues without a signal) reruns the job as submitted: with the
+    path it would go back to that checkpoint and drop everything trained since. Returns the copy.
+    """
+    path = Path(resume).expanduser().resolve()
+    root = run_dir / "checkpoints"
+    if not (path / STATE_NAME).is_file():
+        raise ConfigError(f"train.resume={resume!r} is not a complete checkpoint folder (no {STATE_NAME})")
+    if not _STEP_DIR.match(path.name):
+        raise ConfigError(
+            f"train.resume={resume!r}: a SLURM job resumes from catdog-train's own checkpoint folders "
+            "(checkpoints/step_NNNNNNNN); pass one of those"
+        )
+    step = int(_STEP_DIR.match(path.name).group(1))
+    newer = [p for p in complete_checkpoints(root) if int(_STEP_DIR.match(p.name).group(1)) > step]
+    if newer:
+        raise ConfigError(
+            f"train.resume={resume!r}: run.dir {run_dir} already holds a newer checkpoint ({newer[-1].name}), which a "
+            "requeued job would continue instead; use a new run.dir to continue from this checkpoint, or "
+            f"train.resume=auto to continue {newer[-1].name}"
+        )
+    return adopt(path, root)
 
 
 def adopt(path: Path, root: Path) -> Path:

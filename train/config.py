@@ -323,7 +323,7 @@ class Config:
             )
 
 
-def _field_type(dotted: str) -> type | None:
+def field_type(dotted: str) -> type | None:
     """The declared type of a dotted config key (``train.mixed_precision`` -> str), None if it is not a field."""
     cls: type = Config
     for part in dotted.split("."):
@@ -334,19 +334,33 @@ def _field_type(dotted: str) -> type | None:
     return cls
 
 
-def _unbool_strings(node: DictConfig, cls: type = None) -> None:
-    """In a YAML file, `mixed_precision: no` is the boolean False (YAML 1.1); a string field means the word."""
-    cls = cls or Config
+def strings_as_written(node: DictConfig, path: Path, cls: type) -> None:
+    """Give ``cls``'s string fields in ``node`` (``path`` as OmegaConf loaded it) what the user meant where YAML 1.1
+    read an unquoted value as something else: a number keeps its text (a SLURM ``time: 4:00:00`` is "4:00:00", not
+    the base-60 integer 14400 that went to sbatch as minutes; ``1e3`` is "1e3"), and a boolean word is "yes"/"no"
+    (``mixed_precision: no`` is False to YAML)."""
+    import yaml  # OmegaConf's own dependency
+
+    _restore_strings(node, yaml.compose(path.read_text(), Loader=yaml.SafeLoader), cls)
+
+
+def _restore_strings(node: DictConfig, ynode, cls: type) -> None:
+    import yaml
+
+    if not isinstance(ynode, yaml.MappingNode):
+        return
     hints = typing.get_type_hints(cls)
-    for key in list(node.keys()):
-        kind = hints.get(str(key))
-        if OmegaConf.is_missing(node, key):
+    loaded = OmegaConf.to_container(node, resolve=False)  # as OmegaConf read it; interpolations left alone
+    for ykey, yvalue in ynode.value:
+        if not isinstance(ykey, yaml.ScalarNode) or ykey.value not in loaded:
             continue
-        value = node[key]
+        kind, value = hints.get(ykey.value), loaded[ykey.value]
         if kind is str and isinstance(value, bool):
-            node[key] = "yes" if value else "no"
-        elif dataclasses.is_dataclass(kind) and isinstance(value, DictConfig):
-            _unbool_strings(value, kind)
+            node[ykey.value] = "yes" if value else "no"
+        elif kind is str and isinstance(value, (int, float)) and isinstance(yvalue, yaml.ScalarNode):
+            node[ykey.value] = yvalue.value
+        elif dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            _restore_strings(node[ykey.value], yvalue, kind)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -361,7 +375,7 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
     # `defaults: [other.yaml]` lets one YAML build on another (paths relative to the including file).
     bases = node.pop("defaults", [])
-    _unbool_strings(node)
+    strings_as_written(node, path, Config)
     merged = OmegaConf.create()
     for base in bases or []:
         merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(base)).resolve()))
@@ -381,7 +395,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
             key, _, raw = item.partition("=")
-            if _field_type(key.strip()) is str:
+            if field_type(key.strip()) is str:
                 # A string field takes the text as typed: YAML would turn `no`, `off`, `yes`... into booleans
                 # (train.mixed_precision=no would become 'False').
                 OmegaConf.update(schema, key.strip(), raw.strip().strip("'\""), merge=True)

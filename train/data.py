@@ -530,7 +530,7 @@ def _stats(counters: Counter, corrupt: Counter) -> dict:
     }
 
 
-def _dataloader(plan: _Plan, num_workers: int, *, persistent: bool, pin_memory: bool | None) -> DataLoader:
+def _dataloader(plan: _Plan, num_workers: int, *, persistent: bool, pin_memory: bool) -> DataLoader:
     """A DataLoader over ``plan``: persistent workers for loaders that serve many passes (training epochs, the
     validation split at every evaluation), so each pass does not pay for forking workers and pickling the
     shard indices to them again."""
@@ -544,8 +544,9 @@ def _dataloader(plan: _Plan, num_workers: int, *, persistent: bool, pin_memory: 
         batch_size=None,  # batches are built in the workers
         num_workers=workers,
         persistent_workers=persistent and workers > 0,
-        # Page-locked batches make the host-to-GPU copy asynchronous (the loop copies with non_blocking=True).
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        # Page-locked batches make the host-to-GPU copy asynchronous (the loop copies with non_blocking=True). Only
+        # for a model on a GPU: the pin thread would start CUDA (a context on GPU 0) in a CPU run on a GPU node.
+        pin_memory=pin_memory,
         # 2 batches ahead per worker: enough to hide decode jitter; each is a float32 batch in /dev/shm, and
         # with many auto workers (and the validation loader's, which persist) more would pin gigabytes per rank.
         prefetch_factor=2 if workers else None,
@@ -586,7 +587,7 @@ class TrainStream:
         rank: int,
         world_size: int,
         seed: int,
-        pin_memory: bool | None = None,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -705,6 +706,7 @@ def eval_loader(
     rank: int,
     world_size: int,
     with_keys: bool = False,
+    pin_memory: bool = False,
 ) -> Batches:
     """Every sample of ``split`` exactly once across ranks, in file order, no padding, no augmentation.
 
@@ -717,7 +719,7 @@ def eval_loader(
         cfg, info, split=split, batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size,
         with_keys=with_keys,
     )  # fmt: skip
-    loader = _dataloader(plan, cfg.workers(), persistent=False, pin_memory=None)
+    loader = _dataloader(plan, cfg.workers(), persistent=False, pin_memory=pin_memory)
     return Batches(loader, len(plan.batches), Counter(), Counter(), with_keys, plan.buffers)
 
 
@@ -725,7 +727,7 @@ class EvalSet:
     """``eval_loader``'s batches for a split evaluated again and again (validation after every epoch), from one
     DataLoader whose workers persist between evaluations."""
 
-    def __init__(self, cfg: DataConfig, info: DatasetInfo, *, pin_memory: bool | None = None, **plan_args):
+    def __init__(self, cfg: DataConfig, info: DatasetInfo, *, pin_memory: bool = False, **plan_args):
         self.cfg, self.info, self.pin_memory, self.plan_args = cfg, info, pin_memory, plan_args
         self._cached: tuple[list[ShardIndex], _Plan, DataLoader] | None = None
 

@@ -5,6 +5,7 @@
   or one GPU per task where the site binds GPUs to tasks).
 - ``convert_sync_batchnorm``: BatchNorm statistics over the global batch instead of each rank's slice.
 - ``StopFlag``: a preemption / time-limit signal turned into "every rank stops at the same step boundary".
+- ``wait_for_everyone``: a barrier on the rank's own GPU (Accelerate's picks cuda:<local rank>).
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ def apply_cuda_plan(plan: CudaPlan) -> None:
         os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
 
 
+def wait_for_everyone(acc) -> None:
+    """``acc.wait_for_everyone()`` on the GPU this rank trains on.
+
+    Accelerate's barrier names the device as ``device_ids=[local rank]`` (accelerate/state.py), and NCCL runs
+    it there: where each task sees one GPU (``CudaPlan.ddp_device_from_module``: every rank on cuda:0), local
+    rank 1 has no cuda:1 and dies at the first checkpoint with "invalid device ordinal" (accelerate#3775).
+    """
+    if acc.num_processes > 1 and acc.device.type == "cuda":
+        index = acc.device.index if acc.device.index is not None else torch.cuda.current_device()
+        dist.barrier(device_ids=[index])
+    else:
+        acc.wait_for_everyone()
+
+
 # --------------------------------------------------------------------------------------------- SyncBatchNorm
 
 
@@ -137,28 +152,59 @@ class StopFlag:
     """A signal (SLURM's USR2 before a time limit or a preemption) asks the run to stop; ``agreed()`` turns that
     into a decision every rank takes at the same optimizer step.
 
-    The handler only sets a flag: the loop finishes its step, and after each optimizer step all ranks OR their
-    flags with one all-reduce of one integer over a gloo group (a CPU round trip: it never waits for the GPU).
-    Any rank that got the signal stops them all, so they save one checkpoint together at that step.
+    While the training loop polls (between ``start_polling`` and ``stop_polling``) the handler only sets a flag: the
+    loop finishes its step, and after each optimizer step all ranks OR their flags with one all-reduce of one
+    integer over a gloo group (a CPU round trip: it never waits for the GPU). Any rank that got the signal stops
+    them all, so they save one checkpoint together at that step, and the launcher then calls ``hand_over()``.
+    Outside the loop nobody would look at the flag (start-up, feature extraction, the final test scoring and
+    model export), so a signal there goes straight to the handler it replaced (submitit's: checkpoint and
+    requeue now; the requeued job redoes that phase), as does one that arrived after the loop's last poll.
+    Swallowing it there would let SLURM kill the job at its time limit without a requeue.
     """
 
     def __init__(self) -> None:
         self.requested = False
         self.signum: int | None = None
+        self.polling = False
+        self._previous: dict[int, object] = {}
+        self._handed_over = False
         self._group = None
         self._ready = False
 
     def install(self, *signums: int) -> dict[int, object]:
-        """Handle ``signums`` by setting the flag; returns the handlers they replace (to chain to later)."""
-        previous = {}
+        """Handle ``signums`` as above; returns the handlers they replace (``hand_over`` chains to them)."""
         for s in signums:
-            previous[s] = signal.getsignal(s)
+            self._previous[s] = signal.getsignal(s)
             signal.signal(s, self._handle)
-        return previous
+        return dict(self._previous)
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.requested = True
         self.signum = signum
+        if not self.polling:
+            self.hand_over()
+
+    def start_polling(self) -> None:
+        """The training loop checks ``agreed()`` at every step boundary from now on."""
+        self.polling = True
+
+    def stop_polling(self) -> None:
+        """The loop is over: a signal it did not act on, or a later one, goes to the replaced handler."""
+        self.polling = False
+        if self.requested:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        """Run the handler the signal replaced (once; nothing when it was SIG_DFL/SIG_IGN). submitit's requeues
+        the job and exits on rank 0, and returns on the other ranks. Also when this rank got no signal itself:
+        the vote stops every rank when any one was signalled (nodes get it at slightly different times), and rank
+        0 must requeue all the same."""
+        signum = self.signum if self.signum is not None else next(iter(self._previous), None)
+        previous = self._previous.get(signum) if signum is not None else None
+        if self._handed_over or not callable(previous):
+            return
+        self._handed_over = True
+        previous(signum, None)
 
     def setup(self) -> None:
         """Collective, once, after the process group exists: a gloo group for the per-step vote."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -237,6 +238,26 @@ def _metric_collection(num_classes: int) -> tuple[MetricCollection, nn.Module]:
     return scalars, MulticlassROC(num_classes, thresholds=ROC_THRESHOLDS)
 
 
+@contextmanager
+def _counting_metrics():
+    """Metric updates with torch's deterministic-algorithms switch off (train.deterministic turns it on).
+
+    With it on, torchmetrics replaces ``bincount`` by a dense comparison table (torchmetrics/utilities/data.py):
+    for the 1,001-threshold ROC that is 4 x 1,001 x (batch x 1,001) integers, ~4 GB for a 128-image eval batch.
+    Unweighted ``bincount`` is deterministic anyway (torch's docs list only the weighted CUDA one), and these
+    updates only count: the metrics are the same, the training path keeps the switch.
+    """
+    if not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -275,9 +296,10 @@ def evaluate(
         count += len(y)
         probs = logits.softmax(1)
         scores = probs[:, 1] if num_classes == 2 else probs
-        scalars.update(scores, y)
-        roc.update(scores, y)
-        confusion.update(logits.argmax(1), y)
+        with _counting_metrics():
+            scalars.update(scores, y)
+            roc.update(scores, y)
+            confusion.update(logits.argmax(1), y)
     totals = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
     n = int(totals[1].item())
     out: dict = {f"{prefix}/loss": float(totals[0] / max(n, 1)), f"{prefix}/samples": n}

@@ -45,7 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="decode processes per process (default: 2 on CPU; on a GPU every CPU of the rank but one, at most 16)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (under accelerate launch: each rank's GPU)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda | cuda:N (one process; under accelerate launch each rank takes its own GPU)",
+    )
     p.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
@@ -89,10 +93,13 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    from train.bundle import BundleError
     from train.cpu_memory import keep_freed_memory
-    from train.inference import default_decode_workers, load_classifier, runs_on_gpu
+    from train.distributed import wait_for_everyone
+    from train.inference import default_decode_workers, load_classifier, resolve_device, runs_on_gpu
     from train.trainer import cpu_threads
 
+    resolve_device(args.device)  # a clear error for cuda without a GPU, or a GPU index this machine lacks
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu)
     if acc.device.type == "cpu":
@@ -100,7 +107,15 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
         torch.set_num_threads(cpu_threads())
         keep_freed_memory()  # large activations (InceptionV3) reuse the heap: train/cpu_memory.py
     try:
-        clf = load_classifier(args.model, device=str(acc.device), precision=args.precision, checkpoint=args.checkpoint)
+        device = str(acc.device)
+        if args.device.startswith("cuda:"):
+            if acc.num_processes > 1:
+                raise BundleError(
+                    f"--device {args.device} picks one GPU for one process; under accelerate launch each rank "
+                    "takes its own: pass --device cuda (or auto)"
+                )
+            device = args.device
+        clf = load_classifier(args.model, device=device, precision=args.precision, checkpoint=args.checkpoint)
         if args.workers is None:
             args.workers = default_decode_workers(runs_on_gpu(clf))
         source = _data_source(args, clf)
@@ -110,12 +125,12 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
         mistakes = gather_object(mistakes)
         skipped = gather_object(skipped)
         if not acc.is_main_process:
-            acc.wait_for_everyone()
+            wait_for_everyone(acc)
             return None
         try:
             return write_outputs(args, clf, records, mistakes, skipped, acc.num_processes)
         finally:
-            acc.wait_for_everyone()
+            wait_for_everyone(acc)
     finally:
         # Destroy the process group before the interpreter exits: a gloo group left to interpreter finalisation
         # can abort a rank ("terminate called without an active exception", SIGABRT) after its work is done.
@@ -201,22 +216,37 @@ def _consume(clf, x, y, ids, names, records, heap, k):
 def _run_shards(args, clf, info, rank: int, world: int):
     """The trainer's own eval reader over one split: every sample once across ranks, corrupt ones dropped."""
     from train.data import eval_loader
+    from train.inference import runs_on_gpu
 
     cfg = clf.data_config(dir=str(info.root), num_workers=args.workers, on_error="skip")
     batches = eval_loader(
         cfg, info, split=args.split, batch_size=args.batch_size, image_size=clf.image_size, rank=rank,
-        world_size=world, with_keys=True,
+        world_size=world, with_keys=True, pin_memory=runs_on_gpu(clf),
     )  # fmt: skip
     records, heap = [], []
     for x, y, keys in batches:
         names = [f"{args.split}/{key}" for key in keys]
         _consume(clf, x, y, names, names, records, heap, args.mistakes)
     stats = batches.stats()
-    skipped = [
-        {"path": shard, "reason": "corrupt", "detail": f"{n} corrupt sample(s) skipped"}
-        for shard, n in stats["corrupt_by_shard"].items()
-    ]
+    skipped = [{"path": shard, "reason": "corrupt", "samples": n} for shard, n in stats["corrupt_by_shard"].items()]
     return records, heap, skipped
+
+
+def _merge_corrupt(skipped: list[dict]) -> list[dict]:
+    """One row per shard with its corrupt-sample count summed over ranks (each rank counts the samples of its own
+    batches, so a shard's may be split across ranks); every other skip row is one input and stays as it is."""
+    per_shard: dict[str, int] = {}
+    rows = []
+    for s in skipped:
+        if "samples" in s:
+            per_shard[s["path"]] = per_shard.get(s["path"], 0) + s["samples"]
+        else:
+            rows.append(s)
+    shards = [
+        {"path": path, "reason": "corrupt", "samples": n, "detail": f"{n} corrupt sample(s) skipped"}
+        for path, n in sorted(per_shard.items())
+    ]
+    return shards + rows
 
 
 def _run_photos(args, clf, entries, rank: int, world: int):
@@ -352,13 +382,17 @@ def write_outputs(args, clf, records, mistakes, skipped, processes: int) -> dict
     metrics = compute_metrics(logits, labels, classes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    skipped = _merge_corrupt(skipped)
+    by_reason: dict[str, int] = {}
+    for s in skipped:  # samples, not rows: a corrupt-shard row stands for its count; the same for any process count
+        by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + s.get("samples", 1)
     result = {
         "model": clf.describe(),
         "data": str(args.data),
         "split": args.split,
         "processes": processes,
-        "skipped": len(skipped),
-        "skipped_by_reason": _count(s["reason"] for s in skipped),
+        "skipped": sum(by_reason.values()),
+        "skipped_by_reason": dict(sorted(by_reason.items())),
         **{k: v for k, v in metrics.items() if k not in ("roc", "pr", "reliability")},
     }
     atomic_write_json(out / "metrics.json", {**result, "curves": {k: metrics[k] for k in ("roc", "pr", "reliability")}})
@@ -378,12 +412,6 @@ def write_outputs(args, clf, records, mistakes, skipped, processes: int) -> dict
     top = sorted(mistakes, key=lambda m: (-m[0], str(m[1])))[: args.mistakes]  # gather_object concatenated the ranks
     _gallery(top, classes, Path(args.data), out)
     return result
-
-
-def _count(reasons) -> dict:
-    from collections import Counter
-
-    return dict(sorted(Counter(reasons).items()))
 
 
 def _pr_plot(pr: dict, classes: list[str], path: Path, title: str) -> None:

@@ -45,6 +45,7 @@ from train import checkpoint as ckpt
 from train import pretrained
 from train.config import Config, ConfigError
 from train.data import eval_loader
+from train.distributed import wait_for_everyone
 from train.engine import EpochTotals, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import INCEPTION_BLOCKS, build_model
 from train.precision import native_bf16
@@ -159,14 +160,26 @@ def _gather(acc: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) ->
     return feats[order], labels[order], [keys[i] for i in order]
 
 
+def _on_every_rank(acc: Accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank (a collective: every rank must call it)."""
+    if acc.num_processes == 1:
+        return flag
+    votes: list = [None] * acc.num_processes
+    torch.distributed.all_gather_object(votes, bool(flag))
+    return all(votes)
+
+
 def split_features(cfg: Config, info: DatasetInfo, model: nn.Module, acc: Accelerator, split: str) -> dict:
     """``{"features", "labels", "cached", "seconds"}`` for ``split``: from the cache, else extracted and cached."""
     t0 = time.perf_counter()
     # The precision make_accelerator resolved (auto -> bf16 only where native); never emulated here: slower.
-    bf16 = acc.mixed_precision == "bf16" and native_bf16(acc.device)
+    # Every rank must make the same two choices (extract or read the cache; bf16 or not): a rank that read the
+    # cache would go on to the next collective while the others wait in this split's gather. Ranks can see
+    # different things: a node-local cache folder, NFS attribute caching, a node of another GPU type.
+    bf16 = _on_every_rank(acc, acc.mixed_precision == "bf16" and native_bf16(acc.device))
     key, inputs = cache_key(cfg, info, split, bf16)
     path = features_dir() / f"{key}.safetensors"
-    if path.is_file():
+    if _on_every_rank(acc, path.is_file()):
         with safe_open(str(path), framework="pt") as f:
             out = {"features": f.get_tensor("features"), "labels": f.get_tensor("labels")}
         return out | {"cached": True, "seconds": time.perf_counter() - t0, "bf16": bf16, "path": path}
@@ -180,6 +193,7 @@ def split_features(cfg: Config, info: DatasetInfo, model: nn.Module, acc: Accele
         rank=acc.process_index,
         world_size=world,
         with_keys=True,
+        pin_memory=acc.device.type == "cuda",
     )
     feats, labels, keys = extract(model, batches, device=acc.device, bf16=bf16, channels_last=cfg.train.channels_last)
     feats, labels, keys = _gather(acc, feats, labels, keys)
@@ -195,7 +209,7 @@ def split_features(cfg: Config, info: DatasetInfo, model: nn.Module, acc: Accele
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    acc.wait_for_everyone()
+    wait_for_everyone(acc)
     seconds = time.perf_counter() - t0
     return {"features": feats, "labels": labels, "cached": False, "seconds": seconds, "bf16": bf16, "path": path}
 

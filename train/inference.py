@@ -139,6 +139,16 @@ class TorchClassifier(Classifier):
         super().__init__(meta, source)
         self.kind = kind
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if self.device.index is not None:
+                # The current device too: whatever is made on plain "cuda" (autocast's bf16 check, library scratch
+                # buffers) must not land on GPU 0 when the user picked another.
+                torch.cuda.set_device(self.device)
+            # TF32 as the run's validation had it (the trainer sets both; torch's defaults differ: matmuls off,
+            # convolutions on), so fp32 scores on Ampere+ GPUs are the validation's, not a rounding away. Process-wide
+            # flags: the CLIs run one model per process.
+            tf32 = bool(meta.get("training", {}).get("tf32", True))
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         self.channels_last = bool(meta["input"].get("channels_last")) or self.device.type == "cpu"
         self.model = model.to(self.device).eval()
         self.precision = resolve_precision(precision, meta, self.device)
@@ -191,10 +201,23 @@ class OnnxClassifier(Classifier):
 
 
 def resolve_device(device: str) -> str:
+    """``--device`` checked here, so a typo or a GPU this machine lacks is one clear line, not a CUDA traceback."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BundleError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise BundleError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise BundleError(f"--device {device!r}: catdog runs on cpu or cuda (auto picks)")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BundleError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BundleError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     return device
 
 
@@ -237,9 +260,20 @@ def load_classifier(
                 f"--precision bf16 applies to PyTorch and TorchScript models; {path} runs as exported (fp32)"
             )
         ort = onnxruntime_module()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        providers: list = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            # The GPU asked for (--device cuda:N, or this rank's under accelerate launch): onnxruntime's CUDA
+            # provider would take device 0 otherwise; torch's current device too (the loader's pin thread).
+            index = torch.device(device).index
+            if index is not None:
+                torch.cuda.set_device(index)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index if index is not None else 0}))
+        options = ort.SessionOptions()
+        # The threads this process may use, which catdog-predict / -evaluate give torch before loading the model
+        # (cores minus decode workers, or a rank's share); onnxruntime's default is every core, once per rank.
+        options.intra_op_num_threads = torch.get_num_threads()
         try:
-            session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BundleError(f"{path} is not a loadable ONNX model ({type(e).__name__}: {e})") from e
         text = session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
@@ -386,7 +420,7 @@ def image_loader(
         shuffle=False,
         num_workers=workers,
         prefetch_factor=4 if workers else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=runs_on_gpu(clf),  # not for a CPU model on a GPU host: pinning starts CUDA on GPU 0
     )
 
 

@@ -81,15 +81,28 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.info import InfoError
     from train.bundle import BundleError
     from train.inference import (  # torch only once the arguments are sane
+        CPU_DECODE_WORKERS,
         default_decode_workers,
         expand_inputs,
         load_classifier,
+        resolve_device,
         runs_on_gpu,
     )
 
     try:
+        device = resolve_device(args.device)
+        if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            # The decode workers take cores too: model threads + workers > cores makes OpenMP's barriers spin
+            # against each other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward).
+            # Before the model loads: an ONNX session takes its thread count when it is created.
+            import torch
+
+            from data_prep.prepare import default_workers
+
+            workers = CPU_DECODE_WORKERS if args.workers is None else args.workers
+            torch.set_num_threads(max(1, default_workers() - workers))
         clf = load_classifier(
-            args.model, device=args.device, precision=args.precision, checkpoint=args.checkpoint, fuse=True
+            args.model, device=device, precision=args.precision, checkpoint=args.checkpoint, fuse=True
         )
         entries, shard_dirs = expand_inputs(args.inputs)
     except (BundleError, InfoError) as e:
@@ -106,14 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         from train.cpu_memory import keep_freed_memory
 
         keep_freed_memory()
-    if on_cpu and not os.environ.get("OMP_NUM_THREADS"):
-        # The decode workers take cores too: model threads + workers > cores makes OpenMP's barriers spin against
-        # each other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward).
-        import torch
-
-        from data_prep.prepare import default_workers
-
-        torch.set_num_threads(max(1, default_workers() - args.workers))
     if not entries and not shard_dirs:
         return _fail(f"no images found in {' '.join(args.inputs)} (looked for image file extensions)", 2)
     try:
@@ -184,7 +189,7 @@ def _predict_shards(clf, root: Path, args, bar) -> list[Row]:
     """Every sample of every split in a catdog-prep folder, read as the trainer's evaluation reads them."""
     from data_prep.info import load_info
     from train.data import eval_loader
-    from train.inference import probabilities
+    from train.inference import probabilities, runs_on_gpu
 
     info = load_info(root)
     cfg = clf.data_config(dir=str(root), num_workers=args.workers, on_error="skip")
@@ -194,7 +199,7 @@ def _predict_shards(clf, root: Path, args, bar) -> list[Row]:
             continue
         batches = eval_loader(
             cfg, info, split=split, batch_size=args.batch_size, image_size=clf.image_size, rank=0, world_size=1,
-            with_keys=True,
+            with_keys=True, pin_memory=runs_on_gpu(clf),
         )  # fmt: skip
         for x, _, keys in batches:
             probs = probabilities(clf, x, args.tta).tolist()

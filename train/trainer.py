@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, extract_model_from_parallel, set_seed
 from safetensors.torch import load_file
 
 from data_prep.atomic import atomic_write_json, atomic_write_text
@@ -30,10 +30,17 @@ from data_prep.prepare import default_workers  # cores this process may use (aff
 from train import checkpoint as ckpt
 from train import plots, tracking
 from train.bundle import write_run_bundle
-from train.config import Config, ConfigError, auto_num_workers, local_world_size, save_config
+from train.config import Config, ConfigError, ModelConfig, auto_num_workers, local_world_size, save_config
 from train.cpu_memory import keep_freed_memory
 from train.data import EvalSet, TrainStream, eval_loader
-from train.distributed import CudaPlan, StopFlag, apply_cuda_plan, convert_sync_batchnorm, cuda_device_plan
+from train.distributed import (
+    CudaPlan,
+    StopFlag,
+    apply_cuda_plan,
+    convert_sync_batchnorm,
+    cuda_device_plan,
+    wait_for_everyone,
+)
 from train.ema import EMA_NAME, WeightEMA
 from train.engine import EpochTotals, StepInfo, evaluate, lr_at, scalar_metrics, train_one_epoch
 from train.models import build_model, new_parameter_prefixes
@@ -226,7 +233,7 @@ class Run:
 
     def eval_model(self) -> torch.nn.Module:
         """What validation and the test scoring evaluate: the EMA weights when train.ema is on, else the model's."""
-        return self.ema.module if self.ema is not None else self.acc.unwrap_model(self.model)
+        return self.ema.module if self.ema is not None else bare_module(self.model)
 
     def eval_split(self, split: str) -> dict:
         """Metrics of ``split``, each sample once across ranks. The validation split's loader keeps its workers."""
@@ -235,7 +242,13 @@ class Run:
         if split == self.cfg.data.val_split:
             batches = self.val.loader()
         else:  # the test split: scored once, at the end
-            batches = eval_loader(self.cfg.data, self.info, split=split, **eval_args(self.cfg, self.acc))
+            batches = eval_loader(
+                self.cfg.data,
+                self.info,
+                split=split,
+                pin_memory=self.acc.device.type == "cuda",
+                **eval_args(self.cfg, self.acc),
+            )
         return evaluate(
             unwrapped,
             batches,
@@ -281,6 +294,31 @@ class Run:
             self.plotted_at = now
 
 
+def check_aux_head(model: ModelConfig, world: int) -> None:
+    """InceptionV3's auxiliary head with ``aux_loss_weight=0``: nothing trains it, and DDP (without
+    find_unused_parameters, which costs a graph walk every step) fails on its gradient-less parameters at the second
+    step with an error that does not name the setting. Refused on several processes, a warning on one. (Checked
+    here, not when a config loads: bundles and run dirs from before still load.)"""
+    if not (model.name == "inception_v3" and model.aux_logits and model.aux_loss_weight == 0):
+        return
+    fix = "set model.aux_logits=false, or model.aux_loss_weight > 0"
+    if world > 1:
+        raise ConfigError(
+            f"model.aux_logits=true with model.aux_loss_weight=0 on {world} processes: DDP fails on the auxiliary "
+            f"head's parameters, which nothing trains; {fix}"
+        )
+    log.warning("model.aux_logits=true with model.aux_loss_weight=0: nothing trains the auxiliary head; %s", fix)
+
+
+def bare_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP and torch.compile wrappers. Not ``acc.unwrap_model(model)``: by default that returns
+    the compile wrapper (whose state-dict keys have an ``_orig_mod.`` prefix: loading the best weights for the
+    final test scoring failed) after re-pointing its ``_orig_mod`` from DDP to the bare module
+    (accelerate/utils/other.py), so the training model lost DDP's ``no_sync`` (gradient accumulation then
+    all-reduced every micro-batch)."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
 def eval_args(cfg: Config, acc: Accelerator) -> dict:
     world = acc.num_processes
     return {
@@ -298,9 +336,10 @@ def _jsonl(row: dict) -> str:
 def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     """Train (resuming from run.dir when it holds a checkpoint) and return the final metrics.
 
-    ``stop`` (SLURM jobs): when its signal arrives, every rank stops at the same step boundary, a checkpoint is
-    saved there, and main returns ``{"interrupted": True, ...}`` without scoring the test split; the launcher
-    then requeues the job, which resumes from that step.
+    ``stop`` (SLURM jobs): when its signal arrives during the training loop, every rank stops at the same step
+    boundary, a checkpoint is saved there, and main returns ``{"interrupted": True, ...}`` without scoring the test
+    split; the launcher then requeues the job, which resumes from that step. Before and after the loop (start-up,
+    feature extraction, the final scoring) the signal requeues at once (``StopFlag``).
     """
     info = load_info(cfg.data.dir)  # bad data is refused before anything is written
     check_train_split(info, cfg.data.train_split)
@@ -351,6 +390,8 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     _log_layout(run)
 
     interrupted = False
+    if run.stop is not None:
+        run.stop.start_polling()  # from here a signal stops the loop at a step boundary, with a checkpoint
     while not _done(run, state):
         interrupted = train_epoch(run, state)
         if interrupted:
@@ -368,6 +409,10 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
         )
         acc.end_training()
         return {"interrupted": True, "steps": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch}
+    if run.stop is not None:
+        # finish() does not poll: a signal from here on (or one after the loop's last poll) requeues at once, and
+        # the requeued job, finding training done, redoes finish() (it is idempotent).
+        run.stop.stop_polling()
     final = finish(run, state)
     acc.end_training()
     return final
@@ -425,6 +470,7 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
     # ranks as it would in one big batch. The data order comes from (seed, epoch, position), not from this RNG;
     # deterministic mode reseeds per batch from (seed, rank, epoch, batch) anyway.
     set_seed(cfg.train.seed, device_specific=True)
+    check_aux_head(cfg.model, world)
     if cfg.model.sync_bn and world > 1:
         model = convert_sync_batchnorm(model, acc.device)
     if cfg.train.channels_last:
@@ -433,9 +479,7 @@ def build(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | Non
     model, optimizer = acc.prepare(model, optimizer)
     # The average of the unwrapped module's tensors (the same objects DDP and the optimizer update in place).
     ema = (
-        WeightEMA(acc.unwrap_model(model), decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
-        if cfg.train.ema
-        else None
+        WeightEMA(bare_module(model), decay=cfg.train.ema_decay, warmup=cfg.train.ema_warmup) if cfg.train.ema else None
     )
     if cfg.train.compile:
         model = torch.compile(model)
@@ -591,7 +635,7 @@ def train_epoch(run: Run, state: ckpt.TrainerState) -> bool:
 
     def on_step(s: StepInfo) -> None:
         if run.ema is not None:  # after each optimizer step, before a checkpoint of this step saves it
-            run.ema.update(acc.unwrap_model(run.model))
+            run.ema.update(bare_module(run.model))
         if acc.is_main_process and cfg.train.log_every and s.step % cfg.train.log_every == 0:
             logged = {"train/loss_step": float(s.loss), "train/lr": s.lr, "train/images_per_s": s.images_per_s}
             acc.log(logged, step=s.step)
@@ -742,5 +786,5 @@ def finish(run: Run, state: ckpt.TrainerState) -> dict:
         acc.log({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step=state.step)
         log.info("final: %s", _fmt({k: v for k, v in final.items() if isinstance(v, (int, float))}))
         log.info("run dir: %s (plots in %s)", run.dir, run.dir / "plots")
-    acc.wait_for_everyone()
+    wait_for_everyone(acc)
     return final
