@@ -51,6 +51,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What `accelerate launch` would otherwise read from the user's ~/.cache/huggingface/accelerate/default_config.yaml
+# and apply to every launch but --cpu: its gpu_ids (replacing CUDA_VISIBLE_DEVICES), its distributed_type (a
+# MULTI_GPU default turns a 1-GPU run into a failing multi-GPU one; DEEPSPEED/FSDP are other launchers). catdog's
+# launches are plain DDP, so they name their own config; the command line's flags fill in the rest.
+_LAUNCH_CONFIG = """# written by catdog-launch local (launch/local.py); the command line sets num_processes, gpu_ids, port
+compute_environment: LOCAL_MACHINE
+distributed_type: {distributed_type}
+num_machines: 1
+machine_rank: 0
+gpu_ids: all
+mixed_precision: "no"
+use_cpu: false
+"""
+
+
+def launch_config_file(multi: bool) -> Path:
+    """catdog's own accelerate config for a local launch (one or several processes), in catdog's cache folder."""
+    from data_prep.atomic import atomic_write_text
+    from data_prep.fetch import cache_dir
+
+    text = _LAUNCH_CONFIG.format(distributed_type="MULTI_GPU" if multi else '"NO"')
+    path = cache_dir() / "accelerate" / ("local_multi.yaml" if multi else "local_single.yaml")
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
+
+
+def _ranks(train_cpu: bool, gpus: int | None, cpu_ranks: int | None, available_gpus: int) -> tuple[bool, int]:
+    """(on CPU, number of processes) of a local launch."""
+    on_cpu = cpu_ranks is not None or available_gpus == 0 or train_cpu
+    return on_cpu, (cpu_ranks or 1) if on_cpu else (gpus or available_gpus)
+
+
 def accelerate_command(
     config: str | os.PathLike,
     overrides: Sequence[str] = (),
@@ -81,9 +115,8 @@ def accelerate_command(
             f"--gpus {gpus}: only {available_gpus} GPU(s) visible here"
             + ("; use --cpu-ranks N to train on CPU" if available_gpus == 0 else "")
         )
-    on_cpu = cpu_ranks is not None or available_gpus == 0 or cfg.train.cpu
-    n = (cpu_ranks or 1) if on_cpu else (gpus or available_gpus)
-    cmd = [_accelerate_bin(), "launch", "--num_machines", "1"]
+    on_cpu, n = _ranks(cfg.train.cpu, gpus, cpu_ranks, available_gpus)
+    cmd = [_accelerate_bin(), "launch", "--config_file", str(launch_config_file(n > 1)), "--num_machines", "1"]
     # The trainer passes its precision to Accelerator() itself (which wins over this flag); `auto` is resolved
     # there, per device, so the launcher only needs a valid value to not warn about a missing one.
     precision = "no" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
@@ -124,7 +157,43 @@ def run_local(
         # One process, not gloo ranks: its torch threads already use every core, and N ranks would split those
         # cores N ways and add an all-reduce per step. Say so: users coming from multi-GPU expect ranks.
         print(NO_GPU_NOTE, file=sys.stderr, flush=True)
-    print(shlex.join(cmd), flush=True)
+    env = dict(os.environ)
+    on_cpu, n = _ranks(load_config(config, overrides).train.cpu, gpus, cpu_ranks, available)
+    if on_cpu and not env.get("OMP_NUM_THREADS"):
+        # torchrun sets OMP_NUM_THREADS=1 for several processes, and accelerate --cpu the machine's physical core
+        # count (ignoring taskset/cgroup limits); the trainer would take either as the user's choice. Each CPU
+        # rank gets its share of the CPUs this process may use (what the trainer's cpu_threads would pick).
+        from data_prep.prepare import default_workers
+
+        env["OMP_NUM_THREADS"] = str(max(1, default_workers() // n))
+    shown = [f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"] if on_cpu else []
+    print(shlex.join([*shown, *cmd]), flush=True)
     if dry_run:
         return 0
-    return subprocess.run(cmd).returncode
+    return run_forwarding_signals(cmd, env)
+
+
+def run_forwarding_signals(cmd: Sequence[str], env: dict) -> int:
+    """Run ``cmd`` to the end, passing SIGINT / SIGTERM / SIGHUP on to it, and return its exit code.
+
+    `accelerate launch` hosts torchrun's agent, which stops its ranks gracefully on those signals (SIGINT or SIGTERM
+    to every rank, SIGKILL after 30 s). subprocess.run would SIGKILL it 0.25 s after a Ctrl-C, and torchrun starts
+    the ranks in sessions of their own, so they went on running as orphans holding their GPUs; a `kill` of this
+    process never reached them at all. The child runs in its own session, so a terminal's Ctrl-C reaches it once,
+    through here.
+    """
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def forward(signum, frame):  # noqa: ARG001 - signal handler signature
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in forwarded}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

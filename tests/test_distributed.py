@@ -151,6 +151,15 @@ def test_a_signal_outside_the_training_loop_goes_to_the_previous_handler_at_once
         unsignalled.hand_over()  # ... must still requeue the job
         assert seen == [signal.SIGUSR2] * 3
 
+        forked = StopFlag()  # a DataLoader worker forked from the rank inherits the handler; SLURM signals it too
+        forked.install(signal.SIGUSR2)
+        pid = os.fork()
+        if pid == 0:  # the worker: nothing may happen here (no requeue from a worker)
+            os.kill(os.getpid(), signal.SIGUSR2)
+            os._exit(0 if seen == [signal.SIGUSR2] * 3 and not forked.requested else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert seen == [signal.SIGUSR2] * 3 and not forked.requested
+
         plain = StopFlag()  # no handler to chain to (SIG_DFL would kill the process): the flag only
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
         plain.install(signal.SIGUSR2)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,14 +133,67 @@ def test_real_run_with_two_cpu_ranks(real_data: Path, tmp_path: Path, port: int)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch", "local", "--config", str(cfg), "--cpu-ranks", "2", "--port", str(port)]
     # bf16 typed explicitly: honoured on both ranks, and where this CPU would emulate it, warned once (not per rank).
+    # The user's own accelerate default config, as `accelerate config` writes it on a 1-GPU box: accelerate would
+    # apply it to every launch but --cpu (gpu_ids "0" made a 2-process run fail, "Less than two GPU ids").
+    hf = tmp_path / "hf" / "accelerate"
+    hf.mkdir(parents=True)
+    (hf / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: '0'\nnum_processes: 1\n"
+    )
     res = subprocess.run(
-        [*cmd, f"run.dir={run}", "train.mixed_precision=bf16"], capture_output=True, text=True, timeout=300
+        [*cmd, f"run.dir={run}", "train.mixed_precision=bf16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf")},
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     printed = res.stdout.splitlines()[0]  # the command comes first, before the trainer's output
+    assert printed.startswith("OMP_NUM_THREADS=")  # each CPU rank's share of the cores (torchrun would say 1)
     assert " launch " in printed and "--num_processes 2" in printed and "--mixed_precision bf16" in printed
     assert printed.endswith(f"run.dir={run} train.mixed_precision=bf16 train.cpu=true")
     warned = res.stderr.count("WARNING train.mixed_precision=bf16 on cpu")  # cpu or cpu:0 as Accelerate names it
     assert warned == (0 if cpu_has_bf16() else 1), res.stderr[-3000:]
     assert "on 2 process(es) (MULTI_CPU" in (run / "train.log").read_text()  # two gloo ranks, not one
     assert json.loads((run / "final_metrics.json").read_text())["epochs_completed"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_ranks_too(real_data: Path, tmp_path: Path, port: int):
+    """SIGINT to catdog-launch reaches the ranks through accelerate's torchrun agent. Before, subprocess.run killed
+    accelerate 0.25 s after it and the ranks (in sessions of their own) went on training as orphans."""
+    cfg = tiny_config(tmp_path / "tiny.yaml", make_shards(real_data, tmp_path), backends="[csv]")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", "local", "--config", str(cfg), "--cpu-ranks", "2", "--port", str(port)]
+    launcher = subprocess.Popen(
+        [*cmd, f"run.dir={run}", "train.epochs=500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.csv").is_file() or len((run / "metrics.csv").read_text().splitlines()) < 3:
+            assert time.time() < deadline and launcher.poll() is None, "training did not start"
+            time.sleep(0.5)
+        assert len(_ranks_of(run)) == 2
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=120)
+        deadline = time.time() + 60
+        while _ranks_of(run) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _ranks_of(run) == []  # no rank left behind
+    finally:
+        launcher.kill()
+        for pid in _ranks_of(run):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _ranks_of(run: Path) -> list[int]:
+    """PIDs of the `python -m train ... run.dir=<run>` processes (the ranks)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in argv and b"launch" not in argv and f"run.dir={run}".encode() in argv:  # not accelerate
+            pids.append(int(proc.name))
+    return pids

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from data_shards import rewrite_member, tiny_jpegs, write_shards
-from train_helpers import TINY, make_shards, run_train, run_train_failing
+from train_helpers import ROOT, TINY, env, make_shards, run_train, run_train_failing, train_cmd
 
 
 def test_empty_train_split_is_one_clear_line(tmp_path, real_data):
@@ -43,3 +44,36 @@ def test_missing_val_split_fails_before_training(tmp_path, real_data):
     # ... and naming it works.
     run_train([f"data.dir={shards}", f"run.dir={run_dir}", *TINY, "data.val_split=validation", "train.epochs=1"])
     assert json.loads((run_dir / "final_metrics.json").read_text())["val/samples"] == 11
+
+
+def test_ranks_reading_different_shard_indexes_stop_with_one_line(tmp_path, real_data, port):
+    """Datasets copied to node-local disks: a node with a stale copy has other shard lengths, so its rank would
+    run another number of steps and hang the rest in a collective. Two real gloo ranks, data.dir from each rank's
+    environment (as a per-node path would be), stop at start-up instead."""
+    same = make_shards(real_data, tmp_path / "a")
+    stale = tmp_path / "b"
+    write_shards(stale, tiny_jpegs(real_data, 12), {"train": [4, 4], "val": [4]})
+    run = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            train_cmd(["data.dir=${oc.env:CATDOG_TEST_SHARDS}", f"run.dir={run}", *TINY]),
+            cwd=ROOT,
+            env=env(
+                CATDOG_TEST_SHARDS=str(shards),
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),  # fmt: skip
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, shards in enumerate((same, stale))
+    ]
+    errors = [p.communicate(timeout=180)[1] for p in procs]
+    for p, err in zip(procs, errors, strict=True):
+        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+        line = next(x for x in err.splitlines() if x.startswith("catdog-train:"))
+        assert "the ranks read different shard indexes (_info.json): rank 1 on" in line, line

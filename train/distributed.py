@@ -167,18 +167,24 @@ class StopFlag:
         self.signum: int | None = None
         self.polling = False
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
         self._handed_over = False
         self._group = None
         self._ready = False
 
     def install(self, *signums: int) -> dict[int, object]:
         """Handle ``signums`` as above; returns the handlers they replace (``hand_over`` chains to them)."""
+        self._pid = os.getpid()
         for s in signums:
             self._previous[s] = signal.getsignal(s)
             signal.signal(s, self._handle)
         return dict(self._previous)
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if os.getpid() != self._pid:
+            # A forked DataLoader worker inherits this handler, and SLURM signals every process of the job step:
+            # only the rank itself may act (a worker running submitit's handler would requeue the job from there).
+            return
         self.requested = True
         self.signum = signum
         if not self.polling:

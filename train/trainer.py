@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -21,7 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, extract_model_from_parallel, set_seed
+from accelerate.utils import (
+    ProjectConfiguration,
+    broadcast_object_list,
+    extract_model_from_parallel,
+    gather_object,
+    set_seed,
+)
 from safetensors.torch import load_file
 
 from data_prep.atomic import atomic_write_json, atomic_write_text
@@ -294,6 +301,25 @@ class Run:
             self.plotted_at = now
 
 
+def check_same_data(acc: Accelerator, info: DatasetInfo) -> None:
+    """Every rank must read the same shard index: each derives its batches per epoch and the epoch order from its
+    own ``_info.json``, and a rank on a node with a stale copy (datasets copied to node-local disks) would run a
+    different number of steps and hang the others in a collective. One gather of a digest at start-up."""
+    if acc.num_processes == 1:
+        return
+    digest = hashlib.sha256(
+        json.dumps([info.classes, [s.to_json() for s in info.splits.values()]], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    seen = gather_object([(digest, acc.process_index, socket.gethostname())])
+    if len({d for d, _, _ in seen}) > 1:
+        first = seen[0][0]
+        odd = [f"rank {r} on {host}" for d, r, host in seen if d != first]
+        raise ConfigError(
+            f"data.dir={info.root}: the ranks read different shard indexes ({INFO_NAME}): {', '.join(odd)} "
+            f"differ(s) from rank 0 on {seen[0][2]}. Give every node the same copy of the shards"
+        )
+
+
 def check_aux_head(model: ModelConfig, world: int) -> None:
     """InceptionV3's auxiliary head with ``aux_loss_weight=0``: nothing trains it, and DDP (without
     find_unused_parameters, which costs a graph walk every step) fails on its gradient-less parameters at the second
@@ -349,6 +375,7 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(cfg, run_dir)
+    check_same_data(acc, info)
     # Before the loaders fork their workers, so they inherit it (train/cpu_memory.py: ~10 % a step on CPU).
     alloc_note = keep_freed_memory() if acc.device.type == "cpu" else None
     start_note = decide_start(cfg, acc)  # before logging opens run.dir/train.log: a start-over moves files
