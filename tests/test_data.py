@@ -479,3 +479,30 @@ def test_member_index_matches_tarfile_for_every_tar_format(tmp_path, photos, fmt
             key, ext = m.name.split(".")
             offset, size = index.members[key][ext]
             assert (offset, size) == (m.offset_data, m.size)
+
+
+def test_reads_survive_short_reads_and_a_stale_descriptor(tmp_path, real_data, monkeypatch):
+    """MOCKED network filesystem (none here): preadv returning a few bytes at a time, and an NFS-style ESTALE on a
+    descriptor kept open. Every sample still decodes; the failed descriptor is replaced, not reused."""
+    import errno
+    import os
+
+    write_shards(tmp_path, tiny_jpegs(real_data, 6), {"train": [6]})
+    info = load_info(tmp_path)
+    reader = data_mod._Reader([index_shard(p) for p in info.shard_paths("train")], info.num_classes)
+    expected = [reader.load(0, i) for i in range(6)]
+    real_preadv, real_open, calls, opened = os.preadv, os.open, [], []
+
+    def network_fs(fd, buffers, offset):
+        calls.append(fd)
+        if len(calls) == 1:  # the descriptor kept open since the reads above went stale
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real_preadv(fd, [memoryview(buffers[0])[:100]], offset)  # at most 100 bytes a call
+
+    monkeypatch.setattr(os, "preadv", network_fs)
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    for i, (image, label) in enumerate(expected):
+        got, got_label = reader.load(0, i)
+        assert torch.equal(got, image) and got_label == label
+    assert len(opened) == 1 and len(calls) > 12  # the shard opened again once, then read 100 bytes at a time
+    reader.close()

@@ -209,6 +209,17 @@ def index_shard(path: Path) -> ShardIndex:
     return index
 
 
+def _pread_exactly(fd: int, offset: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    view, done = memoryview(buf), 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"short read: the file ends at offset {offset + done}, {size - done} bytes early")
+        done += n
+    return buf
+
+
 class _Reader:
     """Per-process sample reader: shard indices plus an LRU of open file descriptors."""
 
@@ -223,7 +234,7 @@ class _Reader:
             os.close(fd)
         self.fds.clear()
 
-    def _read(self, shard: int, offset: int, size: int) -> bytearray:
+    def _fd(self, shard: int) -> int:
         fd = self.fds.get(shard)
         if fd is None:
             fd = os.open(self.indices[shard].path, os.O_RDONLY)
@@ -232,10 +243,21 @@ class _Reader:
                 os.close(self.fds.popitem(last=False)[1])
         else:
             self.fds.move_to_end(shard)
-        buf = bytearray(size)
-        if os.preadv(fd, [buf], offset) != size:
-            raise OSError(f"short read at offset {offset}")
-        return buf
+        return fd
+
+    def _read(self, shard: int, offset: int, size: int) -> bytearray:
+        """``size`` bytes at ``offset``. Network filesystems may return fewer bytes than asked (read on), or fail a
+        descriptor kept open across a server hiccup (NFS's ESTALE): that descriptor is closed and the shard
+        opened again once, so one error does not turn every later sample of the shard into a corrupt one."""
+        for attempt in (1, 2):
+            fd = self._fd(shard)
+            try:
+                return _pread_exactly(fd, offset, size)
+            except OSError:
+                os.close(self.fds.pop(shard))
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def key(self, shard: int, member: int) -> str:
         keys = self.indices[shard].keys
