@@ -174,26 +174,43 @@ def run_local(
 
 
 def run_forwarding_signals(cmd: Sequence[str], env: dict) -> int:
-    """Run ``cmd`` to the end, passing SIGINT / SIGTERM / SIGHUP on to it, and return its exit code.
+    """Run ``cmd`` to the end, passing the terminal's and `kill`'s signals on to it; its exit code (128 + N when a
+    signal N ended it, as a shell reports).
 
-    `accelerate launch` hosts torchrun's agent, which stops its ranks gracefully on those signals (SIGINT or SIGTERM
-    to every rank, SIGKILL after 30 s). subprocess.run would SIGKILL it 0.25 s after a Ctrl-C, and torchrun starts
-    the ranks in sessions of their own, so they went on running as orphans holding their GPUs; a `kill` of this
-    process never reached them at all. The child runs in its own session, so a terminal's Ctrl-C reaches it once,
-    through here.
+    `accelerate launch` hosts torchrun's agent, which stops its ranks gracefully on SIGINT/SIGTERM (the signal to
+    every rank, SIGKILL 30 s later); a one-process launch runs the trainer as its plain child. subprocess.run would
+    SIGKILL accelerate 0.25 s after a Ctrl-C, and torchrun starts the ranks in sessions of their own, so they went
+    on training as orphans holding their GPUs; a `kill` of this process never reached them. So the command runs in
+    a session of its own, and each signal goes to its whole process group (accelerate and a one-process trainer;
+    torchrun's ranks hear it from the agent) -- once, whether it came from the terminal or from `kill`. Ctrl-Z
+    stops that group (SIGSTOP: an orphaned group discards SIGTSTP) and `fg`/`bg` continue it. A signal ignored
+    when this started (nohup, a script's background job) stays ignored for the command too.
     """
     import signal
 
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    child: list[subprocess.Popen] = []
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        if child and child[0].poll() is None:
+            os.killpg(child[0].pid, signum)
 
-    previous = {s: signal.signal(s, forward) for s in forwarded}
+    def stop(signum, frame):  # noqa: ARG001
+        if child and child[0].poll() is None:
+            os.killpg(child[0].pid, signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # this process stops here until the shell continues it
+        signal.signal(signal.SIGTSTP, stop)
+        if child and child[0].poll() is None:
+            os.killpg(child[0].pid, signal.SIGCONT)
+
+    handlers = {signal.SIGINT: forward, signal.SIGTERM: forward, signal.SIGHUP: forward, signal.SIGQUIT: forward}
+    handlers[signal.SIGTSTP] = stop
+    # Installed before the child starts: a Ctrl-C in between must not orphan it.
+    previous = {s: signal.signal(s, h) for s, h in handlers.items() if signal.getsignal(s) is not signal.SIG_IGN}
     try:
-        return proc.wait()
+        child.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        rc = child[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return 128 - rc if rc < 0 else rc

@@ -56,7 +56,7 @@ def test_ranks_reading_different_shard_indexes_stop_with_one_line(tmp_path, real
     run = tmp_path / "run"
     procs = [
         subprocess.Popen(
-            train_cmd(["data.dir=${oc.env:CATDOG_TEST_SHARDS}", f"run.dir={run}", *TINY]),
+            train_cmd(["data.dir=${oc.env:CATDOG_TEST_SHARDS}", f"run.dir={run}", *TINY, "train.cpu=true"]),
             cwd=ROOT,
             env=env(
                 CATDOG_TEST_SHARDS=str(shards),
@@ -72,7 +72,11 @@ def test_ranks_reading_different_shard_indexes_stop_with_one_line(tmp_path, real
         )
         for rank, shards in enumerate((same, stale))
     ]
-    errors = [p.communicate(timeout=180)[1] for p in procs]
+    try:
+        errors = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, err in zip(procs, errors, strict=True):
         assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
         line = next(x for x in err.splitlines() if x.startswith("catdog-train:"))

@@ -307,9 +307,8 @@ def check_same_data(acc: Accelerator, info: DatasetInfo) -> None:
     different number of steps and hang the others in a collective. One gather of a digest at start-up."""
     if acc.num_processes == 1:
         return
-    digest = hashlib.sha256(
-        json.dumps([info.classes, [s.to_json() for s in info.splits.values()]], sort_keys=True).encode()
-    ).hexdigest()[:16]
+    splits = {name: s.to_json() for name, s in info.splits.items()}
+    digest = hashlib.sha256(json.dumps([info.classes, splits], sort_keys=True).encode()).hexdigest()[:16]
     seen = gather_object([(digest, acc.process_index, socket.gethostname())])
     if len({d for d, _, _ in seen}) > 1:
         first = seen[0][0]
