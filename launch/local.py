@@ -183,25 +183,36 @@ def run_forwarding_signals(cmd: Sequence[str], env: dict) -> int:
     on training as orphans holding their GPUs; a `kill` of this process never reached them. So the command runs in
     a session of its own, and each signal goes to its whole process group (accelerate and a one-process trainer;
     torchrun's ranks hear it from the agent) -- once, whether it came from the terminal or from `kill`. Ctrl-Z
-    stops that group (SIGSTOP: an orphaned group discards SIGTSTP) and `fg`/`bg` continue it. A signal ignored
-    when this started (nohup, a script's background job) stays ignored for the command too.
+    stops that group (SIGSTOP: an orphaned group discards SIGTSTP) and `fg`/`bg` continue it: a one-process
+    trainer with it, but not torchrun's ranks, which run in sessions of their own and train on while the launch
+    is stopped (as under a plain `accelerate launch`). A signal ignored when this started (nohup, a script's
+    background job) stays ignored for the command too.
     """
     import signal
 
     child: list[subprocess.Popen] = []
+    pending: list[int] = []  # signals that came while the child was still starting
+
+    def to_group(signum: int) -> None:
+        try:
+            os.killpg(child[0].pid, signum)
+        except ProcessLookupError:  # it has exited (reaped between two signals)
+            pass
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
-        if child and child[0].poll() is None:
-            os.killpg(child[0].pid, signum)
+        if child:
+            to_group(signum)
+        else:
+            pending.append(signum)
 
     def stop(signum, frame):  # noqa: ARG001
-        if child and child[0].poll() is None:
-            os.killpg(child[0].pid, signal.SIGSTOP)
+        if child:
+            to_group(signal.SIGSTOP)
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTSTP)  # this process stops here until the shell continues it
         signal.signal(signal.SIGTSTP, stop)
-        if child and child[0].poll() is None:
-            os.killpg(child[0].pid, signal.SIGCONT)
+        if child:
+            to_group(signal.SIGCONT)
 
     handlers = {signal.SIGINT: forward, signal.SIGTERM: forward, signal.SIGHUP: forward, signal.SIGQUIT: forward}
     handlers[signal.SIGTSTP] = stop
@@ -209,6 +220,8 @@ def run_forwarding_signals(cmd: Sequence[str], env: dict) -> int:
     previous = {s: signal.signal(s, h) for s, h in handlers.items() if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         child.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        for signum in pending:
+            to_group(signum)
         rc = child[0].wait()
     finally:
         for s, handler in previous.items():

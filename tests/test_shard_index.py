@@ -137,3 +137,20 @@ def test_rerun_over_finished_output_restores_a_missing_index(prepped: Path, tmp_
     assert summary["status"] == "up_to_date"
     assert "wrote the member index of 1 shard(s) that had none (or a stale one)" in lines
     assert index_path(shard).read_bytes() == before  # the same bytes the writer produced
+
+
+def test_member_names_that_are_not_utf8_are_indexed(tmp_path: Path):
+    """tarfile hands a latin-1 GNU long name over with lone surrogates; the numpy key table must take it back."""
+    import io
+    import tarfile
+
+    path = tmp_path / "latin1.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for ext, data in (("jpg", b"\xff\xd8"), ("cls", b"1")):
+            info = tarfile.TarInfo("caf\xe9_" + "x" * 120 + f".{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data_mod._INDEX_CACHE.clear()
+    index = index_shard(path)
+    assert not index.error and index.num_samples == 1 and index.key(0).startswith("caf\udce9_")
+    assert index.span("cls", 0)[1] == 1 and index.span("json", 0) is None

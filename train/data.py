@@ -172,7 +172,7 @@ class ShardIndex:
         return len(self.key_bytes)
 
     def key(self, i: int) -> str:
-        return self.key_bytes[i].decode()
+        return self.key_bytes[i].decode(errors="surrogateescape")
 
     def span(self, ext: str, i: int) -> tuple[int, int] | None:
         """(offset, size) of sample ``i``'s ``ext`` member, None when it has none."""
@@ -184,7 +184,7 @@ class ShardIndex:
     @property
     def keys(self) -> tuple[str, ...]:
         """All keys (for tools and tests; the reader asks ``key(i)``)."""
-        return tuple(k.decode() for k in self.key_bytes)
+        return tuple(k.decode(errors="surrogateescape") for k in self.key_bytes)
 
     @property
     def members(self) -> dict[str, dict[str, tuple[int, int]]]:
@@ -211,7 +211,8 @@ def _shard_index(path: Path, found: list[tuple[str, int, int]], error: str, sour
         for i, offset, size in items:
             table[i] = (offset, size)
         spans[ext] = table
-    keys = np.array([k.encode() for k in order], dtype=bytes) if order else np.zeros(0, dtype="S1")
+    # surrogateescape: tarfile hands non-UTF-8 names over as lone surrogates; they must round-trip, not raise.
+    keys = np.array([k.encode(errors="surrogateescape") for k in order], dtype=bytes) if order else np.zeros(0, "S1")
     return ShardIndex(path, keys, spans, error, source)
 
 
@@ -306,7 +307,10 @@ class _Reader:
             try:
                 return _pread_exactly(fd, offset, size)
             except OSError:
-                os.close(self.fds.pop(shard))
+                try:
+                    os.close(self.fds.pop(shard))
+                except OSError:  # closing a descriptor the server already dropped can fail too
+                    pass
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
