@@ -171,7 +171,13 @@ def test_ctrl_c_stops_the_ranks_too(real_data: Path, tmp_path: Path, port: int, 
         cmd += ["--cpu-ranks", str(ranks)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU anywhere: one CPU process when ranks == 1
     launcher = subprocess.Popen(
-        [*cmd, f"run.dir={run}", "train.epochs=500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        [*cmd, f"run.dir={run}", "train.epochs=100000"],  # never ends by itself
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        # As from an interactive terminal: a shell starts background jobs (CI may run this suite as one) with
+        # SIGINT ignored, and catdog-launch rightly keeps an ignored signal ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 240
