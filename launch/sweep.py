@@ -52,6 +52,35 @@ class Sweep:
     config: Path | None  # the training YAML the sweep is meant for, if the file names one
 
 
+def _as_written(key: str, value: Any, text: str | None) -> Any:
+    """A number YAML 1.1 read for a string field (`run.name: 1e3` -> 1000.0) goes on as the text written."""
+    if text is not None and field_type(key) is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return text
+    return value
+
+
+def _written_text(path: Path) -> dict:
+    """The sweep's plain scalars as written: ``{"grid": {key: [text, ...]}, "points": [{key: text}, ...]}``."""
+    import yaml  # OmegaConf's own dependency
+
+    def text(node) -> str | None:
+        return node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
+
+    def mapping(node) -> dict:
+        if not isinstance(node, yaml.MappingNode):
+            return {}
+        return {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+
+    doc = mapping(yaml.compose(path.read_text(), Loader=yaml.SafeLoader))
+    out: dict = {}
+    grid = mapping(doc.get("grid"))
+    out["grid"] = {k: [text(v) for v in node.value] for k, node in grid.items() if isinstance(node, yaml.SequenceNode)}
+    points = doc.get("points")
+    if isinstance(points, yaml.SequenceNode):
+        out["points"] = [{k: text(v) for k, v in mapping(p).items()} for p in points.value]
+    return out
+
+
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """The points of a sweep file, in order; fails naming the file and key on a malformed sweep."""
     path = Path(path)
@@ -68,6 +97,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     config = (path.parent / str(raw.pop("config"))).resolve() if "config" in raw else None
     if len(raw) != 1:
         raise ConfigError(f"sweep file {path} must hold exactly one of `grid:` or `points:`")
+    written = _written_text(path)
     if "grid" in raw:
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -75,12 +105,18 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: grid key {key!r} needs a non-empty list of values, got {values!r}")
+            texts = written.get("grid", {}).get(key, [])
+            grid[key] = [_as_written(key, v, texts[i] if i < len(texts) else None) for i, v in enumerate(values)]
         combos = [list(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
     else:
         points = raw["points"]
         if not isinstance(points, list) or not points or not all(isinstance(p, dict) and p for p in points):
             raise ConfigError(f"{path}: `points:` must be a non-empty list of key: value mappings")
-        combos = [list(p.items()) for p in points]
+        texts = written.get("points", [])
+        combos = [
+            [(k, _as_written(k, v, (texts[i] if i < len(texts) else {}).get(k))) for k, v in p.items()]
+            for i, p in enumerate(points)
+        ]
     out = []
     for i, items in enumerate(combos):
         if any(k == "run.dir" for k, _ in items):

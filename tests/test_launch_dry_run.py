@@ -174,6 +174,11 @@ def test_unquoted_yaml_values_of_string_fields_are_read_as_written(tmp_path: Pat
     points = [p.overrides for p in load_sweep(sweep).points]
     assert points == [["train.mixed_precision=no", "train.epochs=3"], ["train.mixed_precision=bf16", "train.epochs=3"]]
     assert load_config(None, [*points[0], "data.dir=x"]).train.mixed_precision == "no"
+    sweep.write_text("points:\n  - {run.name: 1e3, optim.lr: 1e-3}\n  - {run.name: 4:00:00, optim.lr: 0.1}\n")
+    assert [p.overrides for p in load_sweep(sweep).points] == [
+        ["run.name=1e3", "optim.lr=0.001"],  # a string field as written; a float field as YAML reads it
+        ["run.name=4:00:00", "optim.lr=0.1"],
+    ]
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text("data: {dir: x}\nrun: {name: 1e3}\ntrain: {mixed_precision: no}\n")
     cfg = load_config(train_yaml)
