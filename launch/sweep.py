@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.atomic import atomic_write_text
-from train.config import ConfigError, field_type
+from train.config import ConfigError, as_written, field_type
 
 TABLE = "sweep.tsv"  # in the sweep's root dir: point, job id, run dir, overrides
 _COLUMNS = ["point", "job_id", "run_dir", "overrides"]
@@ -34,15 +34,13 @@ class Point:
     overrides: list[str]  # key=value, applied after the command line's
 
 
-def _value(v: Any, key: str = "") -> str:
+def _value(v: Any) -> str:
     # Overrides are parsed as YAML by OmegaConf's dotlist: scalars as written, containers as JSON (valid YAML).
-    if isinstance(v, bool) and field_type(key) is str:
-        return "yes" if v else "no"  # `no` in the sweep file is YAML 1.1's False; a string field means the word
     return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
 def _name(i: int, items: Sequence[tuple[str, Any]]) -> str:
-    text = ",".join(f"{k}={_value(v, k)}" for k, v in items)
+    text = ",".join(f"{k}={_value(v)}" for k, v in items)
     return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:120]
 
 
@@ -52,19 +50,15 @@ class Sweep:
     config: Path | None  # the training YAML the sweep is meant for, if the file names one
 
 
-def _as_written(key: str, value: Any, text: str | None) -> Any:
-    """A number YAML 1.1 read for a string field (`run.name: 1e3` -> 1000.0) goes on as the text written."""
-    if text is not None and field_type(key) is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return text
-    return value
+def _as_written(key: str, value: Any, ynode) -> Any:
+    """A string field's value as the sweep file wrote it (``train.mixed_precision: no``, ``run.name: 1e3``)."""
+    return as_written(value, ynode) if field_type(key) is str else value
 
 
-def _written_text(path: Path) -> dict:
-    """The sweep's plain scalars as written: ``{"grid": {key: [text, ...]}, "points": [{key: text}, ...]}``."""
+def _yaml_nodes(path: Path) -> dict:
+    """The sweep's value nodes, as composed before YAML 1.1 resolves them: ``{"grid": {key: [node, ...]},
+    "points": [{key: node}, ...]}``."""
     import yaml  # OmegaConf's own dependency
-
-    def text(node) -> str | None:
-        return node.value if isinstance(node, yaml.ScalarNode) and node.style is None else None
 
     def mapping(node) -> dict:
         if not isinstance(node, yaml.MappingNode):
@@ -72,12 +66,11 @@ def _written_text(path: Path) -> dict:
         return {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
 
     doc = mapping(yaml.compose(path.read_text(), Loader=yaml.SafeLoader))
-    out: dict = {}
     grid = mapping(doc.get("grid"))
-    out["grid"] = {k: [text(v) for v in node.value] for k, node in grid.items() if isinstance(node, yaml.SequenceNode)}
+    out: dict = {"grid": {k: n.value for k, n in grid.items() if isinstance(n, yaml.SequenceNode)}}
     points = doc.get("points")
     if isinstance(points, yaml.SequenceNode):
-        out["points"] = [{k: text(v) for k, v in mapping(p).items()} for p in points.value]
+        out["points"] = [mapping(p) for p in points.value]
     return out
 
 
@@ -97,7 +90,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     config = (path.parent / str(raw.pop("config"))).resolve() if "config" in raw else None
     if len(raw) != 1:
         raise ConfigError(f"sweep file {path} must hold exactly one of `grid:` or `points:`")
-    written = _written_text(path)
+    written = _yaml_nodes(path)
     if "grid" in raw:
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -105,23 +98,23 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{path}: grid key {key!r} needs a non-empty list of values, got {values!r}")
-            texts = written.get("grid", {}).get(key, [])
-            grid[key] = [_as_written(key, v, texts[i] if i < len(texts) else None) for i, v in enumerate(values)]
+            nodes = written["grid"].get(key, [])
+            grid[key] = [_as_written(key, v, nodes[i] if i < len(nodes) else None) for i, v in enumerate(values)]
         combos = [list(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
     else:
         points = raw["points"]
         if not isinstance(points, list) or not points or not all(isinstance(p, dict) and p for p in points):
             raise ConfigError(f"{path}: `points:` must be a non-empty list of key: value mappings")
-        texts = written.get("points", [])
+        nodes = written.get("points", [])
         combos = [
-            [(k, _as_written(k, v, (texts[i] if i < len(texts) else {}).get(k))) for k, v in p.items()]
+            [(k, _as_written(k, v, (nodes[i] if i < len(nodes) else {}).get(k))) for k, v in p.items()]
             for i, p in enumerate(points)
         ]
     out = []
     for i, items in enumerate(combos):
         if any(k == "run.dir" for k, _ in items):
             raise ConfigError(f"{path}: a sweep must not set run.dir (each point gets <run.dir>/<point name>)")
-        out.append(Point(_name(i, items), [f"{k}={_value(v, k)}" for k, v in items]))
+        out.append(Point(_name(i, items), [f"{k}={_value(v)}" for k, v in items]))
     if len({tuple(p.overrides) for p in out}) != len(out):
         raise ConfigError(f"{path}: two points are identical")
     return Sweep(out, config)

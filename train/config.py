@@ -355,12 +355,24 @@ def _restore_strings(node: DictConfig, ynode, cls: type) -> None:
         if not isinstance(ykey, yaml.ScalarNode) or ykey.value not in loaded:
             continue
         kind, value = hints.get(ykey.value), loaded[ykey.value]
-        if kind is str and isinstance(value, bool):
-            node[ykey.value] = "yes" if value else "no"
-        elif kind is str and isinstance(value, (int, float)) and isinstance(yvalue, yaml.ScalarNode):
-            node[ykey.value] = yvalue.value
+        if kind is str:
+            written = as_written(value, yvalue)
+            if written is not value:
+                node[ykey.value] = written
         elif dataclasses.is_dataclass(kind) and isinstance(value, dict):
             _restore_strings(node[ykey.value], yvalue, kind)
+
+
+def as_written(value, ynode):
+    """What a string field means by ``value``, which YAML 1.1 resolved from ``ynode``: a boolean word is "yes"/"no",
+    a number the text written (``4:00:00``, ``1e3``); anything else is ``value`` itself."""
+    import yaml
+
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)) and isinstance(ynode, yaml.ScalarNode):
+        return ynode.value
+    return value
 
 
 def _read_yaml(path: Path) -> DictConfig:
