@@ -1,16 +1,19 @@
 """catdog-predict throughput vs a naive loop, same photos, same model, same machine, one run; the ratio last.
 
-- ours: what catdog-predict runs after loading the model (``train.predict.predict``): batches, decode worker
-  processes, catdog-prep's decode and the eval transform, BatchNorm folded into the convolutions,
-  channels_last on CPU; with each decode (``exact``, the default: the pixels validation saw; ``fast``: JPEG
-  ``draft()`` straight to the model's size) and precision (fp32; bf16 where the CPU runs it natively, which
-  ``--precision auto``, the default, picks for a bf16-trained model such as the demo's);
+- ours: what catdog-predict runs after loading the model (``train.predict.predict``) with its CPU defaults: batches of
+  32, one worker process per CPU that decodes a batch and scores it (``train.inference.scored_batches``), BatchNorm
+  folded into the convolutions, channels_last; with each decode (``fast``, the default: catdog-prep's decode straight
+  to the model's size, JPEG ``draft()`` for big photos; ``exact``: the pixels validation saw) and precision (fp32;
+  bf16 where the CPU runs it natively, which ``--precision auto``, the default, picks for a bf16-trained model such
+  as the demo's);
 - naive: for each photo, ``Image.open`` + ``convert("RGB")``, the eval transform (train.transforms), the model
-  on that one image.
+  on that one image; timed with torch's default thread count (every core) and with 1 thread, and the faster of the
+  two is the baseline (2 threads win on a quiet 2-core machine, 1 on a busy one).
 
-Passes alternate (ours variants, naive, ours variants, ...) so load from other processes hits both alike; medians are printed.
+Passes alternate (ours variants, naive, ours variants, ...) so load from other processes hits both alike; medians are
+printed.
 
-    .venv/bin/python bench/predict.py [--src ../shared/data/catsdogs/val] [--n 400] [--model BUNDLE] [--repeats 3]
+    .venv/bin/python bench/predict.py [--src ../shared/data/catsdogs/val] [--n 1000] [--model BUNDLE] [--repeats 3]
 
 Without --model, the `make demo` model (configs/cnn.yaml, fed from 192-px catdog-prep shards) is built with
 seeded random weights: speed does not depend on the weight values.
@@ -32,7 +35,14 @@ from data_prep.info import DatasetInfo
 from data_prep.prepare import PrepArgs, default_workers
 from train.bundle import load_bundle, make_meta, write_bundle
 from train.config import load_config
-from train.inference import CPU_DECODE_WORKERS, TorchClassifier, expand_inputs, resolve_precision
+from train.cpu_memory import keep_freed_memory
+from train.inference import (
+    TorchClassifier,
+    default_decode_workers,
+    expand_inputs,
+    resolve_precision,
+    scores_in_workers,
+)
 from train.models import build_model
 from train.precision import cpu_has_bf16
 from train.predict import CPU_BATCH, predict
@@ -52,9 +62,7 @@ def demo_bundle(out: Path) -> Path:
     return write_bundle(out / "model", meta, model.state_dict())
 
 
-def naive(bundle, paths: list[Path]) -> int:
-    model = bundle.build()
-    transform = eval_transform(bundle.data_config(), bundle.image_size)
+def naive(model, transform, paths: list[Path]) -> int:
     n = 0
     with torch.inference_mode():
         for p in paths:
@@ -68,23 +76,18 @@ def naive(bundle, paths: list[Path]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "catsdogs" / "val"))
-    ap.add_argument("--n", type=int, default=400, help="photos per pass")
+    ap.add_argument("--n", type=int, default=1000, help="photos per pass")
     ap.add_argument("--model", help="bundle folder (default: the demo architecture, random weights)")
     ap.add_argument(
         "--batch-size", type=int, default=CPU_BATCH, help=f"ours (default {CPU_BATCH}: catdog-predict's on CPU)"
     )
-    ap.add_argument("--workers", type=int, default=CPU_DECODE_WORKERS)
+    ap.add_argument("--workers", type=int, help="ours (default: catdog-predict's on CPU, one per CPU)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads for both sides (default: what catdog-predict picks, cores - workers, at least 1)",
-    )
     args = ap.parse_args()
-    # Both sides get the same thread count. catdog-predict's own choice; the naive loop gets the same, which on
-    # a busy 2-core machine is also its best (2 threads made its single-image forwards 25x slower here).
-    torch.set_num_threads(args.threads or max(1, default_workers() - args.workers))
+    default_threads = torch.get_num_threads()  # what a script that sets nothing gets: every core
+    # As catdog-predict does on CPU before its workers fork (train/cpu_memory.py): the batch's activations stay in
+    # the heap instead of being mapped and faulted in again per batch. Process-wide, so the naive loop has it too.
+    keep_freed_memory()
     bf16 = cpu_has_bf16()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,38 +98,57 @@ def main() -> None:
             )
             for p in ("fp32", "bf16")[: 1 + bf16]
         }
-        # Every decode x precision; catdog-predict's default is exact decode at --precision auto (bf16 where the
-        # CPU has it natively and the model trained in bf16, as the demo's did), its fastest --decode fast.
-        variants = [(d, p) for d in ("exact", "fast") for p in clfs]
-        default = f"ours exact {resolve_precision('auto', bundle.meta, 'cpu')}"
+        clf0 = clfs["fp32"]
+        naive_model = bundle.build().eval()  # as loaded: not fused, not channels_last
+        transform = eval_transform(bundle.data_config(), bundle.image_size)
+        workers = (
+            default_decode_workers(False, scores=scores_in_workers(clf0)) if args.workers is None else args.workers
+        )
+        # catdog-predict's threads for its own process (its workers run one each)
+        ours_threads = max(1, default_workers() - workers)
+        # Every decode x precision; catdog-predict's default is fast decode at --precision auto (bf16 where the CPU
+        # has it natively and the model trained in bf16, as the demo's did).
+        variants = [(d, p) for d in ("fast", "exact") for p in clfs]
+        default = f"ours fast {resolve_precision('auto', bundle.meta, 'cpu')}"
         paths = sorted(Path(args.src).rglob("*.jpg"))[: args.n]
         entries, _ = expand_inputs([str(p) for p in paths])
         print(
             f"{len(paths)} photos from {args.src}; model {bundle.meta['model']['name']} at {bundle.image_size} px "
-            f"(prep {bundle.meta['prep']['image_size']} px); {torch.get_num_threads()} torch thread(s) on "
-            f"{default_workers()} cores; ours: batch {args.batch_size}, {args.workers} decode workers"
+            f"(prep {bundle.meta['prep']['image_size']} px) on {default_workers()} cores; ours: batch "
+            f"{args.batch_size}, {workers} worker processes "
+            f"({'decoding and scoring' if scores_in_workers(clf0) else 'decoding'}); naive: {default_threads} and 1 "
+            "torch thread(s)"
         )
-        rates: dict[str, list[float]] = {**{f"ours {d} {p}": [] for d, p in variants}, "naive fp32": []}
+        naive_threads = {f"naive fp32 {default_threads}t": default_threads, "naive fp32 1t": 1}
+        rates: dict[str, list[float]] = {
+            **{f"ours {d} {p}": [] for d, p in variants},
+            **{k: [] for k in naive_threads},
+        }
         for r in range(args.repeats):
+            torch.set_num_threads(ours_threads)
             for decode, precision in variants:
                 opts = Namespace(
-                    batch_size=args.batch_size, workers=args.workers, tta="none", no_progress=True, decode=decode
+                    batch_size=args.batch_size, workers=workers, tta="none", no_progress=True, decode=decode
                 )
                 rows, seconds = predict(clfs[precision], entries, [], opts)
                 assert sum(row[1] is not None for row in rows) == len(paths)
                 rates[f"ours {decode} {precision}"].append(len(paths) / seconds)
-            t0 = time.perf_counter()
-            naive(bundle, paths)
-            rates["naive fp32"].append(len(paths) / (time.perf_counter() - t0))
+            for name, threads in naive_threads.items():
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                assert naive(naive_model, transform, paths) == len(paths)
+                rates[name].append(len(paths) / (time.perf_counter() - t0))
             print(f"repeat {r}: " + "  ".join(f"{k} {v[-1]:6.1f}" for k, v in rates.items()) + " (img/s)")
         med = {k: statistics.median(v) for k, v in rates.items()}
         for k, v in med.items():
             print(f"median {k}: {v:.1f} img/s")
         if not bf16:
             print("bf16: not supported by this CPU (no AVX512-BF16/AMX), not measured")
-        base = med.pop("naive fp32")
+        naive_name = max(naive_threads, key=lambda k: med[k])
+        base = med[naive_name]
+        print(f"baseline: {naive_name} (the faster naive loop)")
         for k, v in med.items():
-            if k != default:
+            if k.startswith("ours") and k != default:
                 print(f"ratio {k} / naive: {v / base:.2f}x")
         print(f"ratio {default} (catdog-predict's default) / naive: {med[default] / base:.2f}x")
 

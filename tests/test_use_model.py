@@ -171,7 +171,10 @@ def test_predict_reports_every_bad_input_and_never_stops(trained, real_data, tmp
     for row in classified.values():
         assert row["prediction"] in ("cat", "dog") and abs(sum(row["probs"].values()) - 1) < 1e-5
     assert "21 inputs = 11 classified + 10 skipped" in r.stderr
-    assert "2 decode workers" in r.stderr  # --workers not given: the CPU default
+    # --workers not given: the CPU default, one process per CPU, each decoding and scoring whole batches
+    if not torch.cuda.is_available():  # --device auto picks a GPU where there is one
+        workers = min(len(os.sched_getaffinity(0)), 16)
+        assert f"{workers} worker processes decoding and scoring" in r.stderr and "fast decode" in r.stderr
 
 
 def test_predict_with_no_readable_input_fails_with_one_line(trained, tmp_path, capsys):
@@ -264,8 +267,12 @@ def test_precision_auto_follows_the_run_and_the_hardware(monkeypatch):
 def test_decode_workers_and_batch_follow_where_the_model_runs(trained):
     import train.inference as inference
 
-    # CPU: the model shares the cores with decoding; the measured default.
+    # CPU, model in this process (ONNX): it shares the cores with decoding; the measured default.
     assert inference.default_decode_workers(False, env={}, affinity=64) == inference.CPU_DECODE_WORKERS == 2
+    # CPU, a torch model: the workers decode and score, one per CPU, at most 16.
+    assert inference.default_decode_workers(False, affinity=2, scores=True) == 2
+    assert inference.default_decode_workers(False, affinity=64, scores=True) == 16
+    assert inference.default_decode_workers(False, affinity=1, scores=True) == 1
     # GPU: decoding is the bottleneck, so every CPU of the rank but one (as data.num_workers=auto), at most 16.
     assert inference.default_decode_workers(True, env={}, affinity=8) == 7
     assert inference.default_decode_workers(True, env={}, affinity=64) == 16
@@ -274,6 +281,7 @@ def test_decode_workers_and_batch_follow_where_the_model_runs(trained):
     assert inference.default_decode_workers(True, env=four_ranks, affinity=32) == 7
     clf = inference.load_classifier(trained["bundle"], device="cpu")
     assert inference.runs_on_gpu(clf) is False
+    assert inference.scores_in_workers(clf) is True  # Linux: workers fork with the model
 
     class FakeCudaSession:  # stands in for an onnxruntime-gpu session (no GPU here)
         def get_providers(self):
@@ -282,6 +290,7 @@ def test_decode_workers_and_batch_follow_where_the_model_runs(trained):
     onnx_on_gpu = inference.OnnxClassifier.__new__(inference.OnnxClassifier)
     onnx_on_gpu.session = FakeCudaSession()
     assert inference.runs_on_gpu(onnx_on_gpu) is True
+    assert inference.scores_in_workers(onnx_on_gpu) is False  # onnxruntime runs in this process
 
 
 def test_device_typos_and_missing_gpus_are_one_clear_line(monkeypatch):
@@ -419,13 +428,28 @@ def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data
         for p in real_photos(real_data, "val", cls, 4):
             shutil.copy(p, photos / p.name)
     runs = {}
-    for name, extra in {"exact": [], "fast": ["--decode", "fast"], "flip": ["--tta", "flip"]}.items():
+    for name, extra in {
+        "exact": ["--decode", "exact"],
+        "fast": [],
+        "flip": ["--decode", "exact", "--tta", "flip"],
+    }.items():
         out = tmp_path / f"{name}.jsonl"
         assert main([str(bundle), str(photos), "-o", str(out), "--workers", "0", "--no-progress"] + extra) == 0
         runs[name] = {r["path"]: r["probs"]["dog"] for r in map(json.loads, out.read_text().splitlines())}
     assert runs["exact"].keys() == runs["fast"].keys() == runs["flip"].keys() and len(runs["exact"]) == 8
     assert len(switched) == (0 if torch.cuda.is_available() else 3)  # --device auto: the GPU where there is one
-    # Fast decode skips the 192-px intermediate, TTA averages with the mirror image: close, not equal.
+    # Fast decode (the default) skips the 192-px intermediate, TTA averages with the mirror image: close, not equal.
     for name in ("fast", "flip"):
         diffs = [abs(runs[name][k] - v) for k, v in runs["exact"].items()]
         assert 0 < max(diffs) < 0.1, (name, diffs)
+
+    # Real worker processes, each decoding a batch and running the model on it (the CPU default), give the rows
+    # the model gives in this process; every input once, in input order.
+    for name, extra in {"fast": [], "flip": ["--decode", "exact", "--tta", "flip"]}.items():
+        out = tmp_path / f"{name}-workers.jsonl"
+        r = cli("predict", bundle, photos, "-o", out, "--workers", "2", "--batch-size", "3", "--device", "cpu", *extra)
+        assert r.returncode == 0, r.stderr
+        assert "8 inputs = 8 classified" in r.stderr and "2 worker processes decoding and scoring" in r.stderr
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [row["path"] for row in rows] == list(runs[name])
+        assert max(abs(row["probs"]["dog"] - runs[name][row["path"]]) for row in rows) < 1e-5, name

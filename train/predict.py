@@ -20,10 +20,10 @@ from pathlib import Path
 
 TABLE_MAX_ROWS = 50  # more rows than this and no --output: they go to predictions.csv instead of the terminal
 DEFAULT_OUTPUT = "predictions.csv"
-# Default images per forward pass. On CPU a smaller batch keeps the activations nearer the caches while the decode
-# workers share the cores: bench/predict.py on 2 cores (demo model, fp32, 2026-11-29) gave 212.8 img/s at 32 vs
-# 159.0 at 64 (--decode fast; exact 2.29x vs 2.01x the naive loop), 16 no better than 32. GPUs want bigger batches;
-# 64 there is unmeasured (no GPU was lent).
+# Default images per forward pass. On CPU a smaller batch keeps the activations nearer the caches while the workers
+# share the cores: bench/predict.py on 2 cores (demo model, fp32, 2026-11-29, model in the main process) gave 212.8
+# img/s at 32 vs 159.0 at 64; with the model in the workers (2026-12-02, bf16) 16, 32 and 64 were within the noise
+# of each other. GPUs want bigger batches; 64 there is unmeasured (no GPU was lent).
 CPU_BATCH, GPU_BATCH = 32, 64
 
 
@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workers",
         type=int,
-        help="decode processes (default: 2 on CPU; on a GPU every CPU but one, at most 16; 0 = decode inline)",
+        help="worker processes (default, with a PyTorch or TorchScript model on CPU: one per CPU, each decoding and "
+        "scoring whole batches; on a GPU: every CPU but one, decoding; an ONNX model on CPU: 2, decoding; at most 16; "
+        "0 = everything in this process)",
     )
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -56,10 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--decode",
-        choices=("exact", "fast"),
-        default="exact",
-        help="exact: the pixels validation saw (catdog-prep at the shards' size); fast: catdog-prep straight to the "
-        "model's input size with JPEG draft decoding (several times cheaper for big photos, pixels differ slightly)",
+        choices=("fast", "exact"),
+        default="fast",
+        help="fast (default): catdog-prep's decode straight to the model's input size, with JPEG draft decoding for "
+        "big photos, as timm or Hugging Face resize a photo for its model; exact: the pixels validation saw "
+        "(catdog-prep at the shards' size, JPEG round trip, eval resize), what catdog-evaluate feeds the model: "
+        "~2x the decode work, and the same prediction for ~98.5%% of photos",
     )
     p.add_argument("--checkpoint", default="best", help="for a run dir without a bundle: best | last | PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,19 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         load_classifier,
         resolve_device,
         runs_on_gpu,
+        scores_in_workers,
     )
 
     try:
         device = resolve_device(args.device)
         if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            # The decode workers take cores too: model threads + workers > cores makes OpenMP's barriers spin
-            # against each other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward).
-            # Before the model loads: an ONNX session takes its thread count when it is created.
+            # The workers take cores too: model threads + workers > cores makes OpenMP's barriers spin against each
+            # other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward). Before the model
+            # loads: an ONNX session takes its thread count when it is created. A torch model scores in the workers
+            # (one thread each; this process then only collects rows), so its default leaves 1 thread here.
             import torch
 
             from data_prep.prepare import default_workers
 
-            workers = CPU_DECODE_WORKERS if args.workers is None else args.workers
+            workers = args.workers
+            if workers is None:
+                onnx = Path(args.model).suffix == ".onnx"
+                workers = CPU_DECODE_WORKERS if onnx else default_decode_workers(False, scores=True)
             torch.set_num_threads(max(1, default_workers() - workers))
         clf = load_classifier(
             args.model, device=device, precision=args.precision, checkpoint=args.checkpoint, fuse=True
@@ -108,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, InfoError) as e:
         return _fail(str(e), 2)
     on_gpu = runs_on_gpu(clf)
+    scores = scores_in_workers(clf)
     if args.batch_size is None:
         args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
+    args.workers_given = args.workers is not None
     if args.workers is None:
-        args.workers = default_decode_workers(on_gpu)
+        args.workers = default_decode_workers(on_gpu, scores=scores)
     on_cpu = getattr(clf, "device", None) is not None and clf.device.type == "cpu"
     if on_cpu:
         # Before the decode workers fork. InceptionV3's 299 px activations are fresh mmaps per batch otherwise: its
@@ -135,10 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"catdog-predict: {len(rows)} inputs = {classified} classified + {sum(skipped.values())} skipped"
         f"{f' ({reasons})' if reasons else ''}; {classified / max(seconds, 1e-9):.1f} images/s "
-        f"({clf.describe()}, {args.workers} decode workers){f'; rows in {where}' if where else ''}",
+        f"({clf.describe()}, {args.decode} decode, {_workers_text(args.workers, scores)})"
+        f"{f'; rows in {where}' if where else ''}",
         file=sys.stderr,
     )
     return 0
+
+
+def _workers_text(workers: int, scores: bool) -> str:
+    if not workers:
+        return "no worker processes"
+    return f"{workers} worker processes {'decoding and scoring' if scores else 'decoding'}"
 
 
 Row = tuple[str, "list[float] | None", "tuple[str, str] | None"]
@@ -148,7 +166,7 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
     """(rows in input order, seconds spent) for image entries and shard folders."""
     from tqdm.auto import tqdm
 
-    from train.inference import chunk, image_loader, probabilities
+    from train.inference import chunk, scored_batches
 
     rows: list[Row | None] = [None] * len(entries)
     total = len(entries) + sum(_shard_samples(d) for d in shard_dirs)
@@ -161,14 +179,14 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
                 rows[i] = (e.name, None, e.problem)
                 bar.update(1)
         if todo:
-            for x, ok, skips in image_loader(
-                clf, entries, chunk(todo, args.batch_size), workers=args.workers, decode=args.decode
+            batches = chunk(todo, args.batch_size)
+            for probs, ok, skips in scored_batches(
+                clf, entries, batches, workers=args.workers, decode=args.decode, tta=args.tta
             ):
                 for i, reason, detail in skips:
                     rows[i] = (entries[i].name, None, (reason, detail))
-                if x is not None:
-                    probs = probabilities(clf, x, args.tta).tolist()
-                    for i, p in zip(ok, probs, strict=True):
+                if probs is not None:
+                    for i, p in zip(ok, probs.tolist(), strict=True):
                         rows[i] = (entries[i].name, p, None)
                 bar.update(len(ok) + len(skips))
         out: list[Row] = [r for r in rows if r is not None]
@@ -189,10 +207,21 @@ def _predict_shards(clf, root: Path, args, bar) -> list[Row]:
     """Every sample of every split in a catdog-prep folder, read as the trainer's evaluation reads them."""
     from data_prep.info import load_info
     from train.data import eval_loader
-    from train.inference import probabilities, runs_on_gpu
+    from train.inference import CPU_DECODE_WORKERS, probabilities, runs_on_gpu, scores_in_workers
 
     info = load_info(root)
-    cfg = clf.data_config(dir=str(root), num_workers=args.workers, on_error="skip")
+    workers = args.workers
+    if scores_in_workers(clf) and not getattr(args, "workers_given", True):
+        # The default was one scoring worker per CPU; the trainer's shard loader only decodes and the model runs
+        # here, so the split a model in this process gets by default: 2 decode workers, the other cores its threads.
+        workers = min(workers, CPU_DECODE_WORKERS)
+        if not os.environ.get("OMP_NUM_THREADS"):
+            import torch
+
+            from data_prep.prepare import default_workers
+
+            torch.set_num_threads(max(1, default_workers() - workers))
+    cfg = clf.data_config(dir=str(root), num_workers=workers, on_error="skip")
     rows: list[Row] = []
     for split, s in info.splits.items():
         if s.num_samples == 0:
