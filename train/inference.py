@@ -9,7 +9,9 @@ A photo reaches the model through the same code as its shard copy did during tra
 3. the eval transform (``train.transforms.eval_resize`` per image, ``normalise`` per batch).
 
 So ``catdog-evaluate`` on a folder of raw photos reproduces the trainer's validation metrics on the shards
-catdog-prep made from them. Inference never imports the training loop, the optimiser or the checkpoint code.
+catdog-prep made from them. ``catdog-predict`` does the same with ``--decode exact``; its default (``fast``) runs
+step 1 straight to the eval resize size instead of the shards' (``Classifier.prep``). Inference never imports the
+training loop, the optimiser or the checkpoint code.
 """
 
 from __future__ import annotations
