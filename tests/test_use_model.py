@@ -149,7 +149,10 @@ def test_predict_reports_every_bad_input_and_never_stops(trained, real_data, tmp
         im.convert("LA").save(folder / "grey-alpha.png")
         im.convert("P").save(folder / "palette.gif")
     out = tmp_path / "rows.jsonl"
-    r = cli("predict", trained["bundle"], folder, tmp_path / "missing.jpg", "-o", out, prefix=as_unprivileged())
+    r = cli(
+        "predict", trained["bundle"], folder, tmp_path / "missing.jpg", "-o", out, "--batch-size", "4",
+        prefix=as_unprivileged(),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     rows = {Path(row["path"]).name: row for row in map(json.loads, out.read_text().splitlines())}
@@ -171,10 +174,12 @@ def test_predict_reports_every_bad_input_and_never_stops(trained, real_data, tmp
     for row in classified.values():
         assert row["prediction"] in ("cat", "dog") and abs(sum(row["probs"].values()) - 1) < 1e-5
     assert "21 inputs = 11 classified + 10 skipped" in r.stderr
-    # --workers not given: the CPU default, one process per CPU, each decoding and scoring whole batches
+    # --workers not given: the CPU default, one process per CPU, each decoding and scoring whole batches (at most
+    # one per batch: 11 readable photos in batches of 4)
     if not torch.cuda.is_available():  # --device auto picks a GPU where there is one
-        workers = min(len(os.sched_getaffinity(0)), 16)
-        assert f"{workers} worker processes decoding and scoring" in r.stderr and "fast decode" in r.stderr
+        workers = min(len(os.sched_getaffinity(0)), 16, 3)
+        assert f"{workers} worker process" in r.stderr and "decoding and scoring" in r.stderr, r.stderr
+        assert "fast decode" in r.stderr
 
 
 def test_predict_with_no_readable_input_fails_with_one_line(trained, tmp_path, capsys):
@@ -406,7 +411,6 @@ def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
 
 
 def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data, tmp_path, monkeypatch):
-    import torch
 
     import train.cpu_memory
     from train.predict import main
@@ -434,10 +438,11 @@ def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data
         "flip": ["--decode", "exact", "--tta", "flip"],
     }.items():
         out = tmp_path / f"{name}.jsonl"
-        assert main([str(bundle), str(photos), "-o", str(out), "--workers", "0", "--no-progress"] + extra) == 0
+        args = [str(bundle), str(photos), "-o", str(out), "--workers", "0", "--device", "cpu", "--no-progress"]
+        assert main(args + extra) == 0
         runs[name] = {r["path"]: r["probs"]["dog"] for r in map(json.loads, out.read_text().splitlines())}
     assert runs["exact"].keys() == runs["fast"].keys() == runs["flip"].keys() and len(runs["exact"]) == 8
-    assert len(switched) == (0 if torch.cuda.is_available() else 3)  # --device auto: the GPU where there is one
+    assert len(switched) == 3
     # Fast decode (the default) skips the 192-px intermediate, TTA averages with the mirror image: close, not equal.
     for name in ("fast", "flip"):
         diffs = [abs(runs[name][k] - v) for k, v in runs["exact"].items()]
@@ -453,3 +458,41 @@ def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [row["path"] for row in rows] == list(runs[name])
         assert max(abs(row["probs"]["dog"] - runs[name][row["path"]]) for row in rows) < 1e-5, name
+
+
+def test_predict_scores_in_the_worker_processes_on_cpu(trained, tmp_path, monkeypatch):
+    import train.inference as inference
+    from train.predict import main
+
+    # Which processes ran the model: each scoring call appends its pid (the workers are forked from this process,
+    # so they inherit the wrapper).
+    pids = tmp_path / "pids"
+    real = inference.probabilities
+
+    def recording(clf, x, tta="none"):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(clf, x, tta)
+
+    monkeypatch.setattr(inference, "probabilities", recording)
+    out = tmp_path / "rows.jsonl"
+    photos = trained["src"] / "val"  # 8 photos -> 3 batches of 3 over 2 workers
+    args = [
+        str(trained["bundle"]),
+        str(photos),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--batch-size",
+        "3",
+    ]
+    assert main([*args, "--workers", "2"]) == 0
+    ran = pids.read_text().split()
+    assert len(ran) == 3 and str(os.getpid()) not in ran and len(set(ran)) == 2
+    in_workers = out.read_text()
+    pids.unlink()
+    assert main([*args, "--workers", "0"]) == 0  # everything in this process
+    assert pids.read_text().split() == [str(os.getpid())] * 3
+    assert out.read_text() == in_workers  # the same rows, to the printed digit

@@ -11,9 +11,9 @@ This module owns the format. The trainer writes ``run.dir/model/`` from the best
     input     {"image_size", "resize", "crop", "mean", "std", "channels_last", "interpolation"}: the eval
               transform (train.transforms.eval_transform): short side -> resize, centre crop, /255, mean/std
     prep      catdog-prep's decode/resize/encode (data_prep.encode.EncodeOptions: image_size, quality, max_pixels,
-              min_size, max_aspect) from the shards' _info.json "args": predict and evaluate run every photo through
-              it before the eval transform, so a raw photo reaches the model exactly as its shard copy did in
-              validation. "source" says whether the values came from _info.json or are defaults (shards that
+              min_size, max_aspect) from the shards' _info.json "args": evaluate (and predict --decode exact) run
+              every photo through it before the eval transform, so a raw photo reaches the model exactly as its
+              shard copy did in validation; predict's default decode runs it with image_size = input.resize. "source" says whether the values came from _info.json or are defaults (shards that
               record no catdog-prep arguments).
     data      the shards it was trained on: dir, name, sha256 of _info.json, per-shard sha256s, samples per split
     training  checkpoint folder, step, epoch, early-stop metric and its best value

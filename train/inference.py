@@ -445,23 +445,32 @@ def image_loader(
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         pin_memory=runs_on_gpu(clf),  # not for a CPU model on a GPU host: pinning starts CUDA on GPU 0
+        # Scoring workers get the model by fork, whatever the default start method (see workers_can_score).
+        multiprocessing_context="fork" if score is not None and workers else None,
     )
 
 
+def workers_can_score(device: str | torch.device) -> bool:
+    """Whether catdog-predict's worker processes can run a torch model on ``device``: on CPU, on Linux, where they are
+    forked with the model (``scored_batches`` asks for fork explicitly: spawn or forkserver, Python 3.14's default,
+    would pickle the model into every worker, and a TorchScript module does not pickle). macOS forks unsafely and
+    Windows cannot: there the model stays in the main process."""
+    import sys
+
+    return torch.device(device).type == "cpu" and sys.platform.startswith("linux")
+
+
 def scores_in_workers(clf: Classifier) -> bool:
-    """Whether catdog-predict's worker processes run the model too: a PyTorch or TorchScript model on CPU, with
-    workers forked (Linux's default start method; spawn/forkserver would pickle the model into every worker).
+    """Whether catdog-predict's worker processes run the model too: a PyTorch or TorchScript model where
+    ``workers_can_score``.
 
     Each worker then decodes a whole batch and scores it on one torch thread, and only the probabilities travel back:
     every core does complete work, where decode workers beside a model in the main process time-share the cores with
     it and send it float32 batches through shared memory. Measured on 2 cores (AVX512-BF16 AMD, demo model in bf16,
     1,000 val photos, 2 workers either way, 5 interleaved passes): 879 vs 751 img/s median with ``--decode fast``,
-    565 vs 509 with ``exact``."""
-    import multiprocessing
-
-    return (
-        isinstance(clf, TorchClassifier) and clf.device.type == "cpu" and multiprocessing.get_start_method() == "fork"
-    )
+    565 vs 509 with ``exact``. Each worker holds one batch's activations: ~0.4 GB for InceptionV3 at 299 px and
+    batch 32 in fp32, ~0.2 GB in bf16 (peak RSS over the loaded model, measured)."""
+    return isinstance(clf, TorchClassifier) and workers_can_score(clf.device)
 
 
 def scored_batches(

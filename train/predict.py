@@ -2,7 +2,8 @@
 
 MODEL is a bundle folder (run.dir/model), a run dir, or an exported .onnx / .pt file. INPUT is image files,
 folders (recursive), globs, or shard folders written by catdog-prep. Photos go through catdog-prep's decode and
-resize and then the eval transform (train/inference.py), so the model sees them as it saw its validation shards.
+resize and then the eval transform (train/inference.py): with ``--decode exact`` the model sees them as it saw its
+validation shards; the default (``fast``) runs catdog-prep's step straight to the eval resize size.
 A bad input (not an image, truncated, empty, unreadable, too large, ...) becomes a row with the reason; it never
 stops the run.
 """
@@ -85,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.info import InfoError
     from train.bundle import BundleError
     from train.inference import (  # torch only once the arguments are sane
-        CPU_DECODE_WORKERS,
         default_decode_workers,
         expand_inputs,
         load_classifier,
         resolve_device,
         runs_on_gpu,
         scores_in_workers,
+        workers_can_score,
     )
 
     try:
@@ -99,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
             # The workers take cores too: model threads + workers > cores makes OpenMP's barriers spin against each
             # other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward). Before the model
-            # loads: an ONNX session takes its thread count when it is created. A torch model scores in the workers
-            # (one thread each; this process then only collects rows), so its default leaves 1 thread here.
+            # loads: an ONNX session takes its thread count when it is created. Where a torch model scores in the
+            # workers (one thread each), this process only collects rows: the threads left over are idle.
             import torch
 
             from data_prep.prepare import default_workers
 
             workers = args.workers
             if workers is None:
-                onnx = Path(args.model).suffix == ".onnx"
-                workers = CPU_DECODE_WORKERS if onnx else default_decode_workers(False, scores=True)
+                scores = Path(args.model).suffix != ".onnx" and workers_can_score(device)
+                workers = default_decode_workers(False, scores=scores)
             torch.set_num_threads(max(1, default_workers() - workers))
         clf = load_classifier(
             args.model, device=device, precision=args.precision, checkpoint=args.checkpoint, fuse=True
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     on_cpu = getattr(clf, "device", None) is not None and clf.device.type == "cpu"
     if on_cpu:
         # Before the decode workers fork. InceptionV3's 299 px activations are fresh mmaps per batch otherwise: its
-        # CPU forward ran 4.3-4.6 -> 6.2-6.5 img/s with this (train/cpu_memory.py); no change for the demo's CNN.
+        # CPU forward ran 4.3-4.6 -> 6.2-6.5 img/s with this (train/cpu_memory.py); the demo's CNN in the scoring
+        # workers 50 -> 33 ms per 32-photo batch.
         from train.cpu_memory import keep_freed_memory
 
         keep_freed_memory()
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"catdog-predict: {len(rows)} inputs = {classified} classified + {sum(skipped.values())} skipped"
         f"{f' ({reasons})' if reasons else ''}; {classified / max(seconds, 1e-9):.1f} images/s "
-        f"({clf.describe()}, {args.decode} decode, {_workers_text(args.workers, scores)})"
+        f"({clf.describe()}, {args.decode} decode, {_workers_text(args.workers_ran, scores)})"
         f"{f'; rows in {where}' if where else ''}",
         file=sys.stderr,
     )
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 def _workers_text(workers: int, scores: bool) -> str:
     if not workers:
         return "no worker processes"
-    return f"{workers} worker processes {'decoding and scoring' if scores else 'decoding'}"
+    return f"{workers} worker process{'es' if workers > 1 else ''} {'decoding and scoring' if scores else 'decoding'}"
 
 
 Row = tuple[str, "list[float] | None", "tuple[str, str] | None"]
@@ -169,6 +171,7 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
     from train.inference import chunk, scored_batches
 
     rows: list[Row | None] = [None] * len(entries)
+    args.workers_ran = args.workers  # what the summary line reports: fewer when there are fewer batches
     total = len(entries) + sum(_shard_samples(d) for d in shard_dirs)
     bar = tqdm(total=total, unit="img", disable=True if args.no_progress else None, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
@@ -180,6 +183,7 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
                 bar.update(1)
         if todo:
             batches = chunk(todo, args.batch_size)
+            args.workers_ran = min(args.workers, len(batches))  # as image_loader starts them
             for probs, ok, skips in scored_batches(
                 clf, entries, batches, workers=args.workers, decode=args.decode, tta=args.tta
             ):
