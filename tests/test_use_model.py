@@ -496,3 +496,28 @@ def test_predict_scores_in_the_worker_processes_on_cpu(trained, tmp_path, monkey
     assert main([*args, "--workers", "0"]) == 0  # everything in this process
     assert pids.read_text().split() == [str(os.getpid())] * 3
     assert out.read_text() == in_workers  # the same rows, to the printed digit
+
+
+def test_predict_says_so_in_one_line_when_a_worker_is_killed(trained, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import train.inference as inference
+    from train.predict import main
+
+    parent = os.getpid()
+    real = inference.probabilities
+
+    def killed_in_a_worker(clf, x, tta="none"):  # as the OOM killer would: SIGKILL, no exception, no cleanup
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(clf, x, tta)
+
+    monkeypatch.setattr(inference, "probabilities", killed_in_a_worker)
+    out = tmp_path / "rows.jsonl"
+    args = [str(trained["bundle"]), str(trained["src"] / "val"), "-o", str(out), "--device", "cpu", "--no-progress"]
+    assert main([*args, "--workers", "2", "--batch-size", "3"]) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("catdog-predict: DataLoader worker (pid"), captured.err
+    assert "--workers (were 2)" in lines[0] and "--batch-size (was 3)" in lines[0]
+    assert not out.exists()  # no half-written rows file

@@ -138,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         rows, seconds = predict(clf, entries, shard_dirs, args)
     except (BundleError, InfoError) as e:
         return _fail(str(e), 2)
+    except RuntimeError as e:
+        # A worker process killed under us (the kernel's OOM killer, most often: each one holds a batch of decoded
+        # photos, and with the model on CPU its activations too). DataLoader's message names the pid and signal.
+        if "DataLoader worker (pid" not in str(e):
+            raise
+        return _fail(
+            f"{str(e).splitlines()[0].rstrip('.')}; nothing was written. Usually memory: try fewer --workers "
+            f"(were {args.workers}) or a smaller --batch-size (was {args.batch_size})",
+            1,
+        )
     classified = sum(r[1] is not None for r in rows)
     skipped = Counter(r[2][0] for r in rows if r[1] is None)
     if classified == 0:
