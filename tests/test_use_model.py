@@ -521,3 +521,45 @@ def test_predict_says_so_in_one_line_when_a_worker_is_killed(trained, tmp_path, 
     assert len(lines) == 1 and lines[0].startswith("catdog-predict: DataLoader worker (pid"), captured.err
     assert "--workers (were 2)" in lines[0] and "--batch-size (was 3)" in lines[0]
     assert not out.exists()  # no half-written rows file
+
+
+def test_predict_on_a_shard_folder_reads_every_sample_as_validation_did(trained, tmp_path):
+    from train.inference import load_classifier
+
+    # A copy of the run's shards with one corrupt val sample: a row saying so, every other sample scored.
+    shards = tmp_path / "shards"
+    shutil.copytree(trained["shards"], shards)
+    (val_shard,) = sorted(shards.glob("val-*.tar"))
+    with tarfile.open(val_shard) as t:
+        keys = sorted({Path(name).stem for name in t.getnames() if name.endswith(".jpg")})
+    rewrite_member(val_shard, keys[2], "jpg", b"\xff\xd8 not really a jpeg")
+    info = load_info(shards)
+    # _info.json lists val twice (also as timm's "validation"): each sample must be scored once.
+    assert info.splits["validation"].filenames == info.splits["val"].filenames
+    samples = {split: s.num_samples for split, s in info.splits.items() if split != "validation"}
+    out = tmp_path / "rows.jsonl"
+    r = cli("predict", trained["bundle"], shards, "-o", out, "--batch-size", "4", "--device", "cpu", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    scored = {row["path"]: row["probs"]["dog"] for row in rows if "prediction" in row}
+    skipped = [row for row in rows if "skipped" in row]
+    assert (samples["train"], samples["val"], samples.get("test", 0)) == (24, 8, 0)
+    assert len(scored) == sum(samples.values()) - 1
+    assert skipped == [{"path": f"{shards}/{val_shard.name}", "skipped": "corrupt", "detail": skipped[0]["detail"]}]
+    assert f"{sum(samples.values())} inputs = {len(scored)} classified + 1 skipped" in r.stderr
+    # The shard loader only decodes (2 processes by default, at most one per batch); the model runs in this one.
+    assert "2 worker processes decoding)" in r.stderr, r.stderr
+
+    # The same probabilities as the bundle's model on the trainer's own val batches, key by key.
+    cfg = load_config(trained["run"] / "config.yaml")
+    clf = load_classifier(trained["bundle"], device="cpu")
+    loader = eval_loader(
+        cfg.data, info, split="val", batch_size=64, image_size=cfg.model.input_size(), rank=0, world_size=1,
+        with_keys=True,
+    )  # fmt: skip
+    reference = {}
+    for x, _, batch_keys in loader:
+        for key, p in zip(batch_keys, clf(x).softmax(1)[:, 1].tolist(), strict=True):
+            reference[f"{shards}/val/{key}"] = p
+    assert len(reference) == samples["val"] - 1 and reference.keys() <= scored.keys()
+    assert max(abs(scored[k] - p) for k, p in reference.items()) < 1e-4

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"catdog-predict: {len(rows)} inputs = {classified} classified + {sum(skipped.values())} skipped"
         f"{f' ({reasons})' if reasons else ''}; {classified / max(seconds, 1e-9):.1f} images/s "
-        f"({clf.describe()}, {args.decode} decode, {_workers_text(args.workers_ran, scores)})"
+        f"({clf.describe()}, {args.decode} decode, {_workers_text(args.workers_ran, args.scored)})"
         f"{f'; rows in {where}' if where else ''}",
         file=sys.stderr,
     )
@@ -178,10 +178,12 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
     """(rows in input order, seconds spent) for image entries and shard folders."""
     from tqdm.auto import tqdm
 
-    from train.inference import chunk, scored_batches
+    from train.inference import chunk, scored_batches, scores_in_workers
 
     rows: list[Row | None] = [None] * len(entries)
-    args.workers_ran = args.workers  # what the summary line reports: fewer when there are fewer batches
+    # What the summary line reports: the most worker processes a loader started (at most one per batch), and
+    # whether they ran the model too.
+    args.workers_ran, args.scored = 0, False
     total = len(entries) + sum(_shard_samples(d) for d in shard_dirs)
     bar = tqdm(total=total, unit="img", disable=True if args.no_progress else None, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
@@ -194,6 +196,7 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
         if todo:
             batches = chunk(todo, args.batch_size)
             args.workers_ran = min(args.workers, len(batches))  # as image_loader starts them
+            args.scored = args.workers_ran > 0 and scores_in_workers(clf)
             for probs, ok, skips in scored_batches(
                 clf, entries, batches, workers=args.workers, decode=args.decode, tta=args.tta
             ):
@@ -211,10 +214,19 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
     return out, time.perf_counter() - t0
 
 
+def _own_splits(info) -> dict:
+    """The splits of a catdog-prep folder, each once: _info.json also lists ``val`` as ``validation`` (the same
+    shards, for timm), which would score every val sample twice."""
+    from data_prep.info import SPLIT_ALIASES
+
+    aliases = {alias for name, names in SPLIT_ALIASES.items() if name in info.splits for alias in names}
+    return {name: s for name, s in info.splits.items() if name not in aliases}
+
+
 def _shard_samples(root: Path) -> int:
     from data_prep.info import load_info
 
-    return sum(s.num_samples for s in load_info(root).splits.values())
+    return sum(s.num_samples for s in _own_splits(load_info(root)).values())
 
 
 def _predict_shards(clf, root: Path, args, bar) -> list[Row]:
@@ -237,13 +249,14 @@ def _predict_shards(clf, root: Path, args, bar) -> list[Row]:
             torch.set_num_threads(max(1, default_workers() - workers))
     cfg = clf.data_config(dir=str(root), num_workers=workers, on_error="skip")
     rows: list[Row] = []
-    for split, s in info.splits.items():
+    for split, s in _own_splits(info).items():
         if s.num_samples == 0:
             continue
         batches = eval_loader(
             cfg, info, split=split, batch_size=args.batch_size, image_size=clf.image_size, rank=0, world_size=1,
             with_keys=True, pin_memory=runs_on_gpu(clf),
         )  # fmt: skip
+        args.workers_ran = max(args.workers_ran, min(workers, -(-s.num_samples // args.batch_size)))
         for x, _, keys in batches:
             probs = probabilities(clf, x, args.tta).tolist()
             rows += [(f"{root}/{split}/{key}", p, None) for key, p in zip(keys, probs, strict=True)]
