@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?=
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup weights demo test test-fast slurm-up slurm-down lint bench clean
+.PHONY: setup weights demo test test-fast slurm-up slurm-down lint clean
 
 setup: $(VENV)/.installed weights
 
