@@ -44,9 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workers",
         type=int,
-        help="worker processes (default, with a PyTorch or TorchScript model on CPU: one per CPU, each decoding and "
-        "scoring whole batches; on a GPU: every CPU but one, decoding; an ONNX model on CPU: 2, decoding; at most 16; "
-        "0 = everything in this process)",
+        help="worker processes (default, with a PyTorch or TorchScript model on CPU under Linux: one per CPU, each "
+        "decoding and scoring whole batches; on a GPU: every CPU but one, decoding; otherwise on CPU (ONNX, macOS): 2, "
+        "decoding; at most 16; 0 = everything in this process)",
     )
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirrored image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
