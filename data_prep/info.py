@@ -66,6 +66,12 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def distinct_splits(self) -> dict[str, SplitInfo]:
+        """``splits`` without the SPLIT_ALIASES entries (the same shards under a second name): each sample once."""
+        aliases = {alias for name, names in SPLIT_ALIASES.items() if name in self.splits for alias in names}
+        return {name: s for name, s in self.splits.items() if name not in aliases}
+
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise InfoError(f"{self.root / INFO_NAME} has no split {name!r}; it has {sorted(self.splits)}")

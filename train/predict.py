@@ -102,15 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             # other (measured on 2 busy cores: 270 ms instead of 10 ms per single-image forward). Before the model
             # loads: an ONNX session takes its thread count when it is created. Where a torch model scores in the
             # workers (one thread each), this process only collects rows: the threads left over are idle.
-            import torch
-
-            from data_prep.prepare import default_workers
-
             workers = args.workers
             if workers is None:
                 scores = Path(args.model).suffix != ".onnx" and workers_can_score(device)
                 workers = default_decode_workers(False, scores=scores)
-            torch.set_num_threads(max(1, default_workers() - workers))
+            _threads_beside(workers)
         clf = load_classifier(
             args.model, device=device, precision=args.precision, checkpoint=args.checkpoint, fuse=True
         )
@@ -165,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _threads_beside(workers: int) -> None:
+    """Torch threads for this process: the cores ``workers`` processes leave (at least 1)."""
+    import torch
+
+    from data_prep.prepare import default_workers
+
+    torch.set_num_threads(max(1, default_workers() - workers))
+
+
 def _workers_text(workers: int, scores: bool) -> str:
     if not workers:
         return "no worker processes"
@@ -178,13 +183,15 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
     """(rows in input order, seconds spent) for image entries and shard folders."""
     from tqdm.auto import tqdm
 
+    from data_prep.info import load_info
     from train.inference import chunk, scored_batches, scores_in_workers
 
     rows: list[Row | None] = [None] * len(entries)
     # What the summary line reports: the most worker processes a loader started (at most one per batch), and
     # whether they ran the model too.
     args.workers_ran, args.scored = 0, False
-    total = len(entries) + sum(_shard_samples(d) for d in shard_dirs)
+    infos = [load_info(d) for d in shard_dirs]
+    total = len(entries) + sum(s.num_samples for info in infos for s in info.distinct_splits.values())
     bar = tqdm(total=total, unit="img", disable=True if args.no_progress else None, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
     try:
@@ -207,49 +214,30 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
                         rows[i] = (entries[i].name, p, None)
                 bar.update(len(ok) + len(skips))
         out: list[Row] = [r for r in rows if r is not None]
-        for d in shard_dirs:
-            out += _predict_shards(clf, d, args, bar)
+        for info in infos:
+            out += _predict_shards(clf, info, args, bar)
     finally:
         bar.close()
     return out, time.perf_counter() - t0
 
 
-def _own_splits(info) -> dict:
-    """The splits of a catdog-prep folder, each once: _info.json also lists ``val`` as ``validation`` (the same
-    shards, for timm), which would score every val sample twice."""
-    from data_prep.info import SPLIT_ALIASES
-
-    aliases = {alias for name, names in SPLIT_ALIASES.items() if name in info.splits for alias in names}
-    return {name: s for name, s in info.splits.items() if name not in aliases}
-
-
-def _shard_samples(root: Path) -> int:
-    from data_prep.info import load_info
-
-    return sum(s.num_samples for s in _own_splits(load_info(root)).values())
-
-
-def _predict_shards(clf, root: Path, args, bar) -> list[Row]:
-    """Every sample of every split in a catdog-prep folder, read as the trainer's evaluation reads them."""
-    from data_prep.info import load_info
+def _predict_shards(clf, info, args, bar) -> list[Row]:
+    """Every sample of every split in a catdog-prep folder (``info``: its _info.json), read as the trainer's
+    evaluation reads them; each split once (not again under its timm alias)."""
     from train.data import eval_loader
     from train.inference import CPU_DECODE_WORKERS, probabilities, runs_on_gpu, scores_in_workers
 
-    info = load_info(root)
+    root = info.root
     workers = args.workers
     if scores_in_workers(clf) and not getattr(args, "workers_given", True):
         # The default was one scoring worker per CPU; the trainer's shard loader only decodes and the model runs
         # here, so the split a model in this process gets by default: 2 decode workers, the other cores its threads.
         workers = min(workers, CPU_DECODE_WORKERS)
         if not os.environ.get("OMP_NUM_THREADS"):
-            import torch
-
-            from data_prep.prepare import default_workers
-
-            torch.set_num_threads(max(1, default_workers() - workers))
+            _threads_beside(workers)
     cfg = clf.data_config(dir=str(root), num_workers=workers, on_error="skip")
     rows: list[Row] = []
-    for split, s in _own_splits(info).items():
+    for split, s in info.distinct_splits.items():
         if s.num_samples == 0:
             continue
         batches = eval_loader(
