@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from train.config import ConfigError, load_config
+from train.config import Config, ConfigError, load_config
 
 NO_GPU_NOTE = "no GPU visible: 1 CPU process; use --cpu-ranks N for N gloo ranks"
 
@@ -94,6 +94,7 @@ def accelerate_command(
     available_gpus: int,
     port: int,
     visible_devices: str | None = None,
+    cfg: Config | None = None,
 ) -> list[str]:
     """The `accelerate launch ... -m train --config ...` argv.
 
@@ -101,9 +102,11 @@ def accelerate_command(
     `accelerate launch --cpu` starts a single process whatever --num_processes says, so several CPU ranks go
     through the multi-GPU launcher (torchrun underneath) with train.cpu=true, which makes the trainer's
     Accelerator(cpu=True) pick the MULTI_CPU/gloo path. ``visible_devices`` is the caller's CUDA_VISIBLE_DEVICES
-    (None when unset): a subset of GPUs is named by its physical ids (see ``gpu_ids_for``).
+    (None when unset): a subset of GPUs is named by its physical ids (see ``gpu_ids_for``). ``cfg``: the config and
+    overrides already loaded by the caller.
     """
-    cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
+    if cfg is None:
+        cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
     if gpus is not None and cpu_ranks is not None:
         raise ConfigError("--gpus and --cpu-ranks are exclusive: pick GPUs or CPU ranks")
     if gpus is not None and gpus < 1 or cpu_ranks is not None and cpu_ranks < 1:
@@ -144,6 +147,7 @@ def run_local(
 ) -> int:
     """Print the command, then (unless dry_run) run it in the foreground and return its exit code."""
     available = 0 if cpu_ranks else visible_gpus()
+    cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
     cmd = accelerate_command(
         config,
         overrides,
@@ -152,13 +156,14 @@ def run_local(
         available_gpus=available,
         port=port or free_port(),
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        cfg=cfg,
     )
     if available == 0 and cpu_ranks is None:
         # One process, not gloo ranks: its torch threads already use every core, and N ranks would split those
         # cores N ways and add an all-reduce per step. Say so: users coming from multi-GPU expect ranks.
         print(NO_GPU_NOTE, file=sys.stderr, flush=True)
     env = dict(os.environ)
-    on_cpu, n = _ranks(load_config(config, overrides).train.cpu, gpus, cpu_ranks, available)
+    on_cpu, n = _ranks(cfg.train.cpu, gpus, cpu_ranks, available)
     if on_cpu and not env.get("OMP_NUM_THREADS"):
         # torchrun sets OMP_NUM_THREADS=1 for several processes, and accelerate --cpu the machine's physical core
         # count (ignoring taskset/cgroup limits); the trainer would take either as the user's choice. Each CPU

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -162,11 +162,7 @@ def _gather(acc: Accelerator, feats: Tensor, labels: Tensor, keys: list[str]) ->
 
 def _on_every_rank(acc: Accelerator, flag: bool) -> bool:
     """True on every rank when ``flag`` is true on every rank (a collective: every rank must call it)."""
-    if acc.num_processes == 1:
-        return flag
-    votes: list = [None] * acc.num_processes
-    torch.distributed.all_gather_object(votes, bool(flag))
-    return all(votes)
+    return all(gather_object([bool(flag)])) if acc.num_processes > 1 else flag
 
 
 def split_features(cfg: Config, info: DatasetInfo, model: nn.Module, acc: Accelerator, split: str) -> dict:
