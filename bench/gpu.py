@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from train.config import ModelConfig, load_config  # noqa: E402
-from train.models import build_model  # noqa: E402
+from train.models.registry import build_model  # noqa: E402
 
 NUM_CLASSES = 2
 AUX_WEIGHT = 0.4  # InceptionV3's auxiliary logits, as the trainer weights them (model.aux_loss_weight)

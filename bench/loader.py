@@ -1,6 +1,6 @@
 """Training-pipeline throughput: our shard loader vs torchvision ImageFolder + DataLoader, in one run.
 
-Both sides use the same transforms (train/transforms.py at --image-size), the same batch size and the same
+Both sides use the same transforms (train/data/transforms.py at --image-size), the same batch size and the same
 number of workers; each pass is one full epoch including worker start-up, timed from iter() to the last
 batch. Passes alternate (ours, baseline, ours, ...) so load from other processes hits both alike; medians
 are printed, the ratio last. On a shared machine the wall-clock ratio swings with the other tenants' load, so the
@@ -35,8 +35,8 @@ from torchvision.datasets import ImageFolder
 
 from data_prep.info import INFO_NAME, SPLITS, load_info
 from train.config import DataConfig
-from train.data import TrainStream
-from train.transforms import train_transform
+from train.data.streams import TrainStream
+from train.data.transforms import train_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 

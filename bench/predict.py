@@ -1,7 +1,7 @@
 """catdog-predict throughput vs a naive loop, same photos, same model, same machine, one run; the ratio last.
 
 - ours: what catdog-predict runs after loading the model (``train.predict.predict``) with its CPU defaults: batches of
-  32, one worker process per CPU that decodes a batch and scores it (``train.inference.scored_batches``), BatchNorm
+  32, one worker process per CPU that decodes a batch and scores it (``train.use.inputs.scored_batches``), BatchNorm
   folded into the convolutions, channels_last; with each decode (``fast``, the default: catdog-prep's decode straight
   to the model's size, JPEG ``draft()`` for big photos; ``exact``: the pixels validation saw) and precision (fp32;
   bf16 where the CPU runs it natively, which ``--precision auto``, the default, picks for a bf16-trained model such
@@ -31,22 +31,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from data_prep.cpus import decode_workers, usable_cpus
 from data_prep.info import DatasetInfo
-from data_prep.prepare import PrepArgs, default_workers
-from train.bundle import load_bundle, make_meta, write_bundle
+from data_prep.prepare import PrepArgs
 from train.config import load_config
-from train.cpu_memory import keep_freed_memory
-from train.inference import (
-    TorchClassifier,
-    default_decode_workers,
-    expand_inputs,
-    resolve_precision,
-    scores_in_workers,
-)
-from train.models import build_model
-from train.precision import cpu_has_bf16
-from train.predict import CPU_BATCH, predict
-from train.transforms import eval_transform
+from train.data.transforms import eval_transform
+from train.formats.bundle import load_bundle, make_meta, write_bundle
+from train.hardware.memory import keep_freed_memory
+from train.hardware.precision import cpu_has_bf16
+from train.models.registry import build_model
+from train.use.classifier import TorchClassifier, resolve_precision
+from train.use.inputs import expand_inputs, scores_in_workers
+from train.use.predict import CPU_BATCH, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     default_threads = torch.get_num_threads()  # what a script that sets nothing gets: every core
-    # As catdog-predict does on CPU before its workers fork (train/cpu_memory.py): the batch's activations stay in
+    # As catdog-predict does on CPU before its workers fork (train/hardware/memory.py): the batch's activations stay in
     # the heap instead of being mapped and faulted in again per batch. Process-wide, so the naive loop has it too.
     keep_freed_memory()
     bf16 = cpu_has_bf16()
@@ -101,11 +97,9 @@ def main() -> None:
         clf0 = clfs["fp32"]
         naive_model = bundle.build().eval()  # as loaded: not fused, not channels_last
         transform = eval_transform(bundle.data_config(), bundle.image_size)
-        workers = (
-            default_decode_workers(False, scores=scores_in_workers(clf0)) if args.workers is None else args.workers
-        )
+        workers = decode_workers(False, scores=scores_in_workers(clf0)) if args.workers is None else args.workers
         # catdog-predict's threads for its own process (its workers run one each)
-        ours_threads = max(1, default_workers() - workers)
+        ours_threads = max(1, usable_cpus() - workers)
         # Every decode x precision; catdog-predict's default is fast decode at --precision auto (bf16 where the CPU
         # has it natively and the model trained in bf16, as the demo's did).
         variants = [(d, p) for d in ("fast", "exact") for p in clfs]
@@ -114,7 +108,7 @@ def main() -> None:
         entries, _ = expand_inputs([str(p) for p in paths])
         print(
             f"{len(paths)} photos from {args.src}; model {bundle.meta['model']['name']} at {bundle.image_size} px "
-            f"(prep {bundle.meta['prep']['image_size']} px) on {default_workers()} cores; ours: batch "
+            f"(prep {bundle.meta['prep']['image_size']} px) on {usable_cpus()} cores; ours: batch "
             f"{args.batch_size}, {workers} worker processes "
             f"({'decoding and scoring' if scores_in_workers(clf0) else 'decoding'}); naive: {default_threads} and 1 "
             "torch thread(s)"

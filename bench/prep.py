@@ -30,8 +30,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_prep.cpus import usable_cpus  # noqa: E402
 from data_prep.encode import EncodeOptions, encode_image  # noqa: E402
-from data_prep.prepare import PrepArgs, default_workers, run  # noqa: E402
+from data_prep.prepare import PrepArgs, run  # noqa: E402
 from data_prep.scan import IMAGE_EXTENSIONS  # noqa: E402
 
 
@@ -105,7 +106,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "catsdogs")
     p.add_argument("--limit", type=int, default=0, help="use only this many images (spread over the folders)")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--workers", type=int, default=usable_cpus())
     p.add_argument("--image-size", type=int, default=320)
     p.add_argument("--quality", type=int, default=90)
     a = p.parse_args()
@@ -113,7 +114,7 @@ def main() -> None:
     files = list_images(a.data, a.limit or None)
     blobs = [f.read_bytes() for f in files]  # also warms the page cache for all three measurements
     opts = EncodeOptions(image_size=a.image_size, quality=a.quality)
-    cores = default_workers()
+    cores = usable_cpus()
     print(f"{len(files):,} images from {a.data}; {cores} cores, catdog-prep --workers {a.workers}; {a.repeats} repeats")
     print(f"load average before: {os.getloadavg()[0]:.2f} (other processes on the machine skew every figure)")
     results: dict[str, list[tuple[float, float]]] = {"catdog-prep": [], "naive loop": [], "floor (1 core)": []}

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from train.config import load_config  # noqa: E402
-from train.engine import EpochTotals, train_one_epoch  # noqa: E402
-from train.models import build_model  # noqa: E402
-from train.precision import choose_precision  # noqa: E402
+from train.hardware.precision import choose_precision  # noqa: E402
+from train.loop.epoch import EpochTotals, StepRecipe, train_one_epoch  # noqa: E402
+from train.models.registry import build_model  # noqa: E402
 
 
 def bare_loop(model, opt, batches, lr: float, autocast_dtype) -> float:
@@ -95,8 +95,7 @@ def main() -> int:
             start_batch=0,
             num_batches=len(batches),
             totals=EpochTotals(),
-            label_smoothing=0.0,
-            channels_last=cl,
+            recipe=StepRecipe(channels_last=cl),
         )
         return time.perf_counter() - t0
 

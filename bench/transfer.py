@@ -55,15 +55,14 @@ def _transfer_run(shards: Path, run_dir: Path, xdg: Path, overrides: list[str]) 
 def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, bool], float]:
     import torch
 
+    from data_prep.cpus import usable_cpus
     from data_prep.info import load_info
-    from data_prep.prepare import default_workers
     from train.config import load_config
-    from train.data import eval_loader
-    from train.features import backbone_features
-    from train.models import build_model
-    from train.precision import native_bf16
+    from train.data.streams import eval_loader
+    from train.hardware.precision import native_bf16
+    from train.models.registry import build_model
 
-    torch.set_num_threads(default_workers())
+    torch.set_num_threads(usable_cpus())
     cfg = load_config(ROOT / "configs" / "inception_v3.yaml", [f"data.dir={shards}"])
     loader = eval_loader(
         cfg.data,
@@ -89,7 +88,7 @@ def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, boo
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 for i in range(reps + 1):
                     t0 = time.perf_counter()
-                    backbone_features(model, xx)
+                    model.features(xx)
                     if i:  # the first pass builds oneDNN kernels
                         times.append(time.perf_counter() - t0)
             out[(channels_last, bf16)] = len(x) / statistics.median(times)
@@ -104,15 +103,15 @@ def _finetune_speed(shards: Path, batch: int, reps: int) -> dict[bool, float]:
     import torch
     from accelerate import Accelerator
 
+    from data_prep.cpus import usable_cpus
     from data_prep.info import load_info
-    from data_prep.prepare import default_workers
     from train.config import load_config
-    from train.data import eval_loader
-    from train.engine import EpochTotals, train_one_epoch
-    from train.models import build_model
-    from train.trainer import make_optimizer
+    from train.data.streams import eval_loader
+    from train.loop.epoch import EpochTotals, StepRecipe, train_one_epoch
+    from train.models.registry import build_model
+    from train.run.setup import make_optimizer
 
-    torch.set_num_threads(default_workers())
+    torch.set_num_threads(usable_cpus())
     cfg = load_config(ROOT / "configs" / "inception_v3_finetune.yaml", [f"data.dir={shards}"])
     loader = eval_loader(
         cfg.data,
@@ -144,7 +143,7 @@ def _finetune_speed(shards: Path, batch: int, reps: int) -> dict[bool, float]:
                     start_batch=0,
                     num_batches=1,
                     totals=EpochTotals(),
-                    channels_last=True,
+                    recipe=StepRecipe(channels_last=True),
                 )
             if i:
                 times.append(r["seconds"])
@@ -164,7 +163,7 @@ def main() -> int:
     ap.add_argument("--skip-transfer", action="store_true", help="only the speeds (shards must exist)")
     ap.add_argument("overrides", nargs="*", help="extra trainer overrides for the transfer run")
     args = ap.parse_args()
-    from train import pretrained
+    from train.models import pretrained
 
     work = Path(args.work)
     shards = work / f"shards{args.shard_size}"

@@ -8,7 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from data_prep.prepare import PrepArgs, PrepError, default_workers, run
+from data_prep.cpus import usable_cpus
+from data_prep.prepare import PrepArgs, PrepError, run
 from data_prep.scan import LAYOUTS
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         metavar="N",
         type=int,
-        default=default_workers(),
+        default=usable_cpus(),
         help="decode/encode processes (default: all %(default)s cores); the output is identical for any value",
     )
     p.add_argument("--quality", metavar="Q", type=int, default=d.quality, help="JPEG quality (default %(default)s)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -37,3 +38,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` at ``final``, replacing a folder already there, by renames only: a reader
+    sees the old folder or the new one, never a mix. A kill between the two renames leaves the old one as a hidden
+    ``.tmp-old-<name>`` folder, which the writers' clean-up of ``.tmp-*`` names removes."""
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)

@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.atomic import atomic_write_json, tmp_path_for
+from data_prep.cpus import usable_cpus
 from data_prep.encode import EncodeOptions, encode_batch
 from data_prep.info import INFO_NAME, SPLITS, splits_json
 from data_prep.plan import Plan, hash_file, make_plan
@@ -60,13 +61,6 @@ class WorkerDied(PrepError):
     """A pool worker was killed (kill -9, the out-of-memory killer): the pool is broken."""
 
 
-def default_workers() -> int:
-    """Cores this process may run on (respects taskset/SLURM/cgroup CPU affinity, unlike os.cpu_count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def tool_version() -> str:
     try:
         return version("catdog")
@@ -83,7 +77,7 @@ class PrepArgs:
     test_fraction: float = 0.1
     shard_max_count: int = 1000
     shard_max_size: int = 256_000_000
-    workers: int = field(default_factory=default_workers)
+    workers: int = field(default_factory=usable_cpus)
     quality: int = 90
     seed: int = 0
     max_pixels: int = 100_000_000

@@ -1,7 +1,7 @@
 """The tar format of catdog's shards in one place: writing members, reading headers back, and the member index.
 
 Writer (catdog-prep): ustar members with fixed metadata, built by hand so no clock, user or tarfile record padding
-leaks into the bytes. Reader (train/data.py): every regular member's (name, data offset, size), from the index file
+leaks into the bytes. Reader (train/data/): every regular member's (name, data offset, size), from the index file
 catdog-prep writes next to each shard when it is there and matches the shard, else by scanning the headers (one
 512-byte pread per member; tarfile for the rare tars the fast scan does not handle).
 

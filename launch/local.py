@@ -167,10 +167,10 @@ def run_local(
     if on_cpu and not env.get("OMP_NUM_THREADS"):
         # torchrun sets OMP_NUM_THREADS=1 for several processes, and accelerate --cpu the machine's physical core
         # count (ignoring taskset/cgroup limits); the trainer would take either as the user's choice. Each CPU
-        # rank gets its share of the CPUs this process may use (what the trainer's cpu_threads would pick).
-        from data_prep.prepare import default_workers
+        # rank gets its share of the CPUs this process may use (what data_prep.cpus.threads_per_rank would pick).
+        from data_prep.cpus import usable_cpus
 
-        env["OMP_NUM_THREADS"] = str(max(1, default_workers() // n))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // n))
     shown = [f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"] if on_cpu else []
     print(shlex.join([*shown, *cmd]), flush=True)
     if dry_run:

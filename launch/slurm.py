@@ -1,7 +1,7 @@
 """SLURM launch through submitit: one task per GPU (or CPU rank), the trainer's own `main(cfg)` in each.
 
 The submitit callable follows MAE/DINOv2: `SlurmTrainer.__call__` exports the torch.distributed variables
-from SLURM's and calls `train.trainer.main`; `checkpoint()` (rank 0, on USR2 before a time limit or a
+from SLURM's and calls `train.run.main.main`; `checkpoint()` (rank 0, on USR2 before a time limit or a
 preemption) returns a new submission of itself, submitit requeues the job, and the trainer's auto-resume
 continues from the newest checkpoint in the same run dir, with the W&B run id kept in run.dir/wandb_run_id.
 """
@@ -25,6 +25,7 @@ from submitit.core.utils import FailedJobError
 
 from data_prep.atomic import atomic_write_json
 from train.config import Config, ConfigError, load_config, save_config
+from train.formats.rundir import pin_resume, start_over
 
 from .slurm_config import SlurmConfig
 
@@ -63,15 +64,15 @@ class SlurmTrainer:
     def __call__(self) -> dict:
         job = submitit.JobEnvironment()
         export_distributed_env(job.job_id)
-        from train.distributed import StopFlag  # late: keeps submission light
-        from train.trainer import main
+        from train.run.distributed import StopFlag  # late: keeps submission light
+        from train.run.main import main
 
         # USR2 (SLURM's warning before a time limit, or a preemption) must not requeue mid-step with the work
         # since the last checkpoint lost, which is what submitit's own handler would do. During the training loop
         # ours only sets a flag: every rank stops at the same step boundary, they save one checkpoint together,
         # and then we hand over to submitit's handler, which calls checkpoint() below and requeues the job (on
         # rank 0; on the others it returns). Outside the loop the signal goes to submitit's handler at once
-        # (train/distributed.py StopFlag). The signal is submitit's (SUBMITIT_PREEMPT_SIGNAL, default USR2): the
+        # (train/run/distributed.py StopFlag). The signal is submitit's (SUBMITIT_PREEMPT_SIGNAL, default USR2): the
         # one its sbatch script asked SLURM for.
         stop = StopFlag()
         stop.install(preempt_signal(job))
@@ -98,7 +99,7 @@ def export_distributed_env(job_id: str) -> None:
     torch.distributed, from SLURM's variables; the trainer's Accelerator() then joins that process group.
 
     CUDA_VISIBLE_DEVICES is left as SLURM set it: every task of a node sees the job's GPUs there and rank i trains
-    on cuda:<local rank i> (train/distributed.py). submitit's default would narrow each task to the GPU numbered
+    on cuda:<local rank i> (train/hardware/gpus.py). submitit's default would narrow each task to the GPU numbered
     like its local rank, so every rank sees one GPU (cuda:0) while Accelerate gives DDP device_ids=[local rank]:
     rank 1 would ask for device 1 in a one-device world and crash at the first step.
     overwrite: values inherited from the submitting shell (sbatch exports its environment) are wrong here.
@@ -423,7 +424,6 @@ def launch(
         if not (Path(cfg.data.dir) / "_info.json").is_file():
             raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")
         _check_not_running(Path(cfg.run.dir))
-    from train.checkpoint import pin_resume, start_over  # late: they import accelerate (`status` need not)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for _, cfg in points:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from data_prep.info import load_info
 from train.config import DataConfig
-from train.data import TrainStream, eval_loader
+from train.data.streams import TrainStream, eval_loader
 
 
 def main(root: str, out: str, per_device_batch: int) -> None:

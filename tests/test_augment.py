@@ -13,9 +13,9 @@ from train_helpers import TINY, make_shards, run_train
 
 from data_prep.info import load_info
 from train.config import AugmentConfig, ConfigError, DataConfig, load_config
-from train.data import TrainStream
-from train.engine import EpochTotals, classification_loss
-from train.transforms import normalise
+from train.data.streams import TrainStream
+from train.data.transforms import normalise
+from train.loop.epoch import EpochTotals, classification_loss
 
 OPTIONS = {
     "trivial+erasing": {"policy": "trivial", "erasing": 0.5},
@@ -118,8 +118,8 @@ def test_batch_colour_equals_torchvision_colour_ops_in_the_drawn_order(real_data
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
 
-    from train.data import decode_rgb
-    from train.transforms import BatchColour
+    from train.data.reader import decode_rgb
+    from train.data.transforms import BatchColour
 
     c = DataConfig(dir="unused", augment=AugmentConfig(color_jitter=0.4))
     crop = v2.Compose([v2.Resize(48), v2.CenterCrop(48)])

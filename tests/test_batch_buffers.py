@@ -1,4 +1,4 @@
-"""train/batch_buffers.py: workers reuse shared-memory batch buffers, and reuse never overwrites a batch the
+"""train/data/batch_buffers.py: workers reuse shared-memory batch buffers, and reuse never overwrites a batch the
 consumer still holds (real DataLoader worker processes over small real shards, and the protocol in-process)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 from data_shards import SHARD_LENGTHS, tiny_jpegs, write_shards
 
 from data_prep.info import load_info
-from train.batch_buffers import BUDGET_BYTES, PER_WORKER, BatchBuffers, shm_budget
 from train.config import DataConfig
-from train.data import EvalSet, TrainStream, eval_loader
+from train.data.batch_buffers import BUDGET_BYTES, PER_WORKER, BatchBuffers, shm_budget
+from train.data.streams import EvalSet, TrainStream, eval_loader
 
 SIZE = 32
 BATCH = 2  # 27 training samples: 14 batches, 7 per worker of 2 -- more than a worker's PER_WORKER buffers

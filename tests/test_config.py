@@ -8,8 +8,9 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
+from data_prep.cpus import auto_num_workers
 from train.__main__ import cli
-from train.config import VAL_METRICS, ConfigError, auto_num_workers, load_config, save_config
+from train.config import VAL_METRICS, ConfigError, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -113,7 +114,7 @@ def test_per_device_batch_must_divide():
 def test_an_aux_head_with_no_loss_weight_is_refused_on_several_processes(caplog):
     # Nothing trains it, and DDP fails at the second step on its parameters that get no gradient. Configs, bundles
     # and run dirs with it still load; training refuses it on several processes and warns on one.
-    from train.trainer import check_aux_head
+    from train.run.setup import check_aux_head
 
     cfg = load_config(None, ["data.dir=x", "model.name=inception_v3", "model.aux_loss_weight=0"])
     with pytest.raises(ConfigError, match="model.aux_logits=true with model.aux_loss_weight=0 on 2 processes"):
@@ -151,7 +152,7 @@ def test_mixed_precision_no_typed_on_a_real_command_line(tmp_path, real_data):
 
 
 def test_auto_precision_follows_what_the_hardware_supports():
-    from train.precision import choose_precision
+    from train.hardware.precision import choose_precision
 
     # The hardware's answer is simulated both ways (no bf16-capable and bf16-less machine exists side by side here).
     assert choose_precision("auto", "cpu", cpu_bf16=lambda: True) == ("bf16", "the CPU has AVX512-BF16 or AMX")

@@ -1,4 +1,4 @@
-"""CPU training keeps freed memory in the heap (train/cpu_memory.py): large tensors stop being fresh mmaps.
+"""CPU training keeps freed memory in the heap (train/hardware/memory.py): large tensors stop being fresh mmaps.
 
 Each case runs in a fresh interpreter: the allocator setting is process-wide and cannot be undone.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from train.cpu_memory import user_choice
+from train.hardware.memory import user_choice
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import ctypes, json, os, sys
 import torch
-from train.cpu_memory import keep_freed_memory
+from train.hardware.memory import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

@@ -1,4 +1,4 @@
-"""train/data.py and train/transforms.py on small real shards (real photos at 64 px), in one process."""
+"""train/data/ and train/data/transforms.py on small real shards (real photos at 64 px), in one process."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ import webdataset as wds
 from data_shards import SHARD_LENGTHS, rewrite_member, tiny_jpegs, write_shards
 from PIL import Image
 
-import train.data as data_mod
+import train.data.reader as data_mod
 from data_prep.info import load_info
 from train.config import DataConfig
-from train.data import DataError, TrainStream, epoch_order, eval_loader, index_shard
-from train.transforms import eval_transform, normalise, train_augment, train_transform
+from train.data.order import epoch_order
+from train.data.reader import DataError, index_shard
+from train.data.streams import TrainStream, eval_loader
+from train.data.transforms import eval_transform, normalise, train_augment, train_transform
 
 SIZE = 32  # model input size in these tests: small keeps decode + crop cheap
 
@@ -489,7 +491,7 @@ def test_reads_survive_short_reads_and_a_stale_descriptor(tmp_path, real_data, m
 
     write_shards(tmp_path, tiny_jpegs(real_data, 6), {"train": [6]})
     info = load_info(tmp_path)
-    reader = data_mod._Reader([index_shard(p) for p in info.shard_paths("train")], info.num_classes)
+    reader = data_mod.ShardReader([index_shard(p) for p in info.shard_paths("train")], info.num_classes)
     expected = [reader.load(0, i) for i in range(6)]
     real_preadv, real_open, calls, opened = os.preadv, os.open, [], []
 

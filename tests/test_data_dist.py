@@ -1,4 +1,4 @@
-"""train/data.py under a real 2-process gloo run (torchrun): no hang, exact-once eval, world-size equivalence."""
+"""train/data/ under a real 2-process gloo run (torchrun): no hang, exact-once eval, world-size equivalence."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from data_shards import SHARD_LENGTHS, tiny_jpegs, write_shards
 
 from data_prep.info import load_info
 from train.config import DataConfig
-from train.data import TrainStream
+from train.data.streams import TrainStream
 
 RANK_SCRIPT = Path(__file__).with_name("data_rank.py")
 

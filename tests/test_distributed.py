@@ -1,4 +1,4 @@
-"""train/distributed.py and the SLURM task environment: which GPU each rank takes, the stop-on-signal flag,
+"""train/hardware/gpus.py, train/run/distributed.py and the SLURM task environment: which GPU each rank takes, the stop-on-signal flag,
 per-rank random streams.
 
 No GPU exists here: the CUDA device COUNT is a parameter of cuda_device_plan (a mocked number of visible GPUs,
@@ -18,7 +18,8 @@ import pytest
 import torch
 from train_helpers import TINY, make_shards
 
-from train.distributed import CpuSyncBatchNorm, DeviceError, StopFlag, convert_sync_batchnorm, cuda_device_plan
+from train.hardware.gpus import DeviceError, cuda_device_plan
+from train.run.distributed import CpuSyncBatchNorm, StopFlag, convert_sync_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def test_more_ranks_than_visible_gpus_is_a_clear_error():
 
 
 def test_accelerates_device_is_checked_against_the_plan():
-    from train.trainer import check_device
+    from train.run.setup import check_device
 
     plan = cuda_device_plan({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, visible=2)  # mocked GPU count
     check_device(torch.device("cuda", 1), plan, current=1)
@@ -176,7 +177,7 @@ def test_barrier_runs_on_the_ranks_own_gpu(monkeypatch):
 
     import torch.distributed as dist
 
-    from train.distributed import wait_for_everyone
+    from train.hardware.gpus import wait_for_everyone
 
     calls = []
     monkeypatch.setattr(dist, "barrier", lambda **kw: calls.append(kw))
@@ -195,7 +196,7 @@ def test_bare_module_leaves_the_compiled_training_model_alone(tmp_path):
     test scoring failed) and re-pointed it from DDP to the bare module (DDP's no_sync gone)."""
     import torch.distributed as dist
 
-    from train.trainer import bare_module
+    from train.run.setup import bare_module
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2))
     compiled = torch.compile(net)  # compiled lazily: nothing is compiled here
@@ -227,7 +228,8 @@ def test_ranks_start_from_the_same_weights_but_draw_different_dropout(tmp_path, 
         "import json, sys, torch\n"
         "from train.config import load_config\n"
         "from data_prep.info import load_info\n"
-        "from train.trainer import make_accelerator, build\n"
+        "from train.run.images import build\n"
+        "from train.run.setup import make_accelerator\n"
         "from pathlib import Path\n"
         "cfg = load_config(None, sys.argv[1:])\n"
         "acc = make_accelerator(cfg, Path(cfg.run.dir))\n"

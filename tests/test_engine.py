@@ -1,4 +1,4 @@
-"""engine (schedule, evaluate's metrics), checkpoint (atomic layout, pruning, weights_only loading, resume checks)
+"""engine (schedule, score's metrics), checkpoint (atomic layout, pruning, weights_only loading, resume checks)
 and the CSV tracker, in-process."""
 
 from __future__ import annotations
@@ -16,22 +16,21 @@ from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 from torch import nn
 
-from train.checkpoint import (
+from data_prep.cpus import threads_per_rank
+from train.config import VAL_METRICS, ConfigError, load_config
+from train.formats.rundir import (
     STATE_NAME,
-    CheckpointError,
     TrainerState,
-    check_resumable,
     complete_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
     remove_partial,
-    save_checkpoint,
 )
-from train.config import VAL_METRICS, ConfigError, load_config
-from train.engine import evaluate, lr_at
-from train.tracking import CsvTracker, truncate_csv
-from train.trainer import cpu_threads, make_accelerator
+from train.loop.epoch import lr_at
+from train.loop.scoring import score
+from train.run.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from train.run.setup import make_accelerator
+from train.run.tracking import CsvTracker, truncate_csv
 
 
 def test_lr_warmup_then_cosine_to_floor():
@@ -43,7 +42,7 @@ def test_lr_warmup_then_cosine_to_floor():
 
 
 class FixedLogits(nn.Module):
-    """Returns the logits stored for each input id: evaluate() is then checked against hand counts."""
+    """Returns the logits stored for each input id: score() is then checked against hand counts."""
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
@@ -61,7 +60,7 @@ def test_evaluate_matches_hand_computed_metrics():
     ids = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2)
     batches = [(ids[i : i + 8], labels[i : i + 8]) for i in range(0, n, 8)]  # uneven last batch
     acc = Accelerator(cpu=True)
-    out = evaluate(FixedLogits(logits), batches, acc, num_classes=2)
+    out = score(FixedLogits(logits), batches, acc, num_classes=2)
     pred = logits.argmax(1)
     tp = int(((pred == 1) & (labels == 1)).sum())
     fp = int(((pred == 1) & (labels == 0)).sum())
@@ -81,7 +80,7 @@ def test_evaluate_matches_hand_computed_metrics():
     assert out["val/auroc"] == pytest.approx(exact, abs=1e-2)
     roc = out["val/roc"]
     assert min(roc["fpr"]) == 0.0 and max(roc["fpr"]) == 1.0 and max(roc["tpr"]) == 1.0
-    # train.early_stop_metric is validated against VAL_METRICS at config load: it must be what evaluate reports.
+    # train.early_stop_metric is validated against VAL_METRICS at config load: it must be what score reports.
     assert {k for k, v in out.items() if isinstance(v, float)} == {f"val/{m}" for m in VAL_METRICS}
 
 
@@ -105,10 +104,10 @@ def test_evaluate_in_deterministic_mode_gives_the_same_metrics_and_keeps_the_swi
     ids = torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1).expand(40, 3, 2, 2)
     batches = [(ids[i : i + 20], labels[i : i + 20]) for i in (0, 20)]
     acc = Accelerator(cpu=True)
-    plain = evaluate(FixedLogits(logits), batches, acc, num_classes=2)
+    plain = score(FixedLogits(logits), batches, acc, num_classes=2)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        strict = evaluate(FixedLogits(logits), batches, acc, num_classes=2)
+        strict = score(FixedLogits(logits), batches, acc, num_classes=2)
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
@@ -119,7 +118,7 @@ def test_evaluate_in_deterministic_mode_gives_the_same_metrics_and_keeps_the_swi
 def test_evaluate_auroc_is_nan_when_val_has_one_class():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.5]])
     ids = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 3, 2, 2)
-    out = evaluate(FixedLogits(logits), [(ids, torch.zeros(3, dtype=torch.long))], Accelerator(cpu=True), num_classes=2)
+    out = score(FixedLogits(logits), [(ids, torch.zeros(3, dtype=torch.long))], Accelerator(cpu=True), num_classes=2)
     assert math.isnan(out["val/auroc"])  # undefined, not the 0.0 the binned metric would report
     assert out["val/accuracy"] == pytest.approx(2 / 3) and out["val/confusion_matrix"] == [[2, 1], [0, 0]]
 
@@ -279,8 +278,8 @@ def test_cpu_threads_split_cores_between_local_ranks(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     cores = len(os.sched_getaffinity(0))
-    assert cpu_threads() == max(1, cores // 2)
+    assert threads_per_rank() == max(1, cores // 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit choice wins
-    assert cpu_threads() == 3
+    assert threads_per_rank() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # OpenMP's per-nesting-level list: the first level is ours
-    assert cpu_threads() == 3
+    assert threads_per_rank() == 3

@@ -12,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from data_shards import rewrite_member, tiny_jpegs, write_shards
 from safetensors.torch import load_file
 from train_helpers import run_env_ranks, run_train, run_train_failing
 
 from data_prep.info import load_info
-from train import features, pretrained
 from train.config import ConfigError, load_config
-from train.data import eval_loader
-from train.models import build_model
-from train.precision import native_bf16
+from train.data.streams import eval_loader
+from train.hardware.precision import native_bf16
+from train.loop.epoch import batch_reseeder
+from train.models import pretrained
+from train.models.registry import build_model
+from train.run import feature_cache as features
+from train.run.features import epoch_batches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where run_train trains
 LENGTHS = {"train": [32, 32], "val": [40]}  # alternating cat/dog: balanced splits
@@ -119,6 +123,39 @@ def test_transfer_run_learns_keeps_the_backbone_and_writes_a_normal_run_dir(shar
     again = json.loads((tmp_path / "again" / "final_metrics.json").read_text())
     assert again["features/cached"] is True and again["features/extract_seconds"] < 5
     assert list((xdg / "catdog" / "features").glob(".tmp-*")) == []
+
+
+def test_a_cached_feature_run_logs_the_loss_and_accuracy_its_head_trained_with(shards, xdg, tmp_path, monkeypatch):
+    """train/loss and train/accuracy of a cached-feature run are its head's (they were logged as 0.0). At a zero
+    learning rate the head keeps its initial weights, so every epoch's numbers are recomputed here from the cached
+    train features: the run's epoch order and its per-batch dropout seeds, the initial head, the loss."""
+    run_dir = tmp_path / "run"
+    overrides = [*BASE, f"data.dir={shards}", "train.batch_size=16", "optim.lr=0"]
+    run_train([*overrides, f"run.dir={run_dir}", "train.epochs=2"], XDG_CACHE_HOME=str(xdg))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    cfg = load_config(None, overrides)
+    key, _ = features.cache_key(cfg, load_info(shards), "train", final["features/bf16"])
+    cached = load_file(str(features.features_dir() / f"{key}.safetensors"))
+    set_seed(cfg.train.seed)  # as the run did before building its model: the same initial head
+    head = build_model(cfg.model, 2).head().train()
+    assert len(rows) == 2
+    for epoch, row in enumerate(rows):
+        batches = epoch_batches(cached["features"], cached["labels"], 16, cfg.train.seed, epoch)
+        reseed = batch_reseeder(cfg.train.seed, epoch)
+        loss_sum = correct = 0.0
+        with torch.no_grad():
+            for b, (x, y) in enumerate(batches):
+                reseed(b)
+                logits = head(x)
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+        n = len(cached["labels"])
+        assert row["train/loss"] == pytest.approx(loss_sum / n, rel=1e-4), epoch
+        assert row["train/accuracy"] == pytest.approx(correct / n, abs=1e-9), epoch
+        assert row["train/loss"] > 0.1  # an untrained 2-class head: about log(2), nothing like 0.0
 
 
 def test_cache_is_reused_and_invalidated_when_an_input_changes(shards, xdg, tmp_path, monkeypatch):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from train import pretrained
 from train.config import ConfigError, load_config
-from train.engine import EpochTotals, train_one_epoch
-from train.models import build_model
-from train.trainer import make_optimizer
+from train.loop.epoch import EpochTotals, train_one_epoch
+from train.models import pretrained
+from train.models.registry import build_model
+from train.run.setup import make_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

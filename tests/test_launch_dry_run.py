@@ -234,7 +234,7 @@ def test_the_requeued_callable_resumes_automatically(tmp_path: Path):
 def test_a_checkpoint_path_is_copied_at_submission_so_a_requeue_continues_its_own_progress(tmp_path: Path):
     """train.resume=PATH: SLURM reruns a requeued job as submitted; with the path it would go back to that
     checkpoint and drop what it trained since. launch() copies it into the run dir and submits resume=auto."""
-    from train.checkpoint import STATE_NAME, pin_resume
+    from train.formats.rundir import STATE_NAME, pin_resume
 
     def checkpoint(folder: Path, best: str = "") -> Path:
         folder.mkdir(parents=True)

@@ -16,7 +16,7 @@ from launch_helpers import make_shards, tiny_config
 from launch.__main__ import main
 from launch.local import NO_GPU_NOTE, accelerate_command, gpu_ids_for
 from train.config import ConfigError
-from train.precision import cpu_has_bf16
+from train.hardware.precision import cpu_has_bf16
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import torch
 from torchvision.models import inception_v3 as tv_inception_v3
 
 from train.config import MODEL_NAMES, ConfigError, ModelConfig
-from train.engine import classification_loss
-from train.models import MODELS, build_model
+from train.loop.epoch import classification_loss
+from train.models.registry import MODELS, build_model
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from train import pretrained
 from train.config import ModelConfig
-from train.models import build_model
+from train.models import pretrained
+from train.models.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = pretrained.TF_INCEPTION_V3
@@ -138,7 +138,7 @@ def test_checksum_mismatch_is_one_clear_line_and_nothing_is_converted(tf_archive
     data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
     bad.write_bytes(bytes(data))
     proc = subprocess.run(
-        [sys.executable, "-m", "train.pretrained", "fetch"],
+        [sys.executable, "-m", "train.models.pretrained", "fetch"],
         cwd=ROOT,
         env=os.environ.copy(),
         capture_output=True,
@@ -155,7 +155,7 @@ def test_checksum_mismatch_is_one_clear_line_and_nothing_is_converted(tf_archive
 def test_missing_archive_offline_is_one_clear_line(tmp_cache, monkeypatch):
     _no_index(monkeypatch)
     proc = subprocess.run(
-        [sys.executable, "-m", "train.pretrained", "fetch"],
+        [sys.executable, "-m", "train.models.pretrained", "fetch"],
         cwd=ROOT,
         env=os.environ.copy(),
         capture_output=True,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from train_helpers import ROOT, TINY, env, make_shards, run_train
 
-from train.report import load_run, markdown_table
+from train.use.report import load_run, markdown_table
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def two_runs(real_data, tmp_path_factory):
 def test_report_writes_table_and_figures_and_logs_a_wandb_table(two_runs, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "-m", "train.report", *map(str, two_runs), "--out", str(out), "--wandb"],
+        [sys.executable, "-m", "train.use.report", *map(str, two_runs), "--out", str(out), "--wandb"],
         cwd=ROOT,
         env=env(WANDB_MODE="offline"),
         capture_output=True,
@@ -66,7 +66,7 @@ def test_report_rows_describe_transfer_modes(two_runs):
 
 def test_not_a_run_dir_is_one_clear_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "train.report", str(tmp_path), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "train.use.report", str(tmp_path), "--out", str(tmp_path / "o")],
         cwd=ROOT,
         env=env(),
         capture_output=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prep_helpers import make_tree
 
-import train.data as data_mod
+import train.data.reader as data_mod
 from data_prep.atomic import atomic_write_bytes
 from data_prep.info import load_info
 from data_prep.prepare import PrepArgs, run
@@ -26,7 +26,7 @@ from data_prep.tarformat import (
     tar_member,
     tarfile_members,
 )
-from train.data import index_shard
+from train.data.reader import index_shard
 
 
 @pytest.fixture(scope="module")

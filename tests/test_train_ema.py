@@ -13,12 +13,12 @@ from torch import nn
 from train_helpers import TINY, make_shards, run_train
 
 from data_prep.info import load_info
-from train.checkpoint import STATE_NAME, eval_weights_file
 from train.config import load_config
-from train.data import eval_loader
-from train.ema import EMA_NAME, WeightEMA, ema_decay_at
-from train.engine import evaluate
-from train.models import build_model
+from train.data.streams import eval_loader
+from train.formats.rundir import EMA_WEIGHTS, STATE_NAME, validated_weights
+from train.loop.ema import WeightEMA, ema_decay_at
+from train.loop.scoring import score
+from train.models.registry import build_model
 
 
 def test_decay_ramp_and_update_rule_match_the_formulas():
@@ -62,9 +62,9 @@ def test_state_round_trips_with_the_update_count(tmp_path):
         ema.update(model)
     tensors, meta = ema.state()
     assert set(tensors) == set(model.state_dict())  # the model's keys: a plain model loads it
-    save_file(tensors, str(tmp_path / EMA_NAME), metadata=meta)
+    save_file(tensors, str(tmp_path / EMA_WEIGHTS), metadata=meta)
     other = WeightEMA(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), decay=0.99, warmup=True)
-    other.load(tmp_path / EMA_NAME)
+    other.load(tmp_path / EMA_WEIGHTS)
     assert other.updates == 3
     for k, v in ema.module.state_dict().items():
         assert torch.equal(other.module.state_dict()[k], v), k
@@ -79,7 +79,7 @@ def _score(weights: dict, cfg, shards, split: str) -> dict:
         cfg.data, info, split=split, batch_size=cfg.eval.batch_size, image_size=cfg.model.input_size(), rank=0,
         world_size=1,
     )  # fmt: skip
-    return evaluate(model, batches, Accelerator(cpu=True), num_classes=info.num_classes, prefix=split)
+    return score(model, batches, Accelerator(cpu=True), num_classes=info.num_classes, prefix=split)
 
 
 @pytest.mark.slow
@@ -94,9 +94,9 @@ def test_run_with_ema_validates_and_tests_the_averaged_weights(tmp_path, real_da
     final = json.loads((run_dir / "final_metrics.json").read_text())
     last = run_dir / "checkpoints" / "step_00000010"
     state = json.loads((last / STATE_NAME).read_text())
-    assert state["eval_weights"] == EMA_NAME and eval_weights_file(last) == last / EMA_NAME
+    assert state["eval_weights"] == EMA_WEIGHTS and validated_weights(last) == last / EMA_WEIGHTS
 
-    ema, raw = load_file(str(last / EMA_NAME)), load_file(str(last / "model.safetensors"))
+    ema, raw = load_file(str(last / EMA_WEIGHTS)), load_file(str(last / "model.safetensors"))
     assert ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
     # Validation after the last epoch scored the EMA weights, not the raw ones.
@@ -105,10 +105,10 @@ def test_run_with_ema_validates_and_tests_the_averaged_weights(tmp_path, real_da
     assert by_raw["val/loss"] != pytest.approx(by_ema["val/loss"], rel=1e-3)
     # The test split was scored on the best checkpoint's EMA weights.
     best = run_dir / "checkpoints" / final["best_checkpoint"]
-    assert final["test/weights"] == EMA_NAME
-    by_best = _score(load_file(str(best / EMA_NAME)), cfg, shards, "test")
+    assert final["test/weights"] == EMA_WEIGHTS
+    by_best = _score(load_file(str(best / EMA_WEIGHTS)), cfg, shards, "test")
     assert final["test/loss"] == pytest.approx(by_best["test/loss"], rel=1e-5)
     # The bundle the run wrote (run.dir/model/) carries the weights that were validated: the best's EMA weights.
     bundled = load_file(str(run_dir / "model" / "model.safetensors"))
-    best_ema = load_file(str(best / EMA_NAME))
+    best_ema = load_file(str(best / EMA_WEIGHTS))
     assert bundled.keys() == best_ema.keys() and all(torch.equal(bundled[k], best_ema[k]) for k in bundled)

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import ROOT, TINY, env, final_weights, make_shards, run_train, run_train_failing, train_cmd
 
-from train.checkpoint import STATE_NAME, latest_checkpoint
-from train.ema import EMA_NAME
+from train.formats.rundir import EMA_WEIGHTS, STATE_NAME, latest_checkpoint
 
 
 @pytest.mark.slow
@@ -80,7 +79,7 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
-    ema_a, ema_b = (load_file(str(latest_checkpoint(r / "checkpoints") / EMA_NAME)) for r in (straight, killed))
+    ema_a, ema_b = (load_file(str(latest_checkpoint(r / "checkpoints") / EMA_WEIGHTS)) for r in (straight, killed))
     assert ema_a.keys() == a.keys() and any(not torch.equal(ema_a[k], a[k]) for k in a)
     for k in ema_a:
         torch.testing.assert_close(ema_b[k], ema_a[k], rtol=1e-5, atol=1e-6, msg=f"EMA {k}")

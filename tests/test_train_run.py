@@ -11,7 +11,7 @@ import yaml
 from data_shards import rewrite_member
 from train_helpers import TINY, make_shards, run_train
 
-from train.cpu_memory import user_choice
+from train.hardware.memory import user_choice
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key; must never land on disk
 
@@ -74,7 +74,7 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
     log = (run_dir / "train.log").read_text()
     assert "2 process(es) (MULTI_CPU" in log and "epoch 3:" in log and "final:" in log
     assert log.count("INFO epoch 1:") == 1  # only rank 0 logs
-    assert log.count("CPU memory: ") == 1  # train/cpu_memory.py, said once
+    assert log.count("CPU memory: ") == 1  # train/hardware/memory.py, said once
     if not user_choice(os.environ) and platform.libc_ver()[0] == "glibc":
         assert "CPU memory: glibc malloc keeps freed memory" in log
     assert "epoch 1: skipped 8 corrupt training sample(s) on all ranks" in log

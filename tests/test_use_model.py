@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from train_helpers import BIN, ROOT, TINY, env, run_train
 
 from data_prep.info import load_info
-from train.bundle import BundleError
 from train.config import load_config
-from train.data import eval_loader
-from train.models import build_model
+from train.data.streams import eval_loader
+from train.formats.bundle import BundleError
+from train.models.registry import build_model
 
 METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auroc", "samples")
 
@@ -47,7 +47,7 @@ def trained(real_data: Path, tmp_path_factory) -> dict:
 
 
 def cli(name: str, *args, timeout: int = 180, prefix: tuple[str, ...] = (), **extra_env) -> subprocess.CompletedProcess:
-    cmd = [*prefix, sys.executable, "-m", f"train.{name}", *map(str, args)]
+    cmd = [*prefix, sys.executable, "-m", f"train.use.{name}", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -77,8 +77,8 @@ def in_run_logits(trained: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_bundle_torchscript_onnx_match_the_in_run_model(trained, capsys):
-    from train import export
-    from train.inference import load_classifier
+    from train.use import export
+    from train.use.classifier import load_classifier
 
     meta = json.loads((trained["bundle"] / "model.json").read_text())
     assert meta["classes"] == ["cat", "dog"] and meta["model"]["name"] == "scratch_cnn"
@@ -183,7 +183,7 @@ def test_predict_reports_every_bad_input_and_never_stops(trained, real_data, tmp
 
 
 def test_predict_with_no_readable_input_fails_with_one_line(trained, tmp_path, capsys):
-    from train.predict import main  # in-process: the same main() the console script runs, without a torch start-up
+    from train.use.predict import main  # in-process: the same main() the console script runs, without a torch start-up
 
     def error_line(*args) -> tuple[int, str]:
         code = main([*map(str, args), "--workers", "0", "--no-progress"])
@@ -227,7 +227,7 @@ def test_evaluate_on_photo_folders_reproduces_the_trainers_val_metrics(trained, 
     }
     for name, data in runs.items():
         out = tmp_path / name.replace(" ", "_")
-        r = cli("evaluation", trained["bundle"], *data, "--out", out, "--batch-size", "8", "--workers", "1")
+        r = cli("evaluate", trained["bundle"], *data, "--out", out, "--batch-size", "8", "--workers", "1")
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
         got = json.loads((out / "metrics.json").read_text())
         for k, v in expected.items():
@@ -245,7 +245,7 @@ def test_evaluate_on_photo_folders_reproduces_the_trainers_val_metrics(trained, 
 
 
 def test_precision_auto_follows_the_run_and_the_hardware(monkeypatch):
-    import train.inference as inference
+    import train.use.classifier as inference
 
     meta = {"training": {"mixed_precision": "auto"}}
     monkeypatch.setattr(inference, "native_bf16", lambda device: True)
@@ -270,23 +270,25 @@ def test_precision_auto_follows_the_run_and_the_hardware(monkeypatch):
 
 
 def test_decode_workers_and_batch_follow_where_the_model_runs(trained):
-    import train.inference as inference
+    import train.use.classifier as inference
+    from data_prep.cpus import CPU_DECODE_WORKERS, decode_workers
+    from train.use.inputs import scores_in_workers
 
     # CPU, model in this process (ONNX): it shares the cores with decoding; the measured default.
-    assert inference.default_decode_workers(False, env={}, affinity=64) == inference.CPU_DECODE_WORKERS == 2
+    assert decode_workers(False, env={}, affinity=64) == CPU_DECODE_WORKERS == 2
     # CPU, a torch model: the workers decode and score, one per CPU, at most 16.
-    assert inference.default_decode_workers(False, affinity=2, scores=True) == 2
-    assert inference.default_decode_workers(False, affinity=64, scores=True) == 16
-    assert inference.default_decode_workers(False, affinity=1, scores=True) == 1
+    assert decode_workers(False, affinity=2, scores=True) == 2
+    assert decode_workers(False, affinity=64, scores=True) == 16
+    assert decode_workers(False, affinity=1, scores=True) == 1
     # GPU: decoding is the bottleneck, so every CPU of the rank but one (as data.num_workers=auto), at most 16.
-    assert inference.default_decode_workers(True, env={}, affinity=8) == 7
-    assert inference.default_decode_workers(True, env={}, affinity=64) == 16
-    assert inference.default_decode_workers(True, env={}, affinity=1) == 0  # one CPU: decode in the process
+    assert decode_workers(True, env={}, affinity=8) == 7
+    assert decode_workers(True, env={}, affinity=64) == 16
+    assert decode_workers(True, env={}, affinity=1) == 0  # one CPU: decode in the process
     four_ranks = {"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4"}  # accelerate launch on a 32-CPU, 4-GPU node
-    assert inference.default_decode_workers(True, env=four_ranks, affinity=32) == 7
+    assert decode_workers(True, env=four_ranks, affinity=32) == 7
     clf = inference.load_classifier(trained["bundle"], device="cpu")
     assert inference.runs_on_gpu(clf) is False
-    assert inference.scores_in_workers(clf) is True  # Linux: workers fork with the model
+    assert scores_in_workers(clf) is True  # Linux: workers fork with the model
 
     class FakeCudaSession:  # stands in for an onnxruntime-gpu session (no GPU here)
         def get_providers(self):
@@ -295,12 +297,12 @@ def test_decode_workers_and_batch_follow_where_the_model_runs(trained):
     onnx_on_gpu = inference.OnnxClassifier.__new__(inference.OnnxClassifier)
     onnx_on_gpu.session = FakeCudaSession()
     assert inference.runs_on_gpu(onnx_on_gpu) is True
-    assert inference.scores_in_workers(onnx_on_gpu) is False  # onnxruntime runs in this process
+    assert scores_in_workers(onnx_on_gpu) is False  # onnxruntime runs in this process
 
 
 def test_device_typos_and_missing_gpus_are_one_clear_line(monkeypatch):
-    import train.inference as inference
-    from train.bundle import BundleError
+    import train.use.classifier as inference
+    from train.formats.bundle import BundleError
 
     for bad, message in (("gpu", "is not a device"), ("mps", "runs on cpu or cuda")):
         with pytest.raises(BundleError, match=message):
@@ -319,7 +321,7 @@ def test_device_typos_and_missing_gpus_are_one_clear_line(monkeypatch):
 def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):
     """The default config trains in bf16 where the CPU has it: catdog-evaluate's default (--precision auto) then
     scores in bf16 too and gets the trainer's validation numbers; --precision fp32 is the other, close, answer."""
-    from train.precision import cpu_has_bf16
+    from train.hardware.precision import cpu_has_bf16
 
     if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16: mixed_precision=auto trains in fp32 here (covered above)")
@@ -334,7 +336,7 @@ def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):
     for precision in ("auto", "fp32"):
         out = tmp_path / precision
         args = ("--split", "val", "--out", out, "--batch-size", "8", "--workers", "0", "--precision", precision)
-        r = cli("evaluation", run_dir / "model", trained["shards"], *args)
+        r = cli("evaluate", run_dir / "model", trained["shards"], *args)
         assert r.returncode == 0, r.stderr[-3000:]
         got[precision] = json.loads((out / "metrics.json").read_text())
     assert got["auto"]["model"].endswith(", bf16") and got["fp32"]["model"].endswith(", fp32")
@@ -343,7 +345,7 @@ def test_evaluate_reproduces_a_bf16_run_in_its_precision(trained, tmp_path):
     assert got["fp32"]["loss"] != pytest.approx(expected["loss"], abs=1e-6)  # bf16 rounding is really in play
     assert got["fp32"]["loss"] == pytest.approx(expected["loss"], abs=0.02)
     # Exporting checks the file against the fp32 PyTorch model, so the check must run the export in fp32 too.
-    from train import export
+    from train.use import export
 
     assert export.main([str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "bf16.pt")]) == 0
 
@@ -354,16 +356,16 @@ def test_evaluate_refuses_other_class_names(trained, tmp_path):
         (data / cls).mkdir(parents=True)
         for p in (trained["src"] / "val" / src).glob("*.jpg"):
             shutil.copy(p, data / cls / p.name)
-    line = one_error_line(cli("evaluation", trained["bundle"], data, "--out", tmp_path / "o"), "catdog-evaluate")
+    line = one_error_line(cli("evaluate", trained["bundle"], data, "--out", tmp_path / "o"), "catdog-evaluate")
     assert "['bird', 'cat']" in line and "['cat', 'dog']" in line
-    line = one_error_line(cli("evaluation", trained["bundle"], trained["shards"]), "catdog-evaluate")
+    line = one_error_line(cli("evaluate", trained["bundle"], trained["shards"]), "catdog-evaluate")
     assert "split 'test'" in line and "--split" in line  # the shards have no test split
 
 
 @pytest.mark.slow
 def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
     args = [trained["bundle"], trained["src"], "--split", "val", "--batch-size", "3", "--workers", "0"]
-    one = cli("evaluation", *args, "--out", tmp_path / "one")
+    one = cli("evaluate", *args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     launch = [
         str(BIN / "accelerate"),
@@ -375,7 +377,7 @@ def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
         str(port),
     ]
     two = subprocess.run(
-        [*launch, "-m", "train.evaluation", *map(str, args), "--out", str(tmp_path / "two")],
+        [*launch, "-m", "train.use.evaluate", *map(str, args), "--out", str(tmp_path / "two")],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-4000:]
@@ -394,10 +396,10 @@ def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
     for key in (keys[1], keys[4]):  # eval batches of 3: batch 0 goes to rank 0, batch 1 to rank 1
         rewrite_member(val_shard, key, "jpg", b"\xff\xd8 not really a jpeg")
     args = [trained["bundle"], shards, "--split", "val", "--batch-size", "3", "--workers", "0"]
-    one = cli("evaluation", *args, "--out", tmp_path / "one_shards")
+    one = cli("evaluate", *args, "--out", tmp_path / "one_shards")
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [*launch, "-m", "train.evaluation", *map(str, args), "--out", str(tmp_path / "two_shards")],
+        [*launch, "-m", "train.use.evaluate", *map(str, args), "--out", str(tmp_path / "two_shards")],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-4000:]
@@ -412,13 +414,13 @@ def test_two_rank_evaluate_equals_one_rank(trained, tmp_path, port):
 
 def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data, tmp_path, monkeypatch):
 
-    import train.cpu_memory
-    from train.predict import main
+    import train.use.predict as predict_mod
+    from train.use.predict import main
 
-    # A CPU run keeps freed memory in the heap (train/cpu_memory.py, whose effect is tested in a fresh interpreter
+    # A CPU run keeps freed memory in the heap (train/hardware/memory.py, whose effect is tested in a fresh interpreter
     # there); a stub, so this pytest process's allocator stays as it was.
     switched = []
-    monkeypatch.setattr(train.cpu_memory, "keep_freed_memory", lambda: switched.append(1) or "stub")
+    monkeypatch.setattr(predict_mod, "keep_freed_memory", lambda: switched.append(1) or "stub")
 
     # A bundle whose shards were 192 px (as the demo's): exact decode goes 192 px -> JPEG -> 73 px, fast straight to 73.
     bundle = tmp_path / "model"
@@ -461,8 +463,8 @@ def test_predict_fast_decode_and_flip_tta_stay_close_to_exact(trained, real_data
 
 
 def test_predict_scores_in_the_worker_processes_on_cpu(trained, tmp_path, monkeypatch):
-    import train.inference as inference
-    from train.predict import main
+    import train.use.inputs as inference
+    from train.use.predict import main
 
     # Which processes ran the model: each scoring call appends its pid (the workers are forked from this process,
     # so they inherit the wrapper).
@@ -501,8 +503,8 @@ def test_predict_scores_in_the_worker_processes_on_cpu(trained, tmp_path, monkey
 def test_predict_says_so_in_one_line_when_a_worker_is_killed(trained, tmp_path, monkeypatch, capsys):
     import signal
 
-    import train.inference as inference
-    from train.predict import main
+    import train.use.inputs as inference
+    from train.use.predict import main
 
     parent = os.getpid()
     real = inference.probabilities
@@ -524,7 +526,7 @@ def test_predict_says_so_in_one_line_when_a_worker_is_killed(trained, tmp_path, 
 
 
 def test_predict_on_a_shard_folder_reads_every_sample_as_validation_did(trained, tmp_path):
-    from train.inference import load_classifier
+    from train.use.classifier import load_classifier
 
     # A copy of the run's shards with one corrupt val sample: a row saying so, every other sample scored.
     shards = tmp_path / "shards"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_prep.info import InfoError
 from train.config import ConfigError, load_config
+from train.data.reader import DataError
+from train.run.checkpoint import CheckpointError
+from train.run.main import main
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -21,11 +25,6 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"catdog-train: config error: {e}", file=sys.stderr)
         return 2
-    from data_prep.info import InfoError
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
-    from train.trainer import main  # heavy imports (torch, accelerate) only after the config is valid
-
     # Bad input becomes one line naming what to fix (the exceptions' messages do); anything else is a bug and
     # keeps its traceback.
     try:

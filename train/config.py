@@ -10,19 +10,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml  # OmegaConf's own dependency
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.atomic import atomic_write_text
+from data_prep.cpus import auto_num_workers
 
-# The names in train.models.MODELS. Kept here (tests/test_models.py checks they agree) so a bad model.name fails
+# The names in train.models.registry.MODELS. Kept here (tests/test_models.py checks they agree) so a bad model.name fails
 # when the config loads, before `catdog-launch` starts ranks, without importing torch.
 MODEL_NAMES = ("scratch_cnn", "inception_v3")
-# The scalars train.engine.evaluate() reports per split; train.early_stop_metric must name one of them.
+# The scalars train.loop.scoring.score() reports per split; train.early_stop_metric must name one of them.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auroc")
 
 
@@ -76,7 +78,7 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     # DataLoader worker processes per rank; -1 = auto: the CPUs this rank has, minus one for the rank itself
-    # (see auto_num_workers: SLURM_CPUS_PER_TASK, the CPU affinity mask, the ranks sharing it), at most 16.
+    # (see data_prep.cpus.auto_num_workers: SLURM_CPUS_PER_TASK, the CPU affinity mask, the ranks sharing it), at most 16.
     num_workers: int = -1
     shuffle_buffer: int = 1000  # samples in the (seeded) shuffle buffer
     shuffle: bool = True  # shuffle shards and samples for training each epoch
@@ -96,54 +98,9 @@ class DataConfig:
         return self.num_workers if self.num_workers >= 0 else auto_num_workers()[0]
 
 
-MAX_AUTO_WORKERS = 16  # beyond this, more workers mostly add memory (each holds prefetched batches), not speed
-
-
-def local_world_size(env: Mapping[str, str] | None = None) -> int:
-    """Ranks on this node: accelerate launch, torchrun and submitit's export() set LOCAL_WORLD_SIZE; 1 if unset."""
-    env = os.environ if env is None else env
-    return max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
-
-
-def rank_cpus(env: Mapping[str, str] | None = None, affinity: int | None = None) -> tuple[int, str]:
-    """(CPUs this rank may use, how that was found) from the environment the launchers set.
-
-    ``affinity`` is the size of this process's CPU mask (os.sched_getaffinity; honours taskset, cgroups and SLURM's
-    binding). Ranks started as SLURM tasks (``catdog-launch slurm``: SLURM_NTASKS == WORLD_SIZE) each own
-    SLURM_CPUS_PER_TASK CPUs; a SLURM task that is not bound still sees the whole allocation in its mask, hence
-    the min. Ranks started by accelerate/torchrun (one process tree, no binding) share the mask, and the CPUs of a
-    SLURM task when they run inside one: divide by LOCAL_WORLD_SIZE.
-    """
-    env = os.environ if env is None else env
-    if affinity is None:
-        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    world = int(env.get("WORLD_SIZE", "1"))
-    local = local_world_size(env)
-    slurm_cpus = env.get("SLURM_CPUS_PER_TASK")
-    if slurm_cpus:
-        cpus, why = min(int(slurm_cpus), affinity), f"SLURM_CPUS_PER_TASK={slurm_cpus}, affinity mask {affinity}"
-        if int(env.get("SLURM_NTASKS", "1")) != world and local > 1:  # several ranks inside one SLURM task
-            return max(1, cpus // local), f"{why}, shared by {local} local ranks"
-        return max(1, cpus), why
-    if local > 1:
-        return max(1, affinity // local), f"affinity mask {affinity} CPUs shared by {local} local ranks"
-    return max(1, affinity), f"affinity mask {affinity} CPUs"
-
-
-def auto_num_workers(env: Mapping[str, str] | None = None, affinity: int | None = None) -> tuple[int, str]:
-    """(data.num_workers=-1 resolved for this rank, a one-line reason for the log).
-
-    One CPU stays with the rank (forward/backward launch, collation of the workers' batches); one CPU means no
-    worker processes (samples are read in the rank).
-    """
-    cpus, why = rank_cpus(env, affinity)
-    n = min(cpus - 1, MAX_AUTO_WORKERS)
-    return n, f"data.num_workers=auto -> {n} per rank ({cpus} CPU(s) for this rank: {why})"
-
-
 @dataclass
 class ModelConfig:
-    """Which network from the registry in train/models.py, and its options."""
+    """Which network from the registry (train/models/registry.py), and its options."""
 
     name: str = "scratch_cnn"  # scratch_cnn | inception_v3
     image_size: int = 0  # input size; 0 = the model's default (scratch_cnn 160, inception_v3 299)
@@ -160,7 +117,7 @@ class ModelConfig:
     pool_before_norm: bool = False
     # inception_v3
     # none | imagenet (torchvision download) | tf_inception_v3 (offline: Google's TF ImageNet graph, see
-    # train/pretrained.py) | path to a torchvision-layout state_dict file
+    # train/models/pretrained.py) | path to a torchvision-layout state_dict file
     weights: str = "none"
     # InceptionV3's auxiliary head (on Mixed_6e). tf_inception_v3 has no weights for it: when on, it trains from
     # scratch (torchvision's init); it never affects the main head's logits or a frozen backbone's features.
@@ -175,7 +132,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
         _choice("model.norm", self.norm, ("batch", "group", "none"))
-        if not -1 <= self.trainable_blocks <= 16:  # InceptionV3 has 16 trunk blocks (train/models.py)
+        if not -1 <= self.trainable_blocks <= 16:  # InceptionV3 has 16 trunk blocks (train/models/inception.py)
             raise ConfigError(f"model.trainable_blocks={self.trainable_blocks}: use -1 (all) or 0..16")
         if self.depth < 1 or self.width < 1:
             raise ConfigError(f"model.depth={self.depth}, model.width={self.width}: both must be >= 1")
@@ -231,13 +188,13 @@ class TrainConfig:
     log_every: int = 10  # steps between tracker logs (and host reads of the loss for the progress bar)
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest conv algorithms (off when deterministic)
     tf32: bool = True  # CUDA (Ampere+): TF32 tensor cores for fp32 matmuls and convolutions
-    # Weight EMA (train/ema.py): validation, early stopping, the best checkpoint and the test scoring use the
+    # Weight EMA (train/loop/ema.py): validation, early stopping, the best checkpoint and the test scoring use the
     # average, updated after every optimizer step. Decay per step; the warm-up ramps it up from 0 (timm-style).
     ema: bool = False
     ema_decay: float = 0.998
     ema_warmup: bool = True
     # Frozen backbone only: compute its features for each split once (eval transform: no augmentation), cache
-    # them, and train only the head on them (train/features.py). Minutes instead of hours on a CPU.
+    # them, and train only the head on them (train/run/features.py). Minutes instead of hours on a CPU.
     precompute_features: bool = False
 
     def __post_init__(self) -> None:
@@ -339,14 +296,10 @@ def strings_as_written(node: DictConfig, path: Path, cls: type) -> None:
     read an unquoted value as something else: a number keeps its text (a SLURM ``time: 4:00:00`` is "4:00:00", not
     the base-60 integer 14400 that went to sbatch as minutes; ``1e3`` is "1e3"), and a boolean word is "yes"/"no"
     (``mixed_precision: no`` is False to YAML)."""
-    import yaml  # OmegaConf's own dependency
-
     _restore_strings(node, yaml.compose(path.read_text(), Loader=yaml.SafeLoader), cls)
 
 
 def _restore_strings(node: DictConfig, ynode, cls: type) -> None:
-    import yaml
-
     if not isinstance(ynode, yaml.MappingNode):
         return
     hints = typing.get_type_hints(cls)
@@ -366,8 +319,6 @@ def _restore_strings(node: DictConfig, ynode, cls: type) -> None:
 def as_written(value, ynode):
     """What a string field means by ``value``, which YAML 1.1 resolved from ``ynode``: a boolean word is "yes"/"no",
     a number the text written (``4:00:00``, ``1e3``); anything else is ``value`` itself."""
-    import yaml
-
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float)) and isinstance(ynode, yaml.ScalarNode):

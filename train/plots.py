@@ -1,4 +1,5 @@
-"""PNG plots for run.dir/plots/: loss and accuracy curves (train vs val), confusion matrix, ROC curve."""
+"""PNG plots: a run's curves (train vs val), confusion matrix and ROC curve (run.dir/plots/), and catdog-evaluate's
+precision-recall and reliability diagrams. One drawing of each, used by the trainer, catdog-evaluate and -report."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from data_prep.atomic import atomic_write_bytes  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes; closes it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write the figure to ``path`` as PNG, atomically; closes it."""
+    atomic_write_bytes(path, figure_png(fig))
     return path
 
 
@@ -32,11 +39,11 @@ def _curve(history: Sequence[dict], metric: str, ylabel: str, path: Path) -> Pat
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+def draw_confusion(ax, cm: Sequence[Sequence[int]], classes: Sequence[str], title: str) -> None:
+    """A confusion matrix (rows true, columns predicted) with its counts, on ``ax``."""
     ax.imshow(cm, cmap="Blues")
     peak = max(max(row) for row in cm) or 1
     for i, row in enumerate(cm):
@@ -47,7 +54,12 @@ def confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    return _save(fig, path)
+
+
+def confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    draw_confusion(ax, cm, classes, title)
+    return save_figure(fig, path)
 
 
 def roc_curve(roc: dict, auroc: float, classes: Sequence[str], path: Path, title: str) -> Path:
@@ -63,7 +75,39 @@ def roc_curve(roc: dict, auroc: float, classes: Sequence[str], path: Path, title
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def pr_curve(pr: dict, classes: Sequence[str], path: Path, title: str) -> Path:
+    """Precision-recall curve(s): the positive class's for two classes, one per class otherwise."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    if pr["precision"] and isinstance(pr["precision"][0], list):
+        for name, p, r in zip(classes, pr["precision"], pr["recall"], strict=True):
+            ax.plot(r, p, label=name)
+    else:
+        ax.plot(pr["recall"], pr["precision"], label=f"positive class: {classes[1]}")
+    ax.legend(loc="lower left")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def reliability_diagram(rel: dict, ece: float, path: Path, title: str) -> Path:
+    """Accuracy per confidence bin against the diagonal of perfect calibration (``rel["bins"]``: low, high, count,
+    accuracy of equal-width bins)."""
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    bins = [b for b in rel["bins"] if b["count"]]
+    width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
+    ax.bar(
+        [b["low"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge", alpha=0.7, label="accuracy"
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8, label="perfect calibration")
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}: ECE {ece:.3f}")
+    ax.legend(loc="upper left")
+    return save_figure(fig, path)
 
 
 def write_plots(out: Path, history: Sequence[dict], last_eval: dict, classes: Sequence[str]) -> dict[str, Path]:

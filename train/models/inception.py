@@ -1,18 +1,19 @@
-"""Model registry: ``MODELS[name](cfg, num_classes) -> nn.Module``.
+"""InceptionV3 (torchvision's modules) for transfer learning: ImageNet weights from torchvision or offline from Google's
+TF graph (train/models/pretrained.py), a frozen backbone whose BatchNorm stays put, or fine-tuning of the last N blocks.
 
-Models know nothing about training or processes. Every model returns logits in eval mode; in training mode
-InceptionV3 returns ``(logits, aux_logits)`` so the loss can weight the auxiliary head (see ``train/engine.py``).
+``forward`` returns logits in eval mode and ``(logits, aux_logits)`` in training, so the loss can weight the auxiliary
+head. ``features``/``head`` split the network at its pooled 2,048-d features, for training a head on cached features.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import Inception_V3_Weights
+from torchvision.models import inception_v3 as tv_inception_v3
 from torchvision.models.inception import (
     BasicConv2d,
     Inception3,
@@ -25,69 +26,7 @@ from torchvision.models.inception import (
 )
 
 from train.config import ConfigError, ModelConfig
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        # GroupNorm has no running statistics, so N ranks x batch b computes exactly what 1 rank x N*b does.
-        return nn.GroupNorm(math.gcd(8, channels), channels)
-    return nn.Identity()
-
-
-class ScratchCNN(nn.Module):
-    """conv-norm-ReLU blocks (``convs`` convs each, 2x2 max-pool after; or, with ``pool_before_norm``, the block's last
-    conv pooled before its norm and ReLU), global average pool, dropout, linear head."""
-
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        width: int = 32,
-        depth: int = 4,
-        convs: int = 1,
-        dropout: float = 0.3,
-        norm: str = "batch",
-        pool_before_norm: bool = False,
-    ):
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for i in range(depth):
-            out_ch = width * 2**i
-            for j in range(convs):
-                layers.append(nn.Conv2d(in_ch if j == 0 else out_ch, out_ch, 3, padding=1, bias=norm == "none"))
-                if pool_before_norm and j == convs - 1:
-                    layers.append(nn.MaxPool2d(2))
-                layers += [_norm(norm, out_ch), nn.ReLU(inplace=True)]
-            if not pool_before_norm:
-                layers.append(nn.MaxPool2d(2))
-            in_ch = out_ch
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(in_ch, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.features(x)).flatten(1)
-        return self.head(self.dropout(x))
-
-
-def scratch_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    return ScratchCNN(
-        num_classes,
-        width=cfg.width,
-        depth=cfg.depth,
-        convs=cfg.convs_per_block,
-        dropout=cfg.dropout,
-        norm=cfg.norm,
-        pool_before_norm=cfg.pool_before_norm,
-    )
-
+from train.models import pretrained
 
 # InceptionV3's trunk in forward order; `trainable_blocks: N` unfreezes the last N of these.
 INCEPTION_BLOCKS = (
@@ -108,7 +47,13 @@ INCEPTION_BLOCKS = (
     "Mixed_7b",
     "Mixed_7c",
 )
-_NEW_HEADS = ("fc", "AuxLogits.fc")  # replaced for num_classes, so never loaded from a 1000-class file
+
+
+NEW_HEADS = ("fc", "AuxLogits.fc")  # replaced for num_classes, so never loaded from a 1000-class file
+
+# Inception3's forward up to the pooled features, in order (torchvision's _forward without aux, dropout, fc).
+TRUNK = (*INCEPTION_BLOCKS[:3], "maxpool1", *INCEPTION_BLOCKS[3:5], "maxpool2", *INCEPTION_BLOCKS[5:], "avgpool")
+FEATURE_DIM = 2048
 
 
 class FrozenAwareInception(nn.Module):
@@ -124,6 +69,19 @@ class FrozenAwareInception(nn.Module):
         # torchvision returns InceptionOutputs(logits, aux_logits) in training; a plain tuple pickles/compiles.
         return (out.logits, out.aux_logits) if isinstance(out, tuple) and hasattr(out, "aux_logits") else out
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's pooled features (N, FEATURE_DIM) of a normalised batch: what a frozen backbone gives the head."""
+        net = self.net
+        x = net._transform_input(x)
+        for name in TRUNK:
+            x = getattr(net, name)(x)
+        return torch.flatten(x, 1)
+
+    def head(self) -> nn.Module:
+        """The classifier on top of ``features`` (dropout + fc), sharing this model's parameters: training it trains
+        this model's head."""
+        return nn.Sequential(self.net.dropout, self.net.fc)
+
     def train(self, mode: bool = True) -> FrozenAwareInception:
         super().train(mode)
         if mode:
@@ -136,8 +94,6 @@ class FrozenAwareInception(nn.Module):
 
 def _load_inception_weights(net: nn.Module, weights: str) -> None:
     """Load ImageNet weights (torchvision API, or a local state_dict file) into ``net`` except the new heads."""
-    from torchvision.models import Inception_V3_Weights
-
     if weights == "imagenet":
         try:
             state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
@@ -163,9 +119,9 @@ def _load_inception_weights(net: nn.Module, weights: str) -> None:
         if not isinstance(state, dict):
             raise ConfigError(f"model.weights={weights!r} holds a {type(state).__name__}, not a state_dict")
         source = str(path)
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(h + "." for h in _NEW_HEADS))}
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(h + "." for h in NEW_HEADS))}
     missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(tuple(h + "." for h in _NEW_HEADS))]
+    missing = [k for k in missing if not k.startswith(tuple(h + "." for h in NEW_HEADS))]
     if missing or unexpected:
         raise ConfigError(
             f"model.weights={weights!r} ({source}) does not match torchvision's inception_v3: "
@@ -232,10 +188,6 @@ def _tf_inception3(num_classes: int, aux_logits: bool) -> nn.Module:
 
 
 def inception_v3(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    from torchvision.models import inception_v3 as tv_inception_v3
-
-    from train import pretrained
-
     if cfg.weights in pretrained.WEIGHTS:
         net = _tf_inception3(num_classes, cfg.aux_logits)
         state = pretrained.load_state_dict(cfg.weights)
@@ -262,7 +214,7 @@ def inception_v3(cfg: ModelConfig, num_classes: int) -> nn.Module:
             net.aux_logits, net.AuxLogits = False, None
     if cfg.freeze_backbone:
         # Heads the weights file had no values for train whole: tf_inception_v3 has no aux head at all.
-        trainable = {"fc", "AuxLogits"} if cfg.weights in pretrained.WEIGHTS else set(_NEW_HEADS)
+        trainable = {"fc", "AuxLogits"} if cfg.weights in pretrained.WEIGHTS else set(NEW_HEADS)
     elif cfg.trainable_blocks >= 0:
         last = INCEPTION_BLOCKS[len(INCEPTION_BLOCKS) - cfg.trainable_blocks :] if cfg.trainable_blocks else ()
         trainable = {*last, "fc", "AuxLogits"}
@@ -272,26 +224,3 @@ def inception_v3(cfg: ModelConfig, num_classes: int) -> nn.Module:
         for name, p in net.named_parameters():
             p.requires_grad = any(name == t or name.startswith(t + ".") for t in trainable)
     return FrozenAwareInception(net)
-
-
-def new_parameter_prefixes(cfg: ModelConfig) -> tuple[str, ...] | None:
-    """Name prefixes of the parameters the weights did not provide (they learn at the full optim.lr; the rest at
-    lr x optim.backbone_lr_scale). None: nothing is pretrained."""
-    from train import pretrained
-
-    if cfg.name != "inception_v3" or cfg.weights == "none":
-        return None
-    if cfg.weights in pretrained.WEIGHTS:  # no aux weights in these files: the whole aux head is new
-        return ("net.fc.", "net.AuxLogits.")
-    return tuple(f"net.{h}." for h in _NEW_HEADS)
-
-
-MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "scratch_cnn": scratch_cnn,
-    "inception_v3": inception_v3,
-}
-
-
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """Look ``cfg.name`` up in MODELS (ModelConfig checked it against train.config.MODEL_NAMES at load)."""
-    return MODELS[cfg.name](cfg, num_classes)

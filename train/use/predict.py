@@ -2,7 +2,7 @@
 
 MODEL is a bundle folder (run.dir/model), a run dir, or an exported .onnx / .pt file. INPUT is image files,
 folders (recursive), globs, or shard folders written by catdog-prep. Photos go through catdog-prep's decode and
-resize and then the eval transform (train/inference.py): with ``--decode exact`` the model sees them as it saw its
+resize and then the eval transform (train/use/inputs.py): with ``--decode exact`` the model sees them as it saw its
 validation shards; the default (``fast``) runs catdog-prep's step straight to the eval resize size.
 A bad input (not an image, truncated, empty, unreadable, too large, ...) becomes a row with the reason; it never
 stops the run.
@@ -13,11 +13,25 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data_prep.atomic import atomic_write_text
+from data_prep.cpus import CPU_DECODE_WORKERS, decode_workers, threads_beside
+from data_prep.info import InfoError, load_info
+from train.data.streams import eval_loader
+from train.formats.bundle import BundleError
+from train.hardware.memory import keep_freed_memory
+from train.use.classifier import load_classifier, probabilities, resolve_device, runs_on_gpu
+from train.use.inputs import chunk, expand_inputs, scored_batches, scores_in_workers, workers_can_score
 
 TABLE_MAX_ROWS = 50  # more rows than this and no --output: they go to predictions.csv instead of the terminal
 DEFAULT_OUTPUT = "predictions.csv"
@@ -83,18 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
         return _fail(f"--output {args.output}: use a .csv or .jsonl file name", 2)
 
-    from data_prep.info import InfoError
-    from train.bundle import BundleError
-    from train.inference import (  # torch only once the arguments are sane
-        default_decode_workers,
-        expand_inputs,
-        load_classifier,
-        resolve_device,
-        runs_on_gpu,
-        scores_in_workers,
-        workers_can_score,
-    )
-
     try:
         device = resolve_device(args.device)
         if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             workers = args.workers
             if workers is None:
                 scores = Path(args.model).suffix != ".onnx" and workers_can_score(device)
-                workers = default_decode_workers(False, scores=scores)
-            _threads_beside(workers)
+                workers = decode_workers(False, scores=scores)
+            torch.set_num_threads(threads_beside(workers))
         clf = load_classifier(
             args.model, device=device, precision=args.precision, checkpoint=args.checkpoint, fuse=True
         )
@@ -119,14 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
     args.workers_given = args.workers is not None
     if args.workers is None:
-        args.workers = default_decode_workers(on_gpu, scores=scores)
+        args.workers = decode_workers(on_gpu, scores=scores)
     on_cpu = getattr(clf, "device", None) is not None and clf.device.type == "cpu"
     if on_cpu:
         # Before the decode workers fork. InceptionV3's 299 px activations are fresh mmaps per batch otherwise: its
-        # CPU forward ran 4.3-4.6 -> 6.2-6.5 img/s with this (train/cpu_memory.py); the demo's CNN in the scoring
+        # CPU forward ran 4.3-4.6 -> 6.2-6.5 img/s with this (train/hardware/memory.py); the demo's CNN in the scoring
         # workers 50 -> 33 ms per 32-photo batch.
-        from train.cpu_memory import keep_freed_memory
-
         keep_freed_memory()
     if not entries and not shard_dirs:
         return _fail(f"no images found in {' '.join(args.inputs)} (looked for image file extensions)", 2)
@@ -161,15 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _threads_beside(workers: int) -> None:
-    """Torch threads for this process: the cores ``workers`` processes leave (at least 1)."""
-    import torch
-
-    from data_prep.prepare import default_workers
-
-    torch.set_num_threads(max(1, default_workers() - workers))
-
-
 def _workers_text(workers: int, scores: bool) -> str:
     if not workers:
         return "no worker processes"
@@ -181,11 +172,6 @@ Row = tuple[str, "list[float] | None", "tuple[str, str] | None"]
 
 def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
     """(rows in input order, seconds spent) for image entries and shard folders."""
-    from tqdm.auto import tqdm
-
-    from data_prep.info import load_info
-    from train.inference import chunk, scored_batches, scores_in_workers
-
     rows: list[Row | None] = [None] * len(entries)
     # What the summary line reports: the most worker processes a loader started (at most one per batch), and
     # whether they ran the model too.
@@ -224,9 +210,6 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
 def _predict_shards(clf, info, args, bar) -> list[Row]:
     """Every sample of every split in a catdog-prep folder (``info``: its _info.json), read as the trainer's
     evaluation reads them; each split once (not again under its timm alias)."""
-    from train.data import eval_loader
-    from train.inference import CPU_DECODE_WORKERS, probabilities, runs_on_gpu, scores_in_workers
-
     root = info.root
     workers = args.workers
     if scores_in_workers(clf) and not getattr(args, "workers_given", True):
@@ -234,7 +217,7 @@ def _predict_shards(clf, info, args, bar) -> list[Row]:
         # here, so the split a model in this process gets by default: 2 decode workers, the other cores its threads.
         workers = min(workers, CPU_DECODE_WORKERS)
         if not os.environ.get("OMP_NUM_THREADS"):
-            _threads_beside(workers)
+            torch.set_num_threads(threads_beside(workers))
     cfg = clf.data_config(dir=str(root), num_workers=workers, on_error="skip")
     rows: list[Row] = []
     for split, s in info.distinct_splits.items():
@@ -257,9 +240,6 @@ def _predict_shards(clf, info, args, bar) -> list[Row]:
 
 def write_rows(rows: list[Row], classes: tuple[str, ...], output: str | None) -> str:
     """Rows to ``output`` (.csv/.jsonl, atomically), or a table on stdout when few; returns the file written."""
-    from data_prep.atomic import atomic_write_text
-    from train.inference import row_json
-
     if output is None and len(rows) <= TABLE_MAX_ROWS:
         print(_table(rows, classes))
         return ""
@@ -292,6 +272,21 @@ def _table(rows: list[Row], classes: tuple[str, ...]) -> str:
             best = max(range(len(classes)), key=lambda i: probs[i])
             lines.append(f"{shown:<{width}}  {classes[best]:<10}  " + "  ".join(f"{q:>8.4f}" for q in probs))
     return "\n".join(lines)
+
+
+def row_json(name: str, classes: Sequence[str], probs: Sequence[float] | None, skip: tuple[str, str] | None) -> str:
+    """One JSONL row: {"path", "prediction", "probability", "probs": {class: p}} or {"path", "skipped", "detail"}."""
+    if probs is None:
+        return json.dumps({"path": name, "skipped": skip[0], "detail": skip[1]})
+    best = max(range(len(classes)), key=lambda i: probs[i])
+    return json.dumps(
+        {
+            "path": name,
+            "prediction": classes[best],
+            "probability": probs[best],
+            "probs": dict(zip(classes, probs, strict=True)),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Image transforms (torchvision.transforms.v2): random crops and flips for training, resize + centre crop for eval.
 
-Both pipelines accept a uint8 CHW tensor (what ``train.data.decode_rgb`` gives the shard reader) or a PIL
+Both pipelines accept a uint8 CHW tensor (what ``train.data.reader.decode_rgb`` gives the shard reader) or a PIL
 image (what ``ImageFolder`` gives the loader benchmark's baseline), and return a normalised float32 CHW tensor.
-The transforms draw their randomness from torch's global RNG; train/data.py seeds it per sample so augmentation
+The transforms draw their randomness from torch's global RNG; the shard loader seeds it per sample so augmentation
 is a pure function of (seed, epoch, sample position). The shard loader applies the geometric uint8 part per
 image (``train_augment(..., jitter=False)``), then colour jitter and normalisation once per stacked batch
 (``BatchColour``: one affine map per image, uint8 until then), then MixUp/CutMix (``batch_mix``). The per-image

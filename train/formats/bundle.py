@@ -26,12 +26,10 @@ Weights load with safetensors (tensors only, never pickled code). Pretrained wei
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -39,24 +37,33 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_prep.atomic import atomic_write_json
+from data_prep.atomic import atomic_write_json, publish_dir
 from data_prep.encode import EncodeOptions
-from data_prep.info import INFO_NAME, DatasetInfo
+from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
 from data_prep.prepare import tool_version
-from train.config import Config, ConfigError, DataConfig, ModelConfig
-from train.models import build_model
-from train.transforms import EVAL_CROP_FRACTION
+from data_prep.shards import file_sha256
+from train.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+from train.data.transforms import EVAL_CROP_FRACTION
+from train.formats.rundir import (
+    BUNDLE_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_NAME,
+    FINAL_NAME,
+    MODEL_WEIGHTS,
+    STATE_NAME,
+    RunDirError,
+    complete_checkpoints,
+    read_state,
+    step_of,
+    validated_weights,
+)
+from train.models.registry import build_model
 
 BUNDLE_FORMAT = "catdog-bundle"
 FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = MODEL_WEIGHTS  # the bundle's weights file has the name a checkpoint's has
 META_NAME = "model.json"
-BUNDLE_DIR = "model"  # run.dir/model/
 PREP_KEYS = tuple(f.name for f in fields(EncodeOptions))
-# train/checkpoint.py's layout, read here as plain JSON and folder names: inference never imports the
-# checkpoint module (Accelerate's state handling) nor the optimiser.
-STATE_NAME = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class BundleError(ValueError):
@@ -78,13 +85,12 @@ def prep_options(info: DatasetInfo) -> tuple[dict, str]:
     return asdict(EncodeOptions()), "defaults (the shards record no catdog-prep arguments)"
 
 
-@dataclass(frozen=True)
-class Bundle:
-    """A loaded bundle: its metadata and weights. ``build()`` gives the model in eval mode."""
+class ModelCard:
+    """What model.json says about a model (no weights): its classes, its input, how its photos were prepared.
+    Every form of a trained model carries one: a bundle, and the exported TorchScript and ONNX files."""
 
-    meta: dict
-    weights: dict[str, torch.Tensor]
-    root: Path | None = None  # where it was loaded from; None for one built in memory from a checkpoint
+    def __init__(self, meta: dict):
+        self.meta = meta
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -104,7 +110,17 @@ class Bundle:
         return DataConfig(**{"dir": "", "mean": tuple(inp["mean"]), "std": tuple(inp["std"]), **kw})
 
     def prep(self) -> EncodeOptions:
+        """catdog-prep's options the model's shards were made with."""
         return EncodeOptions(**{k: self.meta["prep"][k] for k in PREP_KEYS})
+
+
+class Bundle(ModelCard):
+    """A loaded bundle: its metadata and weights. ``build()`` gives the model in eval mode."""
+
+    def __init__(self, meta: dict, weights: dict[str, torch.Tensor], root: Path | None = None):
+        super().__init__(meta)
+        self.weights = weights
+        self.root = root  # where it was loaded from; None for one built in memory from a checkpoint
 
     def build(self) -> nn.Module:
         """The architecture from the registry with the bundle's weights (strict), in eval mode, on the CPU."""
@@ -112,7 +128,7 @@ class Bundle:
         # Never fetch pretrained weights again (offline machines): the bundle's weights replace them.
         model = build_model(replace(cfg, weights="none"), len(self.classes))
         if cfg.name == "inception_v3":
-            # train/models.py turns on torchvision's transform_input only for pretrained weights; it is a flag,
+            # train/models/ turns on torchvision's transform_input only for pretrained weights; it is a flag,
             # not a tensor, so the weights file does not carry it.
             model.net.transform_input = cfg.weights != "none"
         missing, unexpected = model.load_state_dict(self.weights, strict=False)
@@ -125,17 +141,9 @@ class Bundle:
         return model.eval()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, metrics: dict) -> dict:
     """model.json's content (without weights_sha256) for the weights in ``checkpoint``; ``state`` is the run's
-    trainer_state.json content (train.checkpoint.TrainerState as a dict)."""
+    trainer_state.json content (train.formats.rundir.TrainerState as a dict)."""
     image_size = cfg.model.input_size()
     prep, prep_source = prep_options(info)
     info_path = info.root / INFO_NAME
@@ -160,13 +168,13 @@ def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, met
         "data": {
             "dir": str(Path(info.root).resolve()),
             "name": info.raw.get("name", ""),
-            "info_sha256": _sha256(info_path) if info_path.is_file() else "",
+            "info_sha256": file_sha256(info_path) if info_path.is_file() else "",
             "shards_sha256": {name: s.get("sha256", "") for name, s in shards.items()},
             "num_samples": {name: s.num_samples for name, s in info.splits.items()},
         },
         "training": {
             "checkpoint": checkpoint.name,
-            "step": _step_of(checkpoint),
+            "step": step_of(checkpoint.name),
             "epoch": state.get("best_epoch") if checkpoint.name == state.get("best_checkpoint") else None,
             "early_stop_metric": cfg.train.early_stop_metric,
             "best_metric": state.get("best_metric"),
@@ -180,17 +188,10 @@ def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, met
     }
 
 
-def _step_of(checkpoint: Path) -> int | None:
-    try:
-        return int(checkpoint.name.removeprefix("step_"))
-    except ValueError:
-        return None
-
-
 def checkpoint_metrics(state: dict, checkpoint: Path, final: dict | None = None) -> dict:
     """The scalar metrics of the epoch that ended at ``checkpoint`` (plus the run's test/* when ``final`` has them
     for this checkpoint)."""
-    step = _step_of(checkpoint)
+    step = step_of(checkpoint.name)
     row = next((h for h in state.get("history", []) if h.get("step") == step), {})
     out = {k: v for k, v in row.items() if k.startswith(("val/", "train/")) and isinstance(v, (int, float))}
     if final and final.get("test/checkpoint") == checkpoint.name:
@@ -209,15 +210,8 @@ def write_bundle(out: Path, meta: dict, weights: dict[str, torch.Tensor]) -> Pat
     tmp.mkdir(parents=True)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_NAME))
-        atomic_write_json(tmp / META_NAME, {**meta, "weights_sha256": _sha256(tmp / WEIGHTS_NAME)})
-        if out.exists():
-            old = out.with_name(f".tmp-old-{out.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        atomic_write_json(tmp / META_NAME, {**meta, "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)})
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -229,7 +223,7 @@ def write_run_bundle(
 ) -> Path:
     """``run_dir/model/`` from ``checkpoint``'s weights: what the trainer calls at the end of a run (``state`` is
     ``asdict(TrainerState)``)."""
-    weights = _load_weights(validated_weights(checkpoint))
+    weights = _load_weights(_validated_weights(checkpoint))
     meta = make_meta(cfg, info, state, checkpoint, checkpoint_metrics(state, checkpoint, final))
     return write_bundle(Path(run_dir) / BUNDLE_DIR, meta, weights)
 
@@ -251,7 +245,7 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{meta_path} not found: pass a bundle folder (run.dir/model) written by catdog-export")
     meta = read_meta(meta_path.read_text(), str(meta_path))
     weights_path = root / WEIGHTS_NAME
-    if weights_path.is_file() and meta.get("weights_sha256") and _sha256(weights_path) != meta["weights_sha256"]:
+    if weights_path.is_file() and meta.get("weights_sha256") and file_sha256(weights_path) != meta["weights_sha256"]:
         raise BundleError(
             f"{weights_path} does not match the sha256 in {meta_path}: the weights were changed or are corrupt; "
             "re-export the bundle with catdog-export"
@@ -277,7 +271,7 @@ def read_meta(text: str, where: str) -> dict:
         raise BundleError(f"{where} lacks {missing}; re-export the bundle")
     inp = meta["input"]
     if eval_resize_size(int(inp["image_size"])) != int(inp["resize"]):
-        # The eval transform is code (train/transforms.py); refuse to feed the model differently from validation.
+        # The eval transform is code (train/data/transforms.py); refuse to feed the model differently from validation.
         raise BundleError(
             f"{where}: input.resize={inp['resize']} but this catdog's eval transform resizes image_size "
             f"{inp['image_size']} to {eval_resize_size(int(inp['image_size']))}; use the catdog version that wrote it"
@@ -289,43 +283,30 @@ def read_meta(text: str, where: str) -> dict:
 # From a run dir (catdog-export, and predict/evaluate given a run dir)
 
 
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """Complete ``step_*`` folders under ``root``, oldest first (the trainer renames a folder into place only once
-    it is complete)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def validated_weights(checkpoint: Path) -> Path:
-    """The weights file a checkpoint was validated with: ``model.safetensors``, or ``ema.safetensors`` when the run
-    kept a weight EMA (``trainer_state.json``'s ``eval_weights``; see train/checkpoint.py). That is the model whose
-    metrics the bundle records, so it is the one a bundle carries."""
-    name = _read_state(checkpoint / STATE_NAME).get("eval_weights", WEIGHTS_NAME)
-    if not isinstance(name, str) or "/" in name or not name.endswith(".safetensors"):
-        raise BundleError(f"{checkpoint / STATE_NAME}: eval_weights={name!r} is not a weights file of that folder")
-    return checkpoint / name
+def _validated_weights(checkpoint: Path) -> Path:
+    """The weights file a checkpoint was validated with (train/formats/rundir.py): that is the model whose metrics
+    the bundle records, so it is the one a bundle carries."""
+    try:
+        return validated_weights(checkpoint)
+    except RunDirError as e:
+        raise BundleError(str(e)) from e
 
 
 def _read_state(path: Path) -> dict:
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path} is not readable JSON ({e})") from e
-    if not isinstance(state, dict):
-        raise BundleError(f"{path} is not a catdog trainer state (not a JSON object)")
-    return state
+        return read_state(path)
+    except RunDirError as e:
+        raise BundleError(str(e)) from e
 
 
 def pick_checkpoint(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
     """(checkpoint folder, the newest trainer state) for ``which`` = best | last | a checkpoint folder path."""
-    root = run_dir / "checkpoints"
-    found = _complete_checkpoints(root)
+    root = run_dir / CHECKPOINTS_DIR
+    found = complete_checkpoints(root)
     if which not in ("best", "last"):
         path = Path(which)
-        if not (path / STATE_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise BundleError(f"--checkpoint {which}: not a checkpoint folder (needs {STATE_NAME} and {WEIGHTS_NAME})")
+        if not (path / STATE_NAME).is_file() or not (path / MODEL_WEIGHTS).is_file():
+            raise BundleError(f"--checkpoint {which}: not a checkpoint folder (needs {STATE_NAME} and {MODEL_WEIGHTS})")
         latest = found[-1] if found else path
         return path, _read_state(latest / STATE_NAME)
     if not found:
@@ -343,11 +324,8 @@ def pick_checkpoint(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
 
 def bundle_from_run(run_dir: Path, which: str = "best") -> Bundle:
     """An in-memory bundle of a run's checkpoint. Needs the run's config.yaml and its shards' _info.json."""
-    from data_prep.info import InfoError, load_info
-    from train.config import load_config
-
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_NAME
     if not config_path.is_file():
         raise BundleError(f"{config_path} not found: pass a catdog-train run.dir or a bundle folder")
     try:
@@ -356,7 +334,7 @@ def bundle_from_run(run_dir: Path, which: str = "best") -> Bundle:
     except (ConfigError, InfoError) as e:
         raise BundleError(f"cannot rebuild the bundle from {run_dir} ({e}); use its {BUNDLE_DIR}/ folder") from e
     checkpoint, state = pick_checkpoint(run_dir, which)
-    final_path = run_dir / "final_metrics.json"
+    final_path = run_dir / FINAL_NAME
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
     meta = make_meta(cfg, info, state, checkpoint, checkpoint_metrics(state, checkpoint, final))
-    return Bundle(meta, _load_weights(validated_weights(checkpoint)), None)
+    return Bundle(meta, _load_weights(_validated_weights(checkpoint)), None)

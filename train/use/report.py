@@ -1,4 +1,4 @@
-"""``catdog-report RUN_DIR... --out report/``: runs side by side, as the seed project's Results section showed them.
+"""``catdog-report RUN_DIR... --out report/``: runs side by side, one table row and one confusion matrix each.
 
 Writes ``report.md`` (one Markdown table row per run: model, weights, mode, val accuracy / precision / recall / F1 /
 ROC-AUC at the kept (best) epoch, training time, images/s), ``val_curves.png`` (every run's validation accuracy
@@ -11,20 +11,18 @@ metrics.jsonl, final_metrics.json and the best checkpoint's trainer_state.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from data_prep.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from data_prep.atomic import atomic_write_bytes, atomic_write_text
+from data_prep.info import INFO_NAME
+from train.formats.rundir import CHECKPOINTS_DIR, CONFIG_NAME, FINAL_NAME, METRICS_NAME, STATE_NAME
+from train.plots import draw_confusion, figure_png, plt
 
 COLUMNS = (
     "run",
@@ -114,23 +112,23 @@ def _duration(s: float) -> str:
 
 def load_run(path: Path) -> RunSummary:
     """Read one run dir; ReportError names the file that is missing."""
-    for name in ("config.yaml", "metrics.jsonl", "final_metrics.json"):
+    for name in (CONFIG_NAME, METRICS_NAME, FINAL_NAME):
         if not (path / name).is_file():
             raise ReportError(f"{path}: no {name}; is this a finished catdog-train run dir (run.dir)?")
     # Plain YAML, not the typed schema: a run written by another catdog version may have other keys.
-    config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
-    history = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final = json.loads((path / "final_metrics.json").read_text())
+    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME), resolve=True)
+    history = [json.loads(line) for line in (path / METRICS_NAME).read_text().splitlines() if line.strip()]
+    final = json.loads((path / FINAL_NAME).read_text())
     if not history:
         raise ReportError(f"{path}: metrics.jsonl has no finished epoch")
     best_epoch = final.get("best_epoch", -1)
     best_row = next((h for h in history if h["epoch"] == best_epoch), history[-1])
     confusion = None
-    best = path / "checkpoints" / str(final.get("best_checkpoint", "")) / "trainer_state.json"
+    best = path / CHECKPOINTS_DIR / str(final.get("best_checkpoint", "")) / STATE_NAME
     if final.get("best_checkpoint") and best.is_file():
         confusion = json.loads(best.read_text()).get("last_eval", {}).get("confusion_matrix")
     classes, train_samples = [], 0
-    info = Path(str(config.get("data", {}).get("dir", ""))) / "_info.json"
+    info = Path(str(config.get("data", {}).get("dir", ""))) / INFO_NAME
     if info.is_file():
         raw = json.loads(info.read_text())
         classes = list(raw.get("classes", []))
@@ -146,13 +144,6 @@ def markdown_table(runs: list[RunSummary]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(r.row()) + " |" for r in runs]
     return "\n".join(lines) + "\n"
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def curves_png(runs: list[RunSummary]) -> bytes:
@@ -171,7 +162,7 @@ def curves_png(runs: list[RunSummary]) -> bytes:
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def confusion_png(runs: list[RunSummary]) -> bytes:
@@ -182,17 +173,9 @@ def confusion_png(runs: list[RunSummary]) -> bytes:
             ax.text(0.5, 0.5, "no confusion matrix\n(no best checkpoint)", ha="center", va="center")
             ax.set_axis_off()
             continue
-        ax.imshow(cm, cmap="Blues")
-        peak = max(max(row) for row in cm) or 1
-        for i, row in enumerate(cm):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
-        ax.set_xticks(range(len(r.classes)), r.classes)
-        ax.set_yticks(range(len(r.classes)), r.classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{r.name}\nval, epoch {r.best_row.get('epoch', '?')}: {_pct(r.best_row.get('val/accuracy'))}")
-    return _png(fig)
+        title = f"{r.name}\nval, epoch {r.best_row.get('epoch', '?')}: {_pct(r.best_row.get('val/accuracy'))}"
+        draw_confusion(ax, cm, r.classes, title)
+    return figure_png(fig)
 
 
 def log_to_wandb(runs: list[RunSummary], out: Path) -> str:

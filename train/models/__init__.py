@@ -1,0 +1,1 @@
+"""Networks by name (registry.py): the scratch CNN and InceptionV3, and the offline pretrained weights."""
