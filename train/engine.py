@@ -8,6 +8,7 @@ may hold different numbers of eval batches).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -40,6 +41,10 @@ from tqdm.auto import tqdm
 # (summed across ranks) instead of every prediction, so a rank with few or no eval batches syncs cleanly
 # and memory does not grow with the split. 1001 thresholds move the AUROC by well under 1e-3.
 ROC_THRESHOLDS = 1001
+
+# CATDOG_SYNC_DEBUG=1 (scripts/gpu_check.sh): on a GPU, a call inside the training step that makes the host wait for
+# the GPU raises from the second micro-batch on, and each epoch prints how long the loop waited for the loader.
+SYNC_DEBUG = os.environ.get("CATDOG_SYNC_DEBUG", "0") not in ("", "0")
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -97,6 +102,46 @@ class EpochTotals:
             t[:2] += self._pending.to(accelerator.device)
         t = accelerator.reduce(t, reduction="sum")
         return EpochTotals(*t.tolist())
+
+
+class SyncProbe:
+    """``CATDOG_SYNC_DEBUG``: torch.cuda's sync debug mode "error" around each step body from the second micro-batch
+    on (the first one initialises lazily), "default" while the loop waits for the loader, whose wait it times."""
+
+    def __init__(self, device: torch.device, set_mode: Callable[[int | str], None] | None = None):
+        self.cuda = device.type == "cuda"
+        self.set_mode = set_mode or (torch.cuda.set_sync_debug_mode if self.cuda else lambda mode: None)
+        self.batches = 0
+        self.first_wait = self.wait = 0.0
+        self.t0 = time.perf_counter()
+
+    def wrap(self, batches: Iterable):
+        it = iter(batches)
+        while True:
+            self.set_mode("default")
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            if self.batches:
+                self.wait += time.perf_counter() - t
+                self.set_mode("error")
+            else:
+                self.first_wait, self.t0 = time.perf_counter() - t, time.perf_counter()
+            self.batches += 1
+            yield item
+
+    def report(self, accelerator: Accelerator, desc: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(accelerator.device)  # the steps still queued count as loop time
+        loop = time.perf_counter() - self.t0
+        mode = f"{max(self.batches - 1, 0)} checked in sync debug mode 'error'" if self.cuda else "no CUDA: not checked"
+        accelerator.print(
+            f"sync-debug: {desc}: {self.batches} micro-batches, {mode}; loader wait {self.wait:.3f} s of {loop:.3f} s "
+            f"after the first batch ({100 * self.wait / max(loop, 1e-9):.1f} %); first batch {self.first_wait:.3f} s",
+            flush=True,
+        )
 
 
 @dataclass
@@ -161,8 +206,9 @@ def train_one_epoch(
     images = 0
     stopped = signalled = False
     t0 = time.perf_counter()
+    probe = SyncProbe(accelerator.device) if SYNC_DEBUG else None
     try:
-        for x, y in batches:
+        for x, y in probe.wrap(batches) if probe is not None else batches:
             if batch_index >= num_batches:  # micro-batches that do not fill a whole accumulation group
                 break
             x = x.to(accelerator.device, non_blocking=True)
@@ -201,7 +247,11 @@ def train_one_epoch(
                     break
     finally:
         # Also on an error (a DataError from the loader): clears the bar so the error starts its own line.
+        if probe is not None:
+            probe.set_mode("default")  # also on an error: the mode never outlives the loop
         bar.close()
+    if probe is not None:
+        probe.report(accelerator, desc)
     return {
         "step": step,
         "batch_in_epoch": batch_index,
