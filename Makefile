@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?=
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup weights demo test test-fast slurm-up slurm-down lint clean
+.PHONY: setup weights demo test test-fast slurm-up slurm-down lint clean gpu-dry-run
 
 setup: $(VENV)/.installed weights
 
@@ -41,6 +41,11 @@ slurm-up:
 
 slurm-down:
 	bash tests/slurm/cluster.sh stop
+
+# The GPU check (scripts/gpu_check.sh, docs/gpu.md) end to end on CPU, in a venv holding only the GPU image's packages
+# with the prepared wheels installed as on the GPU machine; CUDA-only checks say "skipped: no CUDA".
+gpu-dry-run: $(VENV)/.installed
+	bash scripts/gpu_dry_run.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

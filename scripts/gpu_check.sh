@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# GPU check: bench/gpu.py on this machine's CUDA GPU(s) -- the scratch CNN and InceptionV3 at 299 px, bf16 and fp16,
-# channels_last, eager and torch.compile, images/s and peak memory, plus a 2-rank DDP row with 2+ GPUs.
-# Finishes within 5 minutes (rows past bench/gpu.py's --budget-s are skipped and say so; `timeout` is the backstop).
-# Then scripts/gpu_pipeline_check.sh (~2 minutes more): prep -> 2 training epochs -> evaluate -> predict on the GPU
-# through the real data path; skipped when ../shared/data/catsdogs (or $CATDOG_PHOTOS) is not there.
-# Writes outputs/gpu_check.txt (the table) and outputs/gpu_check.json. Extra arguments go to bench/gpu.py.
+# The GPU check in one command, for a machine whose python3 has PyTorch with CUDA but not catdog and no network:
+# installs the wheels scripts/gpu_prepare.sh put in .gpu/wheels (pip --no-index, into a temporary folder), puts them
+# and the repository on PYTHONPATH and runs scripts/gpu_check.py (every step with its own timeout, ~7 minutes in all
+# on one GPU). The report goes to $OUT when set, else outputs/gpu_check: gpu_check.txt, gpu_check.json, gpu_check.log.
+# PY picks the Python (default python3); DEVICE=cpu runs the same steps on CPU; arguments go to scripts/gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-mkdir -p outputs
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi: not available"; } \
-    | tee outputs/gpu_check.txt
-timeout 300 "$PY" bench/gpu.py --json outputs/gpu_check.json "$@" | tee -a outputs/gpu_check.txt
-PHOTOS=${CATDOG_PHOTOS:-../shared/data/catsdogs}
-if [ -d "$PHOTOS" ]; then
-    timeout 300 scripts/gpu_pipeline_check.sh "$PHOTOS" | tee -a outputs/gpu_check.txt
+PY=${PY:-python3}
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/catdog-gpu-site.XXXXXX")
+trap 'rm -rf "$SITE"' EXIT
+shopt -s nullglob
+wheels=(.gpu/wheels/*.whl)
+if [ ${#wheels[@]} -gt 0 ]; then
+    "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$SITE" "${wheels[@]}"
+    echo "installed ${#wheels[@]} wheels from .gpu/wheels into $SITE"
 else
-    echo "pipeline check skipped: no photos at $PHOTOS (set CATDOG_PHOTOS)" | tee -a outputs/gpu_check.txt
+    echo "no .gpu/wheels: using $PY's own packages (scripts/gpu_prepare.sh makes the wheels)"
 fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Not exec: the trap removes the temporary folder afterwards.
+status=0
+"$PY" scripts/gpu_check.py "$@" || status=$?
+exit $status

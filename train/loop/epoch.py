@@ -18,6 +18,8 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from train.loop import sync_probe
+
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup to ``base_lr`` over ``warmup_steps``, then cosine decay to ``base_lr * min_lr_ratio``."""
@@ -185,8 +187,9 @@ def train_one_epoch(
     batch_index, images = start_batch, 0
     stopped = signalled = False
     t0 = time.perf_counter()
+    probe = sync_probe.SyncProbe(accelerator.device) if sync_probe.ENABLED else None
     try:
-        for x, y in batches:
+        for x, y in probe.wrap(batches) if probe is not None else batches:
             if batch_index >= num_batches:  # micro-batches that do not fill a whole accumulation group
                 break
             x = x.to(accelerator.device, non_blocking=True)
@@ -216,7 +219,11 @@ def train_one_epoch(
                 break
     finally:
         # Also on an error (a DataError from the loader): clears the bar so the error starts its own line.
+        if probe is not None:
+            probe.set_mode("default")  # also on an error: the mode never outlives the loop
         bar.close()
+    if probe is not None:
+        probe.report(accelerator, desc)
     seconds = time.perf_counter() - t0
     return {
         "step": step,
