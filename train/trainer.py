@@ -17,12 +17,14 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     broadcast_object_list,
     extract_model_from_parallel,
@@ -118,6 +120,7 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=tracking.log_with(cfg, run_dir) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
     if plan is not None:
         check_device(accelerator.device, plan, torch.cuda.current_device())
