@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The photos for the demo: unset = download cats_and_dogs_filtered (checksum-verified) into ~/.cache/catdog.
 DATA_DIR ?=
+# Nodes of the test SLURM cluster: 2 = two slurmd, each in a network namespace of its own (docs/testing.md);
+# 1 = this machine only (the tests of two-node jobs then skip, or fail in CI).
+SLURM_NODES ?= 2
 DEMO_DIR ?= outputs/demo
 
 .PHONY: setup weights demo test test-fast slurm-up slurm-down lint clean gpu-dry-run
@@ -27,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	bash scripts/demo.sh "$(DATA_DIR)" "$(DEMO_DIR)"
 
-# The SLURM tests need a real single-node cluster; tests/slurm/cluster.sh installs and starts it.
+# The SLURM tests need a real cluster of two nodes; tests/slurm/cluster.sh installs and starts it.
 # Outside CI a cluster that cannot start only makes those tests skip (with the reason); in CI they fail.
 test: setup slurm-up
 	$(PY) -m pytest -q -ra
@@ -36,11 +39,11 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slurm and not slow"
 
 slurm-up:
-	@bash tests/slurm/cluster.sh start || { echo "SLURM cluster did not start (see above)"; \
+	@CATDOG_SLURM_NODES=$(SLURM_NODES) bash tests/slurm/cluster.sh start || { echo "SLURM cluster did not start (see above)"; \
 		if [ -n "$$CATDOG_REQUIRE_SLURM" ]; then exit 1; fi; }
 
 slurm-down:
-	bash tests/slurm/cluster.sh stop
+	CATDOG_SLURM_NODES=$(SLURM_NODES) bash tests/slurm/cluster.sh stop
 
 # The GPU check (scripts/gpu_check.sh, docs/gpu.md) end to end on CPU, in a venv holding only the GPU image's packages
 # with the prepared wheels installed as on the GPU machine; CUDA-only checks say "skipped: no CUDA".

@@ -1,6 +1,7 @@
 """`catdog-launch` (or `python -m launch`): local | slurm | status | summarize.
 
 catdog-launch local --config configs/cnn.yaml [--gpus N | --cpu-ranks N] [--dry-run] key=value ...
+                    [--num-machines M --machine-rank R --main-process-ip HOST --port P]
 catdog-launch slurm --config configs/cnn.yaml --nodes 2 --gpus-per-node 4 [--slurm-config F] [--sweep S]
                     [--dry-run] [--wait] key=value ...
 catdog-launch status RUN_DIR
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from train.config import ConfigError, load_config
 
-from .slurm import JobLostError, SubmitError
+from .network import NetworkError
+from .slurm import SubmitError
+from .slurm_follow import JobLostError
 
 # SLURM flags -> SlurmConfig fields; a flag left out keeps the value from --slurm-config (or the default).
 _SLURM_FLAGS = {
@@ -56,7 +59,29 @@ def _parser() -> argparse.ArgumentParser:
         help="train on CPU with N ranks over gloo. Default with no GPU visible: 1 CPU process (no gloo), whose "
         "torch threads use every core",
     )
-    loc.add_argument("--port", type=int, help="rendezvous port for several ranks (default: a free one)")
+    loc.add_argument(
+        "--port",
+        "--main-process-port",
+        dest="port",
+        type=int,
+        help="rendezvous port for several ranks (default: a free one); with several machines the main machine's, "
+        "the same on every machine (required)",
+    )
+    loc.add_argument(
+        "--num-machines",
+        type=int,
+        default=1,
+        metavar="M",
+        help="machines taking part; each runs this same command with its own --machine-rank (default 1)",
+    )
+    loc.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's rank, 0 .. M-1")
+    loc.add_argument(
+        "--main-process-ip",
+        default="",
+        metavar="HOST",
+        help="name or address of machine rank 0 (several machines); the ranks' network interface is the one that "
+        "routes to it unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set",
+    )
     loc.add_argument("--dry-run", action="store_true", help="print the command without running it")
     loc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
 
@@ -87,13 +112,22 @@ def _local(args: argparse.Namespace) -> int:
     from .local import run_local
 
     return run_local(
-        args.config, args.overrides, gpus=args.gpus, cpu_ranks=args.cpu_ranks, port=args.port, dry_run=args.dry_run
+        args.config,
+        args.overrides,
+        gpus=args.gpus,
+        cpu_ranks=args.cpu_ranks,
+        port=args.port,
+        dry_run=args.dry_run,
+        machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        main_address=args.main_process_ip,
     )
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from .slurm import follow, job_config, launch
+    from .slurm import job_config, launch
     from .slurm_config import load_slurm_config
+    from .slurm_follow import follow
     from .sweep import load_sweep, summarize, write_table
 
     given = {k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None}
@@ -161,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"local": _local, "slurm": _slurm, "status": _status, "summarize": _summarize}[args.command]
     try:
         return handler(args)
-    except ConfigError as e:
+    except (ConfigError, NetworkError) as e:
         print(f"catdog-launch: error: {e}", file=sys.stderr)
         return 2
     except SubmitError as e:  # sbatch's own message was printed above it

@@ -1,4 +1,5 @@
-"""Local launch: build and run the `accelerate launch` command for this machine's GPUs (or CPU ranks)."""
+"""Local launch: build and run the `accelerate launch` command for this machine's GPUs (or CPU ranks), alone or as one
+of several machines (each runs the same command with its own --machine-rank)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from train.config import Config, ConfigError, load_config
+
+from .network import plan
 
 NO_GPU_NOTE = "no GPU visible: 1 CPU process; use --cpu-ranks N for N gloo ranks"
 
@@ -95,6 +98,9 @@ def accelerate_command(
     port: int,
     visible_devices: str | None = None,
     cfg: Config | None = None,
+    machines: int = 1,
+    machine_rank: int = 0,
+    main_ip: str = "",
 ) -> list[str]:
     """The `accelerate launch ... -m train --config ...` argv.
 
@@ -103,7 +109,8 @@ def accelerate_command(
     through the multi-GPU launcher (torchrun underneath) with train.cpu=true, which makes the trainer's
     Accelerator(cpu=True) pick the MULTI_CPU/gloo path. ``visible_devices`` is the caller's CUDA_VISIBLE_DEVICES
     (None when unset): a subset of GPUs is named by its physical ids (see ``gpu_ids_for``). ``cfg``: the config and
-    overrides already loaded by the caller.
+    overrides already loaded by the caller. ``machines`` > 1: this machine is ``machine_rank`` of them, each starting
+    the same number of ranks; ``main_ip`` is the address of machine rank 0, where ``port`` is the rendezvous.
     """
     if cfg is None:
         cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
@@ -118,14 +125,23 @@ def accelerate_command(
             f"--gpus {gpus}: only {available_gpus} GPU(s) visible here"
             + ("; use --cpu-ranks N to train on CPU" if available_gpus == 0 else "")
         )
+    check_machines(machines, machine_rank)
+    if machines > 1 and not main_ip:
+        raise ConfigError(f"--num-machines {machines}: pass --main-process-ip, the address of machine rank 0")
     on_cpu, n = _ranks(cfg.train.cpu, gpus, cpu_ranks, available_gpus)
-    cmd = [_accelerate_bin(), "launch", "--config_file", str(launch_config_file(n > 1)), "--num_machines", "1"]
+    total = n * machines
+    cmd = [_accelerate_bin(), "launch", "--config_file", str(launch_config_file(total > 1))]
+    cmd += ["--num_machines", str(machines)]
     # The trainer passes its precision to Accelerator() itself (which wins over this flag); `auto` is resolved
     # there, per device, so the launcher only needs a valid value to not warn about a missing one.
     precision = "no" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
     cmd += ["--mixed_precision", precision, "--dynamo_backend", "no"]
-    if n > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(n), "--main_process_port", str(port)]
+    if total > 1:
+        # --num_processes counts the ranks of all machines; accelerate starts total / machines here.
+        cmd += ["--multi_gpu", "--num_processes", str(total), "--main_process_port", str(port)]
+        if machines > 1:
+            # --same_network: torchrun gets the main machine's address and port as they are (static rendezvous).
+            cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", main_ip, "--same_network"]
     else:
         cmd += ["--num_processes", "1"] + (["--cpu"] if on_cpu else [])
     if not on_cpu and n < available_gpus:
@@ -136,6 +152,13 @@ def accelerate_command(
     return cmd
 
 
+def check_machines(machines: int, machine_rank: int) -> None:
+    if machines < 1 or not 0 <= machine_rank < machines:
+        raise ConfigError(
+            f"--machine-rank {machine_rank} with --num-machines {machines}: use 0 .. {max(machines - 1, 0)}"
+        )
+
+
 def run_local(
     config: str | os.PathLike,
     overrides: Sequence[str] = (),
@@ -144,10 +167,29 @@ def run_local(
     cpu_ranks: int | None = None,
     port: int | None = None,
     dry_run: bool = False,
+    machines: int = 1,
+    machine_rank: int = 0,
+    main_address: str = "",
 ) -> int:
-    """Print the command, then (unless dry_run) run it in the foreground and return its exit code."""
+    """Print the command, then (unless dry_run) run it in the foreground and return its exit code.
+
+    Several machines (``machines`` > 1): ``main_address`` (a name or an address of machine rank 0) is given to torch
+    as the address every machine uses, and GLOO/NCCL_SOCKET_IFNAME, unless set, name the interface that routes to it
+    (launch/network.py); ``port`` must be given, the same on every machine.
+    """
     available = 0 if cpu_ranks else visible_gpus()
     cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
+    env = dict(os.environ)
+    main_ip = ""
+    check_machines(machines, machine_rank)
+    if machines > 1:
+        if not port:
+            raise ConfigError(f"--num-machines {machines}: pass --port, the same free port on every machine")
+        if not main_address:
+            raise ConfigError(f"--num-machines {machines}: pass --main-process-ip, the address of machine rank 0")
+        net = plan(main_address, is_master=machine_rank == 0, nodes=machines)
+        print(f"machine {machine_rank} of {machines}: " + net.apply(env), file=sys.stderr, flush=True)
+        main_ip = net.master_addr
     cmd = accelerate_command(
         config,
         overrides,
@@ -157,12 +199,14 @@ def run_local(
         port=port or free_port(),
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         cfg=cfg,
+        machines=machines,
+        machine_rank=machine_rank,
+        main_ip=main_ip,
     )
     if available == 0 and cpu_ranks is None:
         # One process, not gloo ranks: its torch threads already use every core, and N ranks would split those
         # cores N ways and add an all-reduce per step. Say so: users coming from multi-GPU expect ranks.
         print(NO_GPU_NOTE, file=sys.stderr, flush=True)
-    env = dict(os.environ)
     on_cpu, n = _ranks(cfg.train.cpu, gpus, cpu_ranks, available)
     if on_cpu and not env.get("OMP_NUM_THREADS"):
         # torchrun sets OMP_NUM_THREADS=1 for several processes, and accelerate --cpu the machine's physical core

@@ -1,22 +1,19 @@
 """SLURM launch through submitit: one task per GPU (or CPU rank), the trainer's own `main(cfg)` in each.
 
-The submitit callable follows MAE/DINOv2: `SlurmTrainer.__call__` exports the torch.distributed variables
-from SLURM's and calls `train.run.main.main`; `checkpoint()` (rank 0, on USR2 before a time limit or a
-preemption) returns a new submission of itself, submitit requeues the job, and the trainer's auto-resume
-continues from the newest checkpoint in the same run dir, with the W&B run id kept in run.dir/wandb_run_id.
+This side runs where the user submits: the sbatch script's resources, the checks made before submitting (sinfo),
+and the submission itself. What runs inside each task of the job is launch/slurm_job.py (`SlurmTrainer`); the
+job's states and `--wait` are launch/slurm_follow.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -28,95 +25,11 @@ from train.config import Config, ConfigError, load_config, save_config
 from train.formats.rundir import pin_resume, start_over
 
 from .slurm_config import SlurmConfig
+from .slurm_follow import FINAL_STATES, Submitted, job_states
+from .slurm_job import SlurmTrainer
 
 JOB_RECORD = "slurm_job.json"  # in each run dir: which SLURM job writes it, and where its logs are
 SUBMITTED_CONFIG = "submitted_config.yaml"  # in each run dir: the resolved config the job (re)loads at each start
-# Job states after which SLURM will not run the job again (REQUEUED/PENDING/RUNNING are not final).
-FINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-}
-
-
-class SlurmTrainer:
-    """The submitit callable: runs in every task of the job; rank 0's checkpoint() requeues it.
-
-    It carries the path of the resolved config YAML, not a Config object: each start (and each requeue, maybe
-    after a code update) reads it through the trainer's own loader, so new fields get their defaults and a
-    removed one fails naming the key, instead of an unpickled dataclass missing attributes mid-run.
-    """
-
-    def __init__(self, config_path: str | os.PathLike, use_gpus: bool, resume: str = "") -> None:
-        self.config_path = str(config_path)
-        self.use_gpus = use_gpus
-        self.resume = resume  # "" = as the config says
-
-    def config(self) -> Config:
-        return load_config(self.config_path, [f"train.resume={self.resume}"] if self.resume else [])
-
-    def __call__(self) -> dict:
-        job = submitit.JobEnvironment()
-        export_distributed_env(job.job_id)
-        from train.run.distributed import StopFlag  # late: keeps submission light
-        from train.run.main import main
-
-        # USR2 (SLURM's warning before a time limit, or a preemption) must not requeue mid-step with the work
-        # since the last checkpoint lost, which is what submitit's own handler would do. During the training loop
-        # ours only sets a flag: every rank stops at the same step boundary, they save one checkpoint together,
-        # and then we hand over to submitit's handler, which calls checkpoint() below and requeues the job (on
-        # rank 0; on the others it returns). Outside the loop the signal goes to submitit's handler at once
-        # (train/run/distributed.py StopFlag). The signal is submitit's (SUBMITIT_PREEMPT_SIGNAL, default USR2): the
-        # one its sbatch script asked SLURM for.
-        stop = StopFlag()
-        stop.install(preempt_signal(job))
-        result = main(self.config(), stop=stop)
-        if result.get("interrupted"):
-            stop.hand_over()  # on rank 0: requeues and exits; it does not return
-        return result
-
-    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        # The trainer has saved a checkpoint at the step where the signal stopped it. The requeued job must resume
-        # from the newest checkpoint, whatever train.resume said at submission.
-        return submitit.helpers.DelayedSubmission(SlurmTrainer(self.config_path, self.use_gpus, resume="auto"))
-
-
-def preempt_signal(job: submitit.JobEnvironment) -> int:
-    """The signal SLURM sends before the time limit or a preemption: the one submitit's sbatch script asked for
-    (``SUBMITIT_PREEMPT_SIGNAL``, default USR2) and its own handler is installed on."""
-    usr_sig = getattr(job, "_usr_sig", None)  # submitit's own reader of that variable (private, so guarded)
-    return usr_sig() if callable(usr_sig) else signal.SIGUSR2
-
-
-def export_distributed_env(job_id: str) -> None:
-    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT for
-    torch.distributed, from SLURM's variables; the trainer's Accelerator() then joins that process group.
-
-    CUDA_VISIBLE_DEVICES is left as SLURM set it: every task of a node sees the job's GPUs there and rank i trains
-    on cuda:<local rank i> (train/hardware/gpus.py). submitit's default would narrow each task to the GPU numbered
-    like its local rank, so every rank sees one GPU (cuda:0) while Accelerate gives DDP device_ids=[local rank]:
-    rank 1 would ask for device 1 in a one-device world and crash at the first step.
-    overwrite: values inherited from the submitting shell (sbatch exports its environment) are wrong here.
-    """
-    os.environ["MASTER_PORT"] = str(master_port(job_id, os.environ.get("SLURM_RESTART_COUNT", "0")))
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-
-
-def master_port(job_id: str, restart_count: str) -> int:
-    """The rendezvous port all tasks of one (re)start of a job agree on without talking to each other.
-
-    Below Linux's ephemeral range (32768-60999), where bind(0) and outgoing connections take their ports:
-    submitit's default (20000-60000, from the job id alone) collided with those on a busy node, and a job's
-    rank 0 then died with EADDRINUSE. The restart count gives a requeued job a new port in case a process of
-    the previous start still holds the old one.
-    """
-    return 20000 + zlib.crc32(f"{job_id}.{restart_count}".encode()) % 12000
 
 
 class _OfflineSlurmExecutor(submitit.SlurmExecutor):
@@ -298,21 +211,6 @@ def check_resources(slurm: SlurmConfig, found: tuple[str, list[Node]] | None = N
 # ----------------------------------------------------------------------------------------- submit
 
 
-@dataclass
-class Submitted:
-    """One submitted run: its job, run dir and rank-0 logs."""
-
-    name: str
-    run_dir: Path
-    job: submitit.Job
-    stdout: Path = field(init=False)
-    stderr: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stdout = self.job.paths.stdout
-        self.stderr = self.job.paths.stderr
-
-
 def job_config(config: str | os.PathLike, overrides: Sequence[str], slurm: SlurmConfig) -> Config:
     """The trainer config for a SLURM job: validated here, with absolute paths (jobs may start elsewhere)."""
     cfg = load_config(config, overrides)
@@ -454,103 +352,3 @@ def launch(
 
 class SubmitError(RuntimeError):
     """sbatch rejected the submission; the message is SLURM's."""
-
-
-# ----------------------------------------------------------------------------------------- follow
-
-
-def job_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """Current state of each job (sacct, then squeue for jobs the accounting DB does not know yet)."""
-    if not job_ids:
-        return {}
-    states: dict[str, str] = {}
-    try:
-        res = subprocess.run(
-            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        for line in res.stdout.splitlines():
-            jid, _, state = line.partition("|")
-            if state.strip():  # else squeue may know it
-                states[jid] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
-        for jid in set(job_ids) - set(states):
-            res = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True, timeout=60)
-            states[jid] = res.stdout.strip() or "UNKNOWN"
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return {j: "UNKNOWN" for j in job_ids}
-    return {j: states.get(j, "UNKNOWN") for j in job_ids}
-
-
-class JobLostError(RuntimeError):
-    """--wait gave up: neither sacct nor squeue has reported a job's state for a while."""
-
-
-def follow(
-    submitted: Sequence[Submitted],
-    *,
-    poll_s: float = 2.0,
-    unknown_limit_s: float = 60.0,
-    unknown_polls: int = 3,
-    out: TextIO | None = None,
-) -> dict[str, str]:
-    """Stream the rank-0 logs of these jobs until every job is in a final state; return the states.
-
-    UNKNOWN (sacct down or purged, and squeue past MinJobAge or unreachable) is not final, and may not last:
-    a job only counts as lost after unknown_polls consecutive UNKNOWN polls spanning unknown_limit_s.
-    Then JobLostError, instead of polling forever.
-    """
-    out = out or sys.stdout
-    offsets: dict[Path, int] = {}
-    prefix = len(submitted) > 1
-
-    def pump() -> None:
-        for s in submitted:
-            for path in (s.stdout, s.stderr):
-                if not path.exists():
-                    continue
-                with open(path, "rb") as f:
-                    f.seek(offsets.get(path, 0))
-                    data = f.read()
-                    offsets[path] = f.tell()
-                if data:
-                    text = data.decode("utf-8", "replace")
-                    if prefix:
-                        text = "".join(f"[{s.name}] {line}" for line in text.splitlines(keepends=True))
-                    out.write(text)
-                    out.flush()
-
-    ids = [s.job.job_id for s in submitted]
-    unknown: dict[str, tuple[float, int]] = {}  # job id -> (first of its consecutive UNKNOWN polls, their count)
-    while True:
-        pump()
-        states = job_states(ids)
-        now = time.monotonic()
-        for jid, state in states.items():
-            if state == "UNKNOWN":
-                first, n = unknown.get(jid, (now, 0))
-                unknown[jid] = (first, n + 1)
-            else:
-                unknown.pop(jid, None)
-        lost = [s for s in submitted if _lost(unknown.get(s.job.job_id), now, unknown_limit_s, unknown_polls)]
-        if lost:
-            pump()
-            raise JobLostError(
-                "\n".join(
-                    f"SLURM has reported no state for job {s.job.job_id} ({s.name}) for "
-                    f"{now - unknown[s.job.job_id][0]:.0f} s: neither sacct nor squeue knows it. It may still be "
-                    f"running: check `squeue -j {s.job.job_id}`, `sacct -j {s.job.job_id}` (sacct needs slurmdbd up) "
-                    f"and `catdog-launch status {s.run_dir}`"
-                    for s in lost
-                )
-            )
-        if all(st in FINAL_STATES for st in states.values()):
-            time.sleep(1)  # slurmstepd may flush the last lines after the state changes
-            pump()
-            return states
-        time.sleep(poll_s)
-
-
-def _lost(streak: tuple[float, int] | None, now: float, limit_s: float, polls: int) -> bool:
-    return streak is not None and streak[1] >= polls and now - streak[0] >= limit_s

@@ -9,7 +9,8 @@ from typing import Any, TextIO
 
 from train.config import ConfigError
 
-from .slurm import job_states, read_job_record
+from .slurm import read_job_record
+from .slurm_follow import job_states
 from .sweep import TABLE, read_table, summarize
 
 

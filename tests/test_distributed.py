@@ -47,9 +47,9 @@ def slurm_task_env(local_id: int, *, tasks_per_node: int = 4, visible: str = "0,
 
 
 def exported_env(local_id: int, **kw) -> dict:
-    """The environment a catdog SLURM task has after launch.slurm.export_distributed_env (run for real)."""
+    """The environment a catdog SLURM task has after launch.slurm_job.export_distributed_env (run for real)."""
     code = (
-        "import json, os; from launch.slurm import export_distributed_env; export_distributed_env('4242'); "
+        "import json, os; from launch.slurm_job import export_distributed_env; export_distributed_env('4242'); "
         "print(json.dumps({k: os.environ.get(k) for k in "
         "('RANK','LOCAL_RANK','WORLD_SIZE','LOCAL_WORLD_SIZE','MASTER_ADDR','MASTER_PORT','CUDA_VISIBLE_DEVICES')}))"
     )

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from launch.__main__ import main
-from launch.slurm import ASSUMED_CPUS_PER_GPU, SlurmTrainer, job_config, master_port, parse_nodes, resolve_cpus_per_task
+from launch.slurm import ASSUMED_CPUS_PER_GPU, job_config, parse_nodes, resolve_cpus_per_task
 from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
+from launch.slurm_job import SlurmTrainer, master_port
 from launch.sweep import load_sweep
 from train.config import ConfigError, load_config, save_config
 

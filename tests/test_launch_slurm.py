@@ -1,6 +1,7 @@
-"""Against a REAL single-node SLURM (tests/slurm/cluster.sh): training jobs, a sweep array, a requeue.
+"""Against a REAL SLURM (tests/slurm/cluster.sh, one node or more): single-node training jobs, a sweep array, a
+requeue. Jobs spanning two nodes: tests/test_launch_two_nodes.py.
 
-The node has 2 CPUs: a 2-task job takes both. Every wait is bounded, so a stuck job fails the test.
+Each node has 2 CPUs: a 2-task job takes one node. Every wait is bounded, so a stuck job fails the test.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,19 +17,12 @@ from pathlib import Path
 
 import pytest
 import submitit
-from launch_helpers import make_shards, tiny_config
+from launch_helpers import cli as launch_cli
+from launch_helpers import last_logged_step, make_shards, queued, require_cluster, sacct, tiny_config
 
-from launch.slurm import (
-    JobLostError,
-    Submitted,
-    check_resources,
-    follow,
-    job_config,
-    job_states,
-    launch,
-    partition_nodes,
-)
+from launch.slurm import check_resources, job_config, launch, partition_nodes
 from launch.slurm_config import load_slurm_config
+from launch.slurm_follow import JobLostError, Submitted, follow, job_states
 from train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,18 +35,7 @@ pytestmark = pytest.mark.slurm
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """Skip (or, with CATDOG_REQUIRE_SLURM set, fail) unless a SLURM node here accepts jobs."""
-    reason = ""
-    if shutil.which("sinfo") is None:
-        reason = "SLURM is not installed"
-    else:
-        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
-        if res.returncode or not re.search(r"^(idle|mix|alloc|completing)", res.stdout, re.M):
-            reason = f"no usable SLURM node (sinfo: {res.stdout.strip() or res.stderr.strip()})"
-    if reason:
-        msg = f"{reason}; start the test cluster with `sudo bash tests/slurm/cluster.sh start` (or `make test`)"
-        if os.environ.get("CATDOG_REQUIRE_SLURM"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_cluster(1)
 
 
 @pytest.fixture(scope="session")
@@ -69,30 +51,15 @@ def train_yaml(shards: Path, tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _cancel_leftover_jobs(slurm_cluster):
     """A test that fails mid-job must not leave its job holding the node's 2 CPUs for the next tests."""
-    before = set(_queued())
+    before = set(queued())
     yield
-    leftover = sorted(set(_queued()) - before)
+    leftover = sorted(set(queued()) - before)
     if leftover:
         subprocess.run(["scancel", *leftover], timeout=30)
 
 
-def _queued() -> list[str]:
-    if shutil.which("squeue") is None:
-        return []
-    return subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30).stdout.split()
-
-
 def cli(*argv: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launch", *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-
-
-def sacct(job_id: str, fields: str, *extra: str) -> list[list[str]]:
-    res = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", fields, "-j", job_id, *extra], capture_output=True, text=True, timeout=60
-    )
-    return [line.split("|") for line in res.stdout.splitlines()]
+    return launch_cli(*argv, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -217,7 +184,7 @@ def test_signal_mid_epoch_saves_at_that_step_requeues_and_resumes_there(
     cfg = job_config(train_yaml, overrides, slurm)
     (job,) = [s.job for s in launch([("run", cfg)], slurm, run / "slurm", out=sys.stderr)]
     deadline = time.time() + JOB_TIMEOUT_S
-    while _last_logged_step(run) < 2:
+    while last_logged_step(run) < 2:
         assert time.time() < deadline, "training did not start before the deadline"
         assert job_states([job.job_id])[job.job_id] not in ("FAILED", "COMPLETED", "CANCELLED")
         time.sleep(0.1)
@@ -260,14 +227,6 @@ def test_signal_mid_epoch_saves_at_that_step_requeues_and_resumes_there(
     assert f"job      {job.job_id}  COMPLETED  (requeued 1x)" in status.stdout, status.stdout
 
 
-def _last_logged_step(run: Path) -> int:
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return 0
-    steps = [int(r.split(",")[0]) for r in path.read_text().splitlines()[1:] if ",train/loss_step," in r]
-    return max(steps, default=0)
-
-
 @pytest.mark.slow
 def test_bad_settings_fail_before_submitting(slurm_cluster, train_yaml: Path, tmp_path: Path):
     before = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30).stdout
@@ -275,12 +234,17 @@ def test_bad_settings_fail_before_submitting(slurm_cluster, train_yaml: Path, tm
     cpus = int(
         subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout.split()[0]
     )
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30).stdout
+    n_nodes = len(set(nodes.split()))
     cases = [
         (["--partition", "nosuch"], "partition 'nosuch' does not exist on this cluster; partitions: debug"),
         (["--gpus-per-node", "1"], "--gpus-per-node 1, but its nodes have at most 0 GPU(s)"),
         (["--cpus-per-task", str(cpus + 1)], f"= {cpus + 1} CPUs per node, but its nodes have at most {cpus}"),
         (["--mem", "100T"], "--mem 100T, but its nodes have at most"),
-        (["--nodes", "2"], "--nodes 2, but only 1 of its nodes"),
+        (
+            ["--nodes", str(n_nodes + 1), f"train.batch_size={8 * (n_nodes + 1)}"],  # a batch the ranks can split
+            f"--nodes {n_nodes + 1}, but only {n_nodes} of its nodes",
+        ),
         (["data.dir=/nonexistent"], "data.dir=/nonexistent has no _info.json"),
     ]
     for extra, message in cases:
@@ -341,7 +305,7 @@ def test_hidden_partitions_and_partition_lists_pass_the_preflight_check(hidden_p
     node_names = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30).stdout
     assert part == hidden_partition and [n.name for n in nodes] == sorted(set(node_names.split()))
     part, nodes = partition_nodes(f"debug,{hidden_partition}")  # sbatch's list: the first that can run the job
-    assert part == f"debug,{hidden_partition}" and len(nodes) == 1  # the node is in both: listed once
+    assert part == f"debug,{hidden_partition}" and len(nodes) == len(set(node_names.split()))  # in both: once each
     with pytest.raises(ConfigError, match="partition 'nope' does not exist on this cluster"):
         partition_nodes("debug,nope")
 
@@ -359,10 +323,10 @@ def test_a_malformed_job_record_fails_before_submitting(train_yaml: Path, tmp_pa
     (run / "slurm_job.json").write_text('{"job_id": ')  # hand-edited or truncated by a full disk
     slurm = load_slurm_config(CPU_CLUSTER)
     cfg = job_config(train_yaml, [f"run.dir={run}"], slurm)
-    before = _queued()
+    before = queued()
     with pytest.raises(ConfigError, match=re.escape(f"{run / 'slurm_job.json'} is not valid JSON")):
         launch([("run", cfg)], slurm, run / "slurm", out=io.StringIO())
-    assert _queued() == before and not (run / "slurm").exists()  # nothing submitted
+    assert queued() == before and not (run / "slurm").exists()  # nothing submitted
 
 
 def test_wait_gives_up_on_a_job_slurm_does_not_know(tmp_path: Path):

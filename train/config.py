@@ -196,9 +196,15 @@ class TrainConfig:
     # Frozen backbone only: compute its features for each split once (eval transform: no augmentation), cache
     # them, and train only the head on them (train/run/features.py). Minutes instead of hours on a CPU.
     precompute_features: bool = False
+    # Seconds a collective (an all-reduce, a barrier) and the start-up rendezvous wait for the other ranks before
+    # failing: a rank or node that died or hangs then ends the job instead of holding it until its time limit.
+    # Longer than the slowest thing one rank does while the others wait (writing a checkpoint to a slow disk).
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"train.dist_timeout_s={self.dist_timeout_s}: use a number of seconds > 0, e.g. 600")
         _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
         _choice("train.early_stop_metric", self.early_stop_metric, tuple(f"val/{m}" for m in VAL_METRICS))
         if not 0.0 <= self.ema_decay < 1.0:

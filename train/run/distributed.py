@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -78,7 +79,8 @@ class StopFlag:
     Swallowing it there would let SLURM kill the job at its time limit without a requeue.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None) -> None:
+        self.timeout_s = timeout_s  # the vote's gloo group beside NCCL: train.dist_timeout_s, not torch's 30 min
         self.requested = False
         self.signum: int | None = None
         self.polling = False
@@ -131,7 +133,8 @@ class StopFlag:
     def setup(self) -> None:
         """Collective, once, after the process group exists: a gloo group for the per-step vote."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            timeout = None if self.timeout_s is None else timedelta(seconds=self.timeout_s)
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
         self._ready = True
 
     def agreed(self, step: int) -> bool:  # noqa: ARG002 - the step is part of the loop's contract

@@ -10,11 +10,12 @@ import os
 import socket
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, extract_model_from_parallel, gather_object
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, extract_model_from_parallel, gather_object
 
 from data_prep.cpus import threads_per_rank
 from data_prep.info import INFO_NAME, DatasetInfo, InfoError
@@ -78,6 +79,8 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=tracking.log_with(cfg, run_dir) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        # How long a rank waits in a collective for a peer that may be gone (NCCL's and gloo's defaults differ).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
     if plan is not None:
         check_device(accelerator.device, plan, torch.cuda.current_device())
