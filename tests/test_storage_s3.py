@@ -22,6 +22,9 @@ from data_prep.storage import StorageError
 from data_prep.storage import s3 as s3_backend
 
 MB = 1 << 20
+# Each fault breaks one request; the stall outlasts the 3 s read timeout the tests set.
+READ_FAULTS = ["reset", "503", ("cut_response", 100), ("stall", 6)]
+WRITE_FAULTS = ["reset", "503", ("cut_request", 1_000), ("stall", 6)]
 
 
 def _direct(server):
@@ -175,6 +178,22 @@ def test_reads_over_http(s3_prefix, s3_env):
     assert e.value.kind == storage.NOT_FOUND and str(e.value).startswith(f"{base}/missing.tar: ")
 
 
+def test_http_faults_are_retried_and_downloads_resume(s3_prefix, s3_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("CATDOG_STORAGE_TIMEOUT_S", "3")
+    data = os.urandom(3 * MB)
+    storage.write_bytes(f"{s3_prefix}/shard.tar", data)
+    with FaultProxy(s3_env.ports["filer"]) as proxy:
+        url = f"{proxy.endpoint}/buckets/{s3_env.bucket}/{_key(s3_prefix)}/shard.tar"
+        proxy.add(*READ_FAULTS)
+        assert storage.read_range(url, 5_000, 20_000) == data[5_000:25_000]
+        proxy.add(None, ("cut_response", MB))  # HEAD, then the GET is cut after 1 MB
+        assert storage.download(url, tmp_path / "shard.tar") == len(data)
+        assert (tmp_path / "shard.tar").read_bytes() == data
+        assert proxy.pending() == 0
+        ranges = [r for m, _, r in proxy.log if m == "GET"][-2:]
+        assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != f"bytes=0-{len(data) - 1}"
+
+
 # ----------------------------------------------------------------------------------------------- errors to fix
 
 
@@ -303,11 +322,6 @@ def test_a_multipart_upload_cut_midway_leaves_nothing(s3_prefix, s3_env, proxy, 
 
 
 # ----------------------------------------------------------------------------------------------- transient faults
-
-
-# Each fault breaks one request; the stall outlasts the 3 s read timeout the proxy fixture sets.
-READ_FAULTS = ["reset", "503", ("cut_response", 100), ("stall", 6)]
-WRITE_FAULTS = ["reset", "503", ("cut_request", 1_000), ("stall", 6)]
 
 
 def test_transient_failures_are_retried(s3_prefix, s3_env, proxy, caplog):

@@ -39,6 +39,16 @@ class Transient(Exception):
         self.answered = answered
 
 
+def write_local(f, data: bytes, path: object) -> None:
+    """Write a downloaded chunk to ``f``. A local failure (disk full) is raised as a StorageError naming ``path``,
+    so the retry loop, which retries network errors (some of them OSErrors), does not retry it for minutes."""
+    try:
+        f.write(data)
+    except OSError as e:
+        msg = f"cannot write the download ({e.strerror or e}): free space there or choose another folder"
+        raise StorageError(str(path), msg, FAILED) from None
+
+
 # ----------------------------------------------------------------------------------------------- secrets
 
 MIN_SECRET = 8  # shorter values are not scrubbed: they would garble ordinary words (real keys are 16-40 characters)

@@ -37,6 +37,7 @@ from data_prep.storage.errors import (
     add_secret,
     mark_reached,
     with_retries,
+    write_local,
 )
 from data_prep.storage.urls import Location, redact
 
@@ -84,7 +85,9 @@ def client(url: str = "s3://") -> tuple[object, str]:
 def _make_client(key: int, url: str) -> tuple[object, str]:
     policy = RetryPolicy.from_env()
     try:
-        session = _sessions.get(key) or _sessions.setdefault(key, boto3.session.Session())
+        session = _sessions.get(key)
+        if session is None:
+            session = _sessions[key] = boto3.session.Session()
         creds = session.get_credentials()
         if creds is None:
             raise StorageError(
@@ -289,12 +292,8 @@ def get_file(loc: Location, dest: Path) -> int:
             if etag:
                 args["IfMatch"] = etag
             body = c.get_object(**args)["Body"]
-            try:
-                while chunk := body.read(CHUNK):
-                    f.write(chunk)
-            except BaseException:
-                f.flush()
-                raise
+            while chunk := body.read(CHUNK):  # a cut here is retried from f.tell(): what was written
+                write_local(f, chunk, dest)
             return f.tell()
 
         got = _call(loc, "download", fn)

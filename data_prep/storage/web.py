@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import urllib3
 from urllib3.exceptions import HTTPError as URLLib3Error
-from urllib3.exceptions import SSLError
+from urllib3.exceptions import MaxRetryError, SSLError
 
 from data_prep.storage.errors import (
     CONFIG,
@@ -29,6 +29,7 @@ from data_prep.storage.errors import (
     add_secret,
     mark_reached,
     with_retries,
+    write_local,
 )
 from data_prep.storage.urls import Location
 
@@ -47,7 +48,9 @@ def pool() -> urllib3.PoolManager:
         if _pool is None or _pool[0] != os.getpid():
             policy = RetryPolicy.from_env()
             timeout = urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s)
-            _pool = (os.getpid(), urllib3.PoolManager(maxsize=16, timeout=timeout, retries=False))
+            # redirects followed (a mirror's CDN), nothing else retried here: with_retries does that, with a budget
+            retries = urllib3.Retry(total=5, connect=0, read=0, status=0, other=0, redirect=5)
+            _pool = (os.getpid(), urllib3.PoolManager(maxsize=16, timeout=timeout, retries=retries))
         return _pool[1]
 
 
@@ -69,12 +72,12 @@ def _request(loc: Location, method: str, headers: dict[str, str], *, stream: boo
         # identity: a compressed answer would not be the byte ranges asked for
         headers = {**auth, "Accept-Encoding": "identity", **headers}
         r = pool().request(method, url, headers=headers, preload_content=not stream, redirect=True)
-    except SSLError:
-        raise StorageError(
-            str(loc), "TLS failed (certificate or protocol): check http:// vs https://", CONFIG
-        ) from None
     except (URLLib3Error, OSError) as e:  # refused, DNS, reset, timeout: no answer
-        raise Transient(type(e).__name__, answered=False) from None
+        cause = e.reason if isinstance(e, MaxRetryError) and e.reason is not None else e
+        if isinstance(cause, SSLError):
+            msg = "TLS failed (certificate or protocol): check http:// vs https://, and SSL_CERT_FILE"
+            raise StorageError(str(loc), msg, CONFIG) from None
+        raise Transient(type(cause).__name__, answered=False) from None
     mark_reached(endpoint)
     if r.status in (200, 206, 416):
         return r
@@ -158,7 +161,7 @@ def get_file(loc: Location, dest: Path) -> int:
                     msg = "the object changed while it was read, or the server ignores Range: retry"
                     raise StorageError(str(loc), msg, FAILED)
                 for chunk in r.stream(CHUNK, decode_content=False):
-                    f.write(chunk)
+                    write_local(f, chunk, dest)
             except (URLLib3Error, OSError) as e:
                 raise Transient(type(e).__name__, answered=True) from None
             finally:
