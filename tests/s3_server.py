@@ -14,13 +14,11 @@ The process is killed when the ``with`` ends, on ``stop()``, and (Linux) when th
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +31,6 @@ GRPC_OFFSET = 10_000  # weed's gRPC port = HTTP port + this
 SERVICES = ("s3", "master", "volume", "filer", "admin")
 START_TIMEOUT_S = 90.0  # generous: CI is a loaded 2-core machine; an idle one is ready in ~1-2 s
 STOP_GRACE_S = 10.0  # weed stops in ~3 s on SIGTERM here; then SIGKILL
-PR_SET_PDEATHSIG = 1
 
 
 class S3ServerError(RuntimeError):
@@ -69,12 +66,12 @@ def _ports(rng: random.Random) -> dict[str, int]:
     return out
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel SIGKILLs weed when the test process dies (even by SIGKILL), so no server outlives a run.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent() -> list[str]:
+    """A command prefix that makes the kernel SIGKILL weed when the process that started it dies (even by SIGKILL),
+    so no server outlives a test run: util-linux's setpriv (not a preexec_fn: the test process has threads, and
+    Python code between fork and exec can deadlock then). Without setpriv only stop()/the fixture kill it."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv and sys.platform == "linux" else []
 
 
 class SeaweedFS:
@@ -137,7 +134,8 @@ class SeaweedFS:
         self.proc = None
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after STOP_GRACE_S; removes the unix sockets weed leaves in /tmp."""
+        """SIGTERM, then SIGKILL after STOP_GRACE_S; removes the gRPC unix sockets weed leaves in /tmp (their place
+        is fixed; a test process killed outright leaves them behind, harmless files named by port)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -165,17 +163,20 @@ class SeaweedFS:
         identity = {
             "name": "catdog-test",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
         ids.write_text(json.dumps({"identities": [identity]}))
         ids.chmod(0o600)
         data = self.work / "data"
         data.mkdir(exist_ok=True)
         p = self.ports
+        # Its unix sockets beside the data, unless the path is too long for one (108 bytes): then weed's /tmp default
+        sockets = [f"-{svc}.localSocket={self.work / f'{svc}.sock'}" for svc in ("filer", "s3")]
         return [
             str(weed_binary()), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
             f"-filer.port={p['filer']}", f"-admin.port={p['admin']}", f"-s3.config={ids}", f"-bucket={self.bucket}",
+            *(sockets if len(str(self.work)) < 90 else []),
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             # small volumes: the test data is small, and a 1 GiB volume preallocation per collection is not
             "-master.volumeSizeLimitMB=64",
@@ -184,13 +185,13 @@ class SeaweedFS:
     def _launch(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self._command(),
+                [*_die_with_parent(), *self._command()],
                 cwd=self.work,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, "TMPDIR": str(self.work)},  # weed's own log files go there, not to /tmp
                 start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, which stops us in order
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         self._wait_ready()
 
