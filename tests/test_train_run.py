@@ -10,6 +10,7 @@ import pytest
 import yaml
 from data_shards import rewrite_member
 from train_helpers import TINY, make_shards, run_train
+from wandb_records import check_run_end, sessions
 
 from train.hardware.memory import user_choice
 
@@ -36,7 +37,8 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
         "train.mixed_precision=fp16",  # not applied on CPU (fp32 either way): warned once, not once per rank
         "track.plot_every_s=3600",  # plots after the first epoch and at the end only (not after epoch 2 or 3)
     ]
-    proc = run_train(overrides, procs=2, port=port, WANDB_API_KEY=FAKE_KEY)
+    wandb_dirs = {"WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+    proc = run_train(overrides, procs=2, port=port, WANDB_API_KEY=FAKE_KEY, **wandb_dirs)
 
     # config.yaml is the resolved config and loads back.
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -98,6 +100,10 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
     assert {"loss", "accuracy", "roc", "confusion"} <= {name.split("_")[0] for name in images}
     # track.plot_every_s=3600: the first epoch's plots (step 5) and the final ones (step 15), not epoch 2's (10).
     assert sorted(int(name.split("_")[1]) for name in images if name.startswith("loss_")) == [5, 15], images
+    # The end of the run, from rank 0 only: the model bundle as artifact model-<id> (best, latest), the shards'
+    # _info.json as a dataset the run used, the final metrics in the summary (tests/wandb_records.py).
+    [first] = sessions(run_dir)
+    model, dataset = check_run_end(first, run_dir, shards)
 
     # The API key reaches no file in the run dir (W&B's own logs included) and no console output.
     for path in run_dir.rglob("*"):
@@ -106,12 +112,17 @@ def test_two_rank_run_writes_every_artefact_and_rerun_resumes(tmp_path, real_dat
     assert FAKE_KEY not in proc.stdout + proc.stderr
 
     # Same run.dir again: it resumes from the last checkpoint, trains nothing more, continues the same W&B run.
-    run_train(overrides, procs=2, port=port)
+    run_train(overrides, procs=2, port=port, **wandb_dirs)
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log and "step 15" in log
     assert json.loads((run_dir / "final_metrics.json").read_text())["data/corrupt_skipped"] == 24
     assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     # wandb writes one offline folder per session; both carry the same run id (resume="allow").
-    sessions = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(sessions) == 2 and all(p.name.endswith(f"-{run_id}") for p in sessions)
+    both = sessions(run_dir)
+    assert len(both) == 2 and [s.run_id for s in both] == [run_id, run_id]
+    assert all(s.folder.name.endswith(f"-{run_id}") for s in both)
+    # The requeued session ends the run again: one more version of the same model artifact, the same data.
+    model2, dataset2 = check_run_end(both[1], run_dir, shards)
+    assert model2.name == model.name == f"model-{run_id}"
+    assert (dataset2.name, dataset2.digest) == (dataset.name, dataset.digest)

@@ -273,7 +273,8 @@ def run_fingerprint(cfg: Config, shapes: str, train_samples: int, world: int) ->
 
 
 def finish(run: Run, state: TrainerState) -> dict:
-    """final_metrics.json (+ the test split on the best checkpoint), plots, metrics.jsonl. Idempotent."""
+    """final_metrics.json (+ the test split on the best checkpoint), plots, metrics.jsonl, the model bundle, and
+    W&B's summary and artifacts. Idempotent (W&B gets one more model version each time)."""
     cfg, acc = run.cfg, run.acc
     final: dict = {
         "epochs_completed": len(state.history),
@@ -308,10 +309,16 @@ def finish(run: Run, state: TrainerState) -> dict:
     if acc.is_main_process:
         run.write_outputs(state, state.step, final=True)
         atomic_write_json(run.dir / FINAL_NAME, final)
+        bundle = None
         if found[0]:
             # The self-contained model bundle (run.dir/model/: weights + model.json) of the best weights.
-            write_run_bundle(run.dir, cfg, run.info, asdict(state), best, final)
-        acc.log({f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step=state.step)
+            bundle = write_run_bundle(run.dir, cfg, run.info, asdict(state), best, final)
+        # W&B commits this step's row now: committed at the end instead, it would overwrite the summary below with the
+        # last epoch's values where a key means the epoch there and the run here (data/corrupt_skipped).
+        scalars = {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))}
+        acc.log(scalars, step=state.step, log_kwargs={"wandb": {"commit": True}})
+        # W&B: the summary, the shards used (lineage) and the bundle as a model artifact (a warning if it fails).
+        tracking.log_run_end(acc, cfg, run.info, final, bundle)
         log.info("final: %s", _fmt({k: v for k, v in final.items() if isinstance(v, (int, float))}))
         log.info("run dir: %s (plots in %s)", run.dir, run.dir / "plots")
     wait_for_everyone(acc)
