@@ -7,20 +7,14 @@ so memory does not grow with the dataset.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
-import signal
-import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,6 +25,7 @@ from data_prep.atomic import atomic_write_json, tmp_path_for
 from data_prep.encode import EncodeOptions, encode_batch
 from data_prep.info import INFO_NAME, SPLITS, splits_json
 from data_prep.plan import Plan, hash_file, make_plan
+from data_prep.pool import Pool, WorkerDied
 from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
 from data_prep.shards import (
     PROGRESS_NAME,
@@ -54,10 +49,6 @@ WINDOW_PER_WORKER = 4  # tasks in flight per worker: slack for one slow image, m
 
 class PrepError(Exception):
     """A fatal problem with the invocation; the message is one line saying what to do."""
-
-
-class WorkerDied(PrepError):
-    """A pool worker was killed (kill -9, the out-of-memory killer): the pool is broken."""
 
 
 def default_workers() -> int:
@@ -153,50 +144,9 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _worker_init() -> None:
-    """Worker initializer: Ctrl-C and SIGTERM are the parent's to handle, and a worker dies with its parent (kill -9).
-
-    SLURM and ``kill -- -PGID`` signal the whole process group; if workers died of it the parent could see a
-    broken pool before its own signal and report a crash instead of an interruption.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-@contextmanager
-def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """The decode/encode processes (None for one worker); on failure or interruption, queued tasks are cancelled.
-
-    A ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies (kill -9, the out-of-memory
-    killer) Pool silently replaces it and the task it held never completes, so the run would wait forever;
-    the executor instead fails every task in flight with BrokenProcessPool.
-    """
-    if workers == 1:
-        yield None
-        return
-    before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init)
-    procs: list = []
-    try:
-        # The executor forks all its workers at the first submit: do it now, before any thread exists
-        # (tqdm starts a monitor thread), because forking a threaded process is unsafe.
-        pool.submit(int).result()
-        procs = [p for p in multiprocessing.active_children() if p not in before]
-        yield pool
-    except WorkerDied:
-        for p in procs:
-            p.kill()  # the executor stops the rest of a broken pool with SIGTERM, which workers ignore
-        raise
-    finally:
-        # After any other error, Ctrl-C or SIGTERM, workers (which ignore both signals) finish the task in hand
-        # and exit here. They are not killed: one killed while sending its result leaves the executor's reader
-        # thread waiting for the rest of the message, and shutdown would hang.
-        pool.shutdown(cancel_futures=True)
-
-
-def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Callable[[tuple], list[str]]) -> Iterator:
+def _ordered_map(
+    pool: Pool | None, fn: Callable, tasks: Iterable, window: int, images: Callable[[tuple], list[str]]
+) -> Iterator:
     """(task, fn(task)) over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process).
 
     ``images(task)`` names a task's images for the error raised when a worker process dies.
@@ -205,20 +155,12 @@ def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Calla
         for task in tasks:
             yield task, fn(task)
         return
-    pending: deque = deque()
     try:
-        for task in tasks:
-            pending.append((task, pool.submit(fn, task)))
-            if len(pending) >= window:
-                result = pending[0][1].result()
-                yield pending.popleft()[0], result
-        while pending:
-            result = pending[0][1].result()
-            yield pending.popleft()[0], result
-    except BrokenProcessPool:
-        names = [name for task, _ in pending for name in images(task)]
+        yield from pool.imap_ordered(fn, tasks, window)
+    except WorkerDied as e:
+        names = [name for task in e.tasks for name in images(task)]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
-        raise WorkerDied(
+        raise PrepError(
             f"a worker process died (killed, e.g. by the out-of-memory killer) while processing {shown or 'images'}; "
             "the shards written so far are kept: rerun the same command to resume, with fewer --workers or a "
             "lower --max-pixels if memory ran out"
@@ -389,7 +331,8 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
                 log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
-        with _worker_pool(a.workers) as pool:
+        # Workers are forked here, before any thread exists (tqdm starts one): forking a threaded process is unsafe.
+        with Pool(a.workers) if a.workers > 1 else nullcontext() as pool:
             return _prepare(a, found, out, args, pool, t0, log)
 
 
