@@ -194,47 +194,59 @@ class Pool:
         """
         todo = iter(tasks)
         pending: deque[tuple[int, object]] = deque()  # handed out, not yet yielded, in order
-        exhausted = False
+        ahead: tuple[object, bytes] | None = None  # the next task and its message, not yet handed out
         while True:
-            while not exhausted and len(pending) < window:
+            # Hand out tasks whenever a worker has room, not only when the first result is in: a worker that
+            # finished early must not wait for a slower one.
+            while len(pending) < window:
+                if ahead is None:
+                    if (task := next(todo, todo)) is todo:
+                        break
+                    ahead = task, pickle.dumps((fn, task), pickle.HIGHEST_PROTOCOL)
                 w = min(self._workers, key=lambda w: len(w.assigned))
-                if len(w.assigned) >= DEPTH:
+                if not self._has_room(w, len(ahead[1])):
                     break
-                if (task := next(todo, todo)) is todo:
-                    exhausted = True
-                    break
-                data = pickle.dumps((fn, task), pickle.HIGHEST_PROTOCOL)
-                if w.assigned and sum(n for *_, n in w.assigned) + len(data) + _HEADER.size > w.task_room // 2:
-                    # Would not surely fit beside the task the worker may not have read yet: send when it is idle.
-                    self._wait_until(lambda w=w: not w.assigned)
-                self._send(w, self._seq, task, data)
-                pending.append((self._seq, task))
+                self._send(w, self._seq, *ahead)
+                pending.append((self._seq, ahead[0]))
                 self._seq += 1
+                ahead = None
             if not pending:
                 return
             first, task = pending[0]
-            self._wait_until(lambda first=first: first in self._done)
-            pending.popleft()
-            ok, value = self._done.pop(first)
-            if not ok:
-                raise value
-            yield task, value
+            # Without waiting when the result is in: a worker blocked on a full pipe goes on while we yield.
+            self._take_results(None if first not in self._done else 0)
+            if first in self._done:
+                pending.popleft()
+                ok, value = self._done.pop(first)
+                if not ok:
+                    raise value
+                yield task, value
+
+    @staticmethod
+    def _has_room(w: _Worker, size: int) -> bool:
+        """Whether a task message of ``size`` bytes can go to w without the write waiting on a busy worker.
+
+        The pipe holds at most the tasks w has not finished; an idle worker is reading, so any size goes.
+        """
+        if not w.assigned:
+            return True
+        queued = sum(n for *_, n in w.assigned)
+        return len(w.assigned) < DEPTH and queued + size + _HEADER.size <= w.task_room // 2
 
     def _send(self, w: _Worker, seq: int, task: object, data: bytes) -> None:
-        """Hand a task to w: fits in its pipe, or w is idle and reading, so this returns (or w died: WorkerDied)."""
+        """Hand a task to w (``_has_room``, so this does not wait on w; a dead w raises WorkerDied)."""
         w.assigned.append((seq, task, len(data) + _HEADER.size))
         try:
             _write_all(w.task_w, data)
         except BrokenPipeError:
             self._raise_died(w)
 
-    def _wait_until(self, ready: Callable[[], bool]) -> None:
-        """Read results as they come until ready(); raise WorkerDied the moment any worker's process ends."""
-        while not ready():
-            for key, _ in self._selector.select():
-                w, what = key.data
-                if what == "sentinel" or not self._read(w):
-                    self._raise_died(w)
+    def _take_results(self, timeout: float | None) -> None:
+        """Read whatever results have come (waiting up to ``timeout``, None: for one); WorkerDied if a worker ended."""
+        for key, _ in self._selector.select(timeout):
+            w, what = key.data
+            if what == "sentinel" or not self._read(w):
+                self._raise_died(w)
 
     def _read(self, w: _Worker) -> bool:
         """Take what w's result pipe holds without blocking, finishing messages as they complete; False at EOF."""
