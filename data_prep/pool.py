@@ -19,6 +19,8 @@ Here each worker has a pipe of its own in each direction, and the parent never b
   fails with a broken pipe instead of waiting.
 - Closing the pool kills workers still busy (after an error, Ctrl-C or SIGTERM) and waits for them: nothing
   is left reading or writing.
+
+Messages are pickles exchanged only with the pool's own forked workers, never data read from elsewhere.
 """
 
 from __future__ import annotations
