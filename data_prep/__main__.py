@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from data_prep.cpus import usable_cpus
-from data_prep.prepare import PrepArgs, PrepError, run
+from data_prep.errors import PrepError
+from data_prep.prepare import PrepArgs, run
 from data_prep.scan import LAYOUTS
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}

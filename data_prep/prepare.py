@@ -7,43 +7,37 @@ so memory does not grow with the dataset.
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
-import hashlib
 import json
-import multiprocessing
 import os
-import signal
-import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.atomic import atomic_write_json, tmp_path_for
+from data_prep.atomic import atomic_write_json
 from data_prep.cpus import usable_cpus
 from data_prep.encode import EncodeOptions, encode_batch
+from data_prep.errors import PrepError
 from data_prep.info import INFO_NAME, SPLITS, splits_json
+from data_prep.outdir import check_out, ensure_indexes, locked, run_fingerprint, upgrade_splits
 from data_prep.plan import Plan, hash_file, make_plan
+from data_prep.pool import Pool, WorkerDied
 from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
 from data_prep.shards import (
     PROGRESS_NAME,
     Progress,
     ShardRecord,
     ShardWriter,
-    is_prep_output,
     remove_outputs,
     remove_temp_files,
     write_skipped,
 )
-from data_prep.tarformat import ensure_index, index_path
+from data_prep.tarformat import index_path
+from data_prep.version import catdog_version
 
 HASH_BATCH = 64  # files per hashing task
 # Images per encoding task: large while much work remains (each task costs ~0.5 ms of pickling and
@@ -51,21 +45,6 @@ HASH_BATCH = 64  # files per hashing task
 # worker idles long on the last tasks (guided self-scheduling).
 ENCODE_BATCH_MAX = 32
 WINDOW_PER_WORKER = 4  # tasks in flight per worker: slack for one slow image, memory bounded (~128 images)
-
-
-class PrepError(Exception):
-    """A fatal problem with the invocation; the message is one line saying what to do."""
-
-
-class WorkerDied(PrepError):
-    """A pool worker was killed (kill -9, the out-of-memory killer): the pool is broken."""
-
-
-def tool_version() -> str:
-    try:
-        return version("catdog")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass(frozen=True)
@@ -130,67 +109,9 @@ class PrepArgs:
                 raise PrepError(msg)
 
 
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Exclusive lock on OUT for the run (released by the kernel even on kill -9)."""
-    try:
-        fd = os.open(out, os.O_RDONLY)
-    except OSError as e:
-        raise PrepError(f"cannot open OUT {out} ({e.strerror}): pass a folder you may read and write") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrepError(f"another catdog-prep is writing to {out}; wait for it or use another OUT") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _worker_init() -> None:
-    """Worker initializer: Ctrl-C and SIGTERM are the parent's to handle, and a worker dies with its parent (kill -9).
-
-    SLURM and ``kill -- -PGID`` signal the whole process group; if workers died of it the parent could see a
-    broken pool before its own signal and report a crash instead of an interruption.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-@contextmanager
-def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """The decode/encode processes (None for one worker); on failure or interruption, queued tasks are cancelled.
-
-    A ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies (kill -9, the out-of-memory
-    killer) Pool silently replaces it and the task it held never completes, so the run would wait forever;
-    the executor instead fails every task in flight with BrokenProcessPool.
-    """
-    if workers == 1:
-        yield None
-        return
-    before = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init)
-    procs: list = []
-    try:
-        # The executor forks all its workers at the first submit: do it now, before any thread exists
-        # (tqdm starts a monitor thread), because forking a threaded process is unsafe.
-        pool.submit(int).result()
-        procs = [p for p in multiprocessing.active_children() if p not in before]
-        yield pool
-    except WorkerDied:
-        for p in procs:
-            p.kill()  # the executor stops the rest of a broken pool with SIGTERM, which workers ignore
-        raise
-    finally:
-        # After any other error, Ctrl-C or SIGTERM, workers (which ignore both signals) finish the task in hand
-        # and exit here. They are not killed: one killed while sending its result leaves the executor's reader
-        # thread waiting for the rest of the message, and shutdown would hang.
-        pool.shutdown(cancel_futures=True)
-
-
-def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Callable[[tuple], list[str]]) -> Iterator:
+def _ordered_map(
+    pool: Pool | None, fn: Callable, tasks: Iterable, window: int, images: Callable[[tuple], list[str]]
+) -> Iterator:
     """(task, fn(task)) over tasks in order, with at most ``window`` tasks in flight (pool=None: in this process).
 
     ``images(task)`` names a task's images for the error raised when a worker process dies.
@@ -199,20 +120,12 @@ def _ordered_map(pool, fn: Callable, tasks: Iterable, window: int, images: Calla
         for task in tasks:
             yield task, fn(task)
         return
-    pending: deque = deque()
     try:
-        for task in tasks:
-            pending.append((task, pool.submit(fn, task)))
-            if len(pending) >= window:
-                result = pending[0][1].result()
-                yield pending.popleft()[0], result
-        while pending:
-            result = pending[0][1].result()
-            yield pending.popleft()[0], result
-    except BrokenProcessPool:
-        names = [name for task, _ in pending for name in images(task)]
+        yield from pool.imap_ordered(fn, tasks, window)
+    except WorkerDied as e:
+        names = [name for task in e.tasks for name in images(task)]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
-        raise WorkerDied(
+        raise PrepError(
             f"a worker process died (killed, e.g. by the out-of-memory killer) while processing {shown or 'images'}; "
             "the shards written so far are kept: rerun the same command to resume, with fewer --workers or a "
             "lower --max-pixels if memory ran out"
@@ -236,109 +149,6 @@ def _guided_batches(seq: list, workers: int, largest: int) -> Iterator[list]:
 def _hash_batch(task: tuple[str, list[str]]) -> list:
     src, rels = task
     return [hash_file(os.path.join(src, r)) for r in rels]
-
-
-def _require_writable(out: Path) -> None:
-    """Fail now with one clear line, not with a PermissionError traceback at the first shard."""
-    probe = tmp_path_for(out / "write-check")  # a temp-file name, so a later run removes it if we are killed here
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
-        probe.unlink()
-    except OSError as e:
-        raise PrepError(
-            f"cannot write to OUT {out} ({e.strerror}): pass a folder you may write to, or fix its permissions"
-        ) from None
-
-
-def _read_info(path: Path) -> dict | None:
-    """OUT's _info.json as a dict, or None when it is not one catdog-prep could have written."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(raw, dict) or not all(
-        isinstance(raw.get(k), dict) for k in ("args", "source", "shards", "counts")
-    ):
-        return None
-    return raw
-
-
-def _check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
-    """What OUT holds: 'done' (same args and inputs, finished), 'ours' (resumable or empty).
-
-    Refuses output of other runs or other tools (unless ``force``) and an OUT that cannot be written.
-    """
-    names = sorted(os.listdir(out))
-    info_path = out / INFO_NAME
-    raw = _read_info(info_path) if info_path.is_file() else None
-    if info_path.is_file() and raw is None and not force:
-        raise PrepError(
-            f"{info_path} is not an {INFO_NAME} written by catdog-prep (not a JSON object with args, source, "
-            "shards and counts); use a new OUT or pass --force to rebuild it"
-        )
-    if raw is not None:
-        same_args = raw["args"] == args
-        same_src = raw["source"].get("fingerprint") == source_fp
-        intact = all(
-            isinstance(s, dict) and (out / f).is_file() and (out / f).stat().st_size == s.get("bytes")
-            for f, s in raw["shards"].items()
-        )
-        if same_args and same_src and intact and not force:
-            return "done"
-        if not force:
-            if not same_args:
-                old = raw["args"]
-                diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in args.items() if old.get(k) != v)
-                why = f"with other arguments ({diff or 'argument names this version does not use'})"
-            elif not same_src:
-                why = "from different files (SRC changed since)"
-            else:
-                why = "and its shards are missing or damaged"
-            raise PrepError(f"{out} was written by catdog-prep {why}; use a new OUT or pass --force to rebuild it")
-    progress = Progress.load(out)
-    if progress is not None and progress.fingerprint != _fingerprint(args, source_fp) and not force:
-        raise PrepError(
-            f"{out} holds an unfinished catdog-prep run with other arguments or inputs; rerun that command to "
-            "resume it, use a new OUT, or pass --force to start over"
-        )
-    foreign = [n for n in names if not is_prep_output(n)]
-    if foreign and not force:
-        raise PrepError(
-            f"{out} is not empty and was not written by catdog-prep (it holds {foreign[0]!r}); use an empty "
-            "folder or pass --force (only catdog-prep's own files are replaced)"
-        )
-    _require_writable(out)
-    if force:
-        remove_outputs(out)
-    return "ours"
-
-
-def _ensure_indexes(out: Path, shards: dict[str, dict]) -> int:
-    """Give every shard a valid member index (data_prep/tarformat.py); returns how many had to be written."""
-    return sum(ensure_index(out / name, s["sha256"]) for name, s in shards.items())
-
-
-def _upgrade_splits(out: Path, info: dict) -> bool:
-    """Rewrite the ``splits`` of an _info.json written before val was also listed as ``validation`` and empty
-    splits were left out (see data_prep/info.py); the shards stay as they are. True when it changed."""
-    try:
-        shards = [
-            {"split": split, "file": f, "count": n}
-            for split in SPLITS
-            if split in info["splits"]
-            for f, n in zip(info["splits"][split]["filenames"], info["splits"][split]["shard_lengths"], strict=True)
-        ]
-    except (KeyError, TypeError, ValueError):
-        return False  # not a split list this tool wrote: left for load_info to report
-    splits = splits_json(shards)
-    if splits == info["splits"]:
-        return False
-    atomic_write_json(out / INFO_NAME, {**info, "splits": splits})
-    return True
-
-
-def _fingerprint(args: dict, source_fp: str) -> str:
-    return hashlib.sha256(json.dumps({"args": args, "source": source_fp}, sort_keys=True).encode()).hexdigest()
 
 
 def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
@@ -365,16 +175,16 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
             f"cannot create OUT {out} ({e.strerror}: {e.filename}): pass a folder path where you may create folders"
         ) from None
     args = a.output_args()
-    with _locked(out):
-        if _check_out(out, args, found.fingerprint, a.force) == "done":
+    with locked(out):
+        if check_out(out, args, found.fingerprint, a.force) == "done":
             info = json.loads((out / INFO_NAME).read_text())
             remove_temp_files(out)
             (out / PROGRESS_NAME).unlink(missing_ok=True)
             n = info["counts"]["written"]
-            added = _ensure_indexes(out, info["shards"])
+            added = ensure_indexes(out, info["shards"])
             if added:  # shards from a catdog-prep without indexes, or an index deleted since
                 log(f"wrote the member index of {added} shard(s) that had none (or a stale one)")
-            if _upgrade_splits(out, info):
+            if upgrade_splits(out, info):
                 log(
                     f"{out} is already complete ({n:,} samples); updated the split list in {INFO_NAME} to this "
                     "version's (val also listed as 'validation', empty splits left out), shards unchanged"
@@ -383,7 +193,8 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
                 log(f"{out} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
             return {"status": "up_to_date", "counts": info["counts"], "out": str(out)}
         remove_temp_files(out)
-        with _worker_pool(a.workers) as pool:
+        # Workers are forked here, before any thread exists (tqdm starts one): forking a threaded process is unsafe.
+        with Pool(a.workers) if a.workers > 1 else nullcontext() as pool:
             return _prepare(a, found, out, args, pool, t0, log)
 
 
@@ -405,7 +216,7 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
         val_fraction=a.val_fraction,
         test_fraction=a.test_fraction,
     )
-    fingerprint = _fingerprint(args, found.fingerprint)
+    fingerprint = run_fingerprint(args, found.fingerprint)
     if not plan.items:
         write_skipped(out, sorted([*plan.skipped, *plan.duplicates], key=lambda r: r["path"]))
         raise PrepError(
@@ -481,7 +292,7 @@ def _finish(
     shards = progress.shards
     kept = {s["file"] for s in shards}
     remove_outputs(out, keep=kept | {index_path(out / f).name for f in kept} | {PROGRESS_NAME})
-    _ensure_indexes(out, {s["file"]: s for s in shards})  # a resumed run's earlier shards: index deleted meanwhile?
+    ensure_indexes(out, {s["file"]: s for s in shards})  # a resumed run's earlier shards: index deleted meanwhile?
     skipped_idx = {s["index"] for s in encode_skips}
     skipped = sorted(
         [*plan.skipped, *({k: v for k, v in s.items() if k != "index"} for s in encode_skips)],
@@ -515,7 +326,7 @@ def _finish(
     info = {
         "name": Path(args["src"]).name,
         "tool": "catdog-prep",
-        "version": tool_version(),
+        "version": catdog_version(),
         "classes": list(found.classes),
         "layout": found.layout,
         "splits": splits_json(shards),

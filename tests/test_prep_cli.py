@@ -9,8 +9,9 @@ import pytest
 from prep_helpers import as_unprivileged, make_tree, read_shards, run_cli, small_jpeg
 
 from data_prep.__main__ import parse_size
+from data_prep.errors import PrepError
 from data_prep.info import load_info
-from data_prep.prepare import PrepArgs, PrepError, run
+from data_prep.prepare import PrepArgs, run
 from data_prep.scan import scan
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -119,18 +121,22 @@ def _children(pid: int) -> list[int]:
 
 
 _MID_RUN_ARGS = ["--image-size", "224", "--shard-max-count", "10", "--workers", "2"]
+# Upscaled to 480 px at quality 100 (~150 KB a photo): an early task's result is MBs, more than a pipe holds.
+_BIG_RESULT_ARGS = ["--image-size", "480", "--quality", "100", "--shard-max-count", "10", "--workers", "2"]
 
 
-def _start_mid_run(real_data: Path, tmp_path: Path, **popen) -> tuple[Path, Path, Path, subprocess.Popen]:
+def _start_mid_run(
+    real_data: Path, tmp_path: Path, args: list[str] = _MID_RUN_ARGS, **popen
+) -> tuple[Path, Path, Path, subprocess.Popen]:
     """An uninterrupted reference run, then the same run started and caught once its first shard is written.
 
     Returns (src, ref, out, proc); the caller interrupts proc.
     """
     src = make_tree(real_data, tmp_path / "src", 60, short_side=None)
     ref = tmp_path / "ref"
-    assert run_cli(src, ref, *_MID_RUN_ARGS).returncode == 0
+    assert run_cli(src, ref, *args).returncode == 0
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *_MID_RUN_ARGS, "--no-progress"]
+    cmd = [sys.executable, "-m", "data_prep", str(src), str(out), *args, "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     deadline = time.monotonic() + 60
     while not list(out.glob("*.tar")):  # encoding is under way: some shards done, more to go
@@ -142,13 +148,26 @@ def _start_mid_run(real_data: Path, tmp_path: Path, **popen) -> tuple[Path, Path
     return src, ref, out, proc
 
 
-def _assert_left_nothing_trusted_and_rerun_resumes(src: Path, ref: Path, out: Path) -> None:
+def _assert_left_nothing_trusted_and_rerun_resumes(
+    src: Path, ref: Path, out: Path, args: list[str] = _MID_RUN_ARGS
+) -> None:
     assert not (out / "_info.json").exists()
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no half-written shard left
-    r = run_cli(src, out, *_MID_RUN_ARGS)
+    r = run_cli(src, out, *args)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     assert tree_bytes(out) == tree_bytes(ref)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # nothing left of it: it ended as it should
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _assert_worker_died_error(proc: subprocess.Popen, stderr: str) -> None:
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "worker process died" in lines[0] and "rerun" in lines[0], stderr
 
 
 @pytest.mark.slow
@@ -174,14 +193,62 @@ def test_sigterm_to_the_process_group_stops_cleanly_then_rerun_resumes(real_data
 
 @pytest.mark.slow
 def test_worker_killed_mid_run_fails_promptly_then_rerun_completes(real_data: Path, tmp_path: Path):
-    # What the out-of-memory killer does to a worker decoding a huge image: SIGKILL to that worker alone.
-    src, ref, out, proc = _start_mid_run(real_data, tmp_path)
+    # What the out-of-memory killer does to a worker decoding a huge image: SIGKILL to that worker alone,
+    # here at whatever instant the first shard appears (the test below pins the worst instant down).
+    src, ref, out, proc = _start_mid_run(real_data, tmp_path, start_new_session=True)
     try:
         os.kill(_children(proc.pid)[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=30)  # a lost task used to make the run wait forever
     finally:
-        proc.kill()
-    assert proc.returncode == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "worker process died" in lines[0] and "rerun" in lines[0], stderr
+        _kill_group(proc.pid)  # the parent and any worker, should it hang
+    _assert_worker_died_error(proc, stderr)
     _assert_left_nothing_trusted_and_rerun_resumes(src, ref, out)
+
+
+_WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}
+
+
+def _sending_part_of_a_message(pid: int) -> bool:
+    """True while ``pid`` sleeps in write(2) on a pipe with more than a length prefix to go: mid-message.
+
+    /proc/PID/syscall reads "number fd buffer count ..." for a process blocked in a system call.
+    """
+    try:
+        nr, fd, _, count = Path(f"/proc/{pid}/syscall").read_text().split()[:4]
+        return (
+            int(nr) == _WRITE_SYSCALL[platform.machine()]
+            and int(count, 16) > 16
+            and os.readlink(f"/proc/{pid}/fd/{int(fd, 16)}").startswith("pipe:")
+        )
+    except PermissionError:
+        pytest.fail(f"may not read /proc/{pid}/syscall (ptrace restricted): this test cannot see the worker's state")
+    except (OSError, ValueError):  # running, exited, or not in a system call
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() not in _WRITE_SYSCALL, reason="reads Linux's /proc/PID/syscall"
+)
+def test_worker_killed_while_sending_a_large_result_fails_promptly_then_rerun_completes(
+    real_data: Path, tmp_path: Path
+):
+    # The worst instant: a worker killed part-way through sending a multi-MB result. A reader waiting for the
+    # rest of that message waits forever. Pausing the parent makes every worker that finishes a task block
+    # in write(2) with part of its result sent; the test kills one there, then lets the parent go on.
+    src, ref, out, proc = _start_mid_run(real_data, tmp_path, _BIG_RESULT_ARGS, start_new_session=True)
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while not (victims := [w for w in _children(proc.pid) if _sending_part_of_a_message(w)]):
+            assert time.monotonic() < deadline, "no worker blocked sending a result within 60 s"
+            time.sleep(0.01)
+        os.kill(victims[0], signal.SIGKILL)
+        while _sending_part_of_a_message(victims[0]):  # gone (a zombie until the parent reaps it)
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=30)  # on a shared result pipe this waits forever
+    finally:
+        _kill_group(proc.pid)
+    _assert_worker_died_error(proc, stderr)
+    _assert_left_nothing_trusted_and_rerun_resumes(src, ref, out, _BIG_RESULT_ARGS)

@@ -40,8 +40,8 @@ from torch import nn
 from data_prep.atomic import atomic_write_json, publish_dir
 from data_prep.encode import EncodeOptions
 from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
-from data_prep.prepare import tool_version
 from data_prep.shards import file_sha256
+from data_prep.version import catdog_version
 from train.config import Config, ConfigError, DataConfig, ModelConfig, load_config
 from train.data.transforms import EVAL_CROP_FRACTION
 from train.formats.rundir import (
@@ -151,7 +151,7 @@ def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, met
     return {
         "format": BUNDLE_FORMAT,
         "format_version": FORMAT_VERSION,
-        "catdog_version": tool_version(),
+        "catdog_version": catdog_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"name": cfg.model.name, "config": asdict(cfg.model), "num_classes": info.num_classes},
         "classes": list(info.classes),
