@@ -32,11 +32,14 @@ demo: setup
 
 # The SLURM tests need a real cluster of two nodes; tests/slurm/cluster.sh installs and starts it.
 # Outside CI a cluster that cannot start only makes those tests skip (with the reason); in CI they fail.
+# The real photos: CATDOG_REAL_DATA, else the checksum-verified download make demo uses (tests/real_photos.py).
 test: setup slurm-up
-	$(PY) -m pytest -q -ra
+	@photos=$$($(PY) tests/real_photos.py) || exit 2; echo "real photos: $$photos"; \
+		CATDOG_REAL_DATA="$$photos" $(PY) -m pytest -q -ra
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not slurm and not slow"
+	@photos=$$($(PY) tests/real_photos.py) || exit 2; echo "real photos: $$photos"; \
+		CATDOG_REAL_DATA="$$photos" $(PY) -m pytest -q -ra -m "not slurm and not slow"
 
 slurm-up:
 	@CATDOG_SLURM_NODES=$(SLURM_NODES) bash tests/slurm/cluster.sh start || { echo "SLURM cluster did not start (see above)"; \

@@ -27,7 +27,11 @@ CONTENT_SHA256 = "4f98e9cd336b29019966f18d283341e76f213d73500fcad569660a312b40b6
 
 
 class FetchError(RuntimeError):
-    """Download or verification failed; the message tells the user to set DATA_DIR instead."""
+    """Download or verification failed; the message says what to do instead (``instead``: set DATA_DIR, ...)."""
+
+
+# What a user of `make demo` can do instead of the download.
+DEMO_INSTEAD = "set DATA_DIR to a folder of photos (e.g. make demo DATA_DIR=/path/to/catsdogs)"
 
 
 def cache_dir() -> Path:
@@ -40,17 +44,17 @@ def content_checksum(folder: str | os.PathLike) -> tuple[str, int]:
     return hashlib.sha256("".join(digests).encode()).hexdigest(), len(digests)
 
 
-def verify(folder: str | os.PathLike) -> None:
+def verify(folder: str | os.PathLike, instead: str = DEMO_INSTEAD) -> None:
     """Raise FetchError unless folder holds exactly the cats_and_dogs_filtered photos."""
     digest, n = content_checksum(folder)
     if (digest, n) != (CONTENT_SHA256, NUM_FILES):
         raise FetchError(
             f"{folder}: photos do not match cats_and_dogs_filtered ({n} files, content sha256 {digest[:12]}... "
-            f"expected {NUM_FILES} files, {CONTENT_SHA256[:12]}...); delete it and retry, or set DATA_DIR"
+            f"expected {NUM_FILES} files, {CONTENT_SHA256[:12]}...); delete it and retry, or {instead}"
         )
 
 
-def _download(url: str, dest: Path) -> None:
+def _download(url: str, dest: Path, instead: str) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
@@ -59,33 +63,33 @@ def _download(url: str, dest: Path) -> None:
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
         raise FetchError(
-            f"could not download {url} ({getattr(e, 'reason', e)}); offline? set DATA_DIR to a folder of photos "
-            "(e.g. make demo DATA_DIR=/path/to/catsdogs)"
+            f"could not download {url} ({getattr(e, 'reason', e)}); offline? {instead}"
         ) from None
 
 
-def fetch(root: Path | None = None, url: str = URL) -> Path:
-    """The verified dataset folder, downloading and extracting it first if needed."""
+def fetch(root: Path | None = None, url: str = URL, instead: str = DEMO_INSTEAD) -> Path:
+    """The verified dataset folder, downloading and extracting it first if needed. ``instead``: what the error
+    messages tell the user to do when that fails."""
     root = root or cache_dir()
     final = root / NAME
     if final.is_dir():
-        verify(final)
+        verify(final, instead)
         return final
     root.mkdir(parents=True, exist_ok=True)
     archive = root / f"{NAME}.zip"
     if not archive.is_file():
         print(f"downloading {url} -> {archive}", file=sys.stderr)
-        _download(url, archive)
+        _download(url, archive, instead)
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
         try:
             with zipfile.ZipFile(archive) as z:
                 z.extractall(tmp)  # zipfile drops absolute paths and '..' components
         except zipfile.BadZipFile:
             archive.unlink()
-            raise FetchError(f"{archive} is not a valid zip (deleted it); run again, or set DATA_DIR") from None
+            raise FetchError(f"{archive} is not a valid zip (deleted it); run again, or {instead}") from None
         extracted = Path(tmp) / NAME
         try:
-            verify(extracted)
+            verify(extracted, instead)
         except FetchError:
             archive.unlink()  # a bad download must not be trusted on the next run
             raise

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from real_photos import VIEW_NAME, in_test_layout
 from s3_server import S3ServerError, SeaweedFS, weed_binary
 
+from data_prep.fetch import cache_dir
 from launch.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REAL_DATA = ROOT.parent / "shared" / "data" / "catsdogs"
 
 
 def real_data_dir() -> Path | None:
-    p = Path(os.environ.get("CATDOG_REAL_DATA", DEFAULT_REAL_DATA))
-    return p if (p / "train").is_dir() else None
+    """CATDOG_REAL_DATA, or the tests' view of the download `make test` fetched (tests/real_photos.py)."""
+    given = os.environ.get("CATDOG_REAL_DATA")
+    if given:
+        p = Path(given).expanduser()
+        return p if in_test_layout(p) else None
+    view = cache_dir() / VIEW_NAME
+    return view if in_test_layout(view) else None
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +33,8 @@ def real_data() -> Path:
     """The 3,000 real photos (train/val, cat/dog). CI sets CATDOG_REQUIRE_REAL_DATA=1: missing = fail."""
     p = real_data_dir()
     if p is None:
-        msg = f"real photos not found at {os.environ.get('CATDOG_REAL_DATA', DEFAULT_REAL_DATA)} (set CATDOG_REAL_DATA)"
+        where = os.environ.get("CATDOG_REAL_DATA") or cache_dir() / VIEW_NAME
+        msg = f"real photos not found at {where}: run make test (it downloads them) or set CATDOG_REAL_DATA"
         if os.environ.get("CATDOG_REQUIRE_REAL_DATA"):
             pytest.fail(msg)
         pytest.skip(msg)
@@ -85,3 +93,19 @@ def s3_prefix(s3_env, request) -> str:
     """A fresh ``s3://bucket/<test>-<random>`` prefix for one test, so tests never see each other's objects."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
     return s3_env.url(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+# ---------------------------------------------------------------------------------------------- the summary line
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001 - pytest's hook signature
+    """One line at the end: how many tests ran, how many skipped, and why (skips grouped by reason)."""
+    stats = terminalreporter.stats
+    ran = sum(len(stats.get(k, [])) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
+    reasons: Counter = Counter()
+    for report in stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    why = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    skipped = sum(reasons.values())
+    terminalreporter.write_line(f"catdog suite: {ran} ran, {skipped} skipped" + (f" ({why})" if why else ""))

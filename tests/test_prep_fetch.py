@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -47,3 +50,29 @@ def test_offline_says_to_set_data_dir(tmp_path: Path, port: int):
     with pytest.raises(fetch.FetchError, match="set DATA_DIR"):
         fetch.fetch(tmp_path / "cache", url=f"http://127.0.0.1:{port}/cats_and_dogs_filtered.zip")
     assert not list((tmp_path / "cache").iterdir())  # no partial archive left behind
+
+
+def test_make_test_finds_the_downloaded_photos_in_the_tests_layout(real_data: Path, tmp_path: Path):
+    """`make test` without CATDOG_REAL_DATA uses make demo's verified download (train/cats, validation/cats),
+    seen through a view of hard links in the tests' layout (train/cat, val/cat): the same 3,000 photos."""
+    from real_photos import LAYOUT
+
+    download = tmp_path / "xdg" / "catdog" / fetch.NAME
+    for ours, theirs in LAYOUT.items():
+        (download / theirs).mkdir(parents=True)
+        for photo in (real_data / ours).glob("*.jpg"):
+            os.link(photo, download / theirs / photo.name)
+    env = {k: v for k, v in os.environ.items() if k != "CATDOG_REAL_DATA"} | {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    script = Path(__file__).with_name("real_photos.py")
+    for _ in range(2):  # made once, then found
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        view = Path(out.stdout.strip())
+        assert view == tmp_path / "xdg" / "catdog" / "catsdogs-tests"
+    assert fetch.content_checksum(view) == (fetch.CONTENT_SHA256, fetch.NUM_FILES)
+    one = view / "val" / "dog" / "dog.2000.jpg"
+    assert one.stat().st_ino == (download / "validation" / "dogs" / "dog.2000.jpg").stat().st_ino  # no second copy
+    bad = subprocess.run(
+        [sys.executable, str(script)], env=env | {"CATDOG_REAL_DATA": str(tmp_path)}, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "CATDOG_REAL_DATA=" in bad.stderr
