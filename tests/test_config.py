@@ -187,3 +187,24 @@ def test_num_workers_auto_is_the_default_and_explicit_values_are_kept(monkeypatc
     assert load_config(CONFIGS / "cnn.yaml", ["data.dir=x", "data.num_workers=3"]).data.workers() == 3
     with pytest.raises(ConfigError, match="data.num_workers=-2"):
         load_config(CONFIGS / "cnn.yaml", ["data.dir=x", "data.num_workers=-2"])
+
+
+def test_wandb_goes_online_where_a_key_is_set_up_and_stays_offline_elsewhere(tmp_path):
+    """track.wandb.mode=auto (the default): online with WANDB_API_KEY or `wandb login`'s netrc entry, else offline;
+    WANDB_MODE and an explicit mode win."""
+    auto = load_config(None, ["data.dir=x"]).track.wandb
+    assert auto.mode == "auto"
+    no_netrc = {"NETRC": str(tmp_path / "missing")}
+    assert auto.resolved_mode(no_netrc) == "offline"
+    assert auto.resolved_mode(no_netrc | {"WANDB_API_KEY": "k" * 40}) == "online"
+    logged_in = tmp_path / "netrc"
+    logged_in.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    logged_in.chmod(0o600)
+    assert auto.resolved_mode({"NETRC": str(logged_in)}) == "online"
+    elsewhere = {"NETRC": str(logged_in), "WANDB_BASE_URL": "https://wandb.example.org"}
+    assert auto.resolved_mode(elsewhere) == "offline"  # the key is for another W&B server
+    assert auto.resolved_mode({"NETRC": str(logged_in), "WANDB_MODE": "offline"}) == "offline"
+    explicit = load_config(None, ["data.dir=x", "track.wandb.mode=offline"]).track.wandb
+    assert explicit.resolved_mode(no_netrc | {"WANDB_API_KEY": "k" * 40}) == "offline"
+    with pytest.raises(ConfigError, match="track.wandb.mode"):
+        load_config(None, ["data.dir=x", "track.wandb.mode=sometimes"])

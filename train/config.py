@@ -8,11 +8,13 @@ Derived quantities (per-device batch, accumulation, ...) are methods here, compu
 from __future__ import annotations
 
 import dataclasses
+import netrc
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml  # OmegaConf's own dependency
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -234,7 +236,10 @@ class EvalConfig:
 class WandbConfig:
     project: str = "catdog"
     entity: str = ""
-    mode: str = "offline"  # offline | online | disabled; WANDB_MODE in the environment wins
+    # auto: online where a W&B API key is set up (WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc), else offline
+    # (a run dir's wandb/ folder, for `wandb sync` later). offline | online | disabled as W&B means them.
+    # WANDB_MODE in the environment wins over all of these.
+    mode: str = "auto"
     tags: list[str] = field(default_factory=list)
     # On a resume, rewind the W&B run to the checkpoint's step (W&B's run rewind, `resume_from`), so the steps
     # the interrupted session logged after its last checkpoint are replaced, as in the CSV and TensorBoard.
@@ -243,7 +248,27 @@ class WandbConfig:
     rewind: bool = False
 
     def __post_init__(self) -> None:
-        _choice("track.wandb.mode", self.mode, ("offline", "online", "disabled"))
+        _choice("track.wandb.mode", self.mode, ("auto", "offline", "online", "disabled"))
+
+    def resolved_mode(self, env: Mapping[str, str] | None = None) -> str:
+        """The mode W&B runs in here: WANDB_MODE, else ``mode`` with ``auto`` decided by whether a key is set up."""
+        env = os.environ if env is None else env
+        if env.get("WANDB_MODE"):
+            return env["WANDB_MODE"]
+        if self.mode != "auto":
+            return self.mode
+        return "online" if wandb_key_set_up(env) else "offline"
+
+
+def wandb_key_set_up(env: Mapping[str, str]) -> bool:
+    """Whether W&B would find an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes for its host."""
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(env.get("NETRC") or None).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):  # no ~/.netrc (the usual case), or one W&B could not read either
+        return False
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Experiment trackers through Accelerate (W&B, TensorBoard) plus a CSV tracker of our own.
 
-Only the main process creates trackers or logs (Accelerate's trackers are main-process-only). W&B runs
-offline unless ``WANDB_MODE`` (or ``track.wandb.mode``) says otherwise; its run id lives in
+Only the main process creates trackers or logs (Accelerate's trackers are main-process-only). W&B runs online where
+an API key is set up and offline otherwise, unless ``WANDB_MODE`` (or ``track.wandb.mode``) says otherwise; its run id lives in
 ``run.dir/wandb_run_id`` so a resumed or requeued run continues the same W&B run.
 
 At the end of a run (``log_run_end``) W&B also gets what its own integrations log: the final metrics in the run
@@ -111,8 +111,8 @@ def _covered(row: list[str], step: int) -> bool:
 
 
 def wandb_mode(cfg: Config) -> str:
-    """WANDB_MODE in the environment wins; otherwise track.wandb.mode (offline by default)."""
-    return os.environ.get("WANDB_MODE") or cfg.track.wandb.mode
+    """WANDB_MODE in the environment wins; otherwise track.wandb.mode (auto: online where a key is set up)."""
+    return cfg.track.wandb.resolved_mode()
 
 
 def wandb_run_id(run_dir: Path, saved: str = "") -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from omegaconf import OmegaConf
 
 from data_prep.atomic import atomic_write_bytes, atomic_write_text
 from data_prep.info import INFO_NAME
+from train.config import WandbConfig
 from train.formats.rundir import CHECKPOINTS_DIR, CONFIG_NAME, FINAL_NAME, METRICS_NAME, STATE_NAME
 from train.plots import draw_confusion, figure_png, plt
 
@@ -186,7 +186,7 @@ def log_to_wandb(runs: list[RunSummary], out: Path) -> str:
     run = wandb.init(
         project=track.get("project", "catdog"),
         entity=track.get("entity") or None,
-        mode=os.environ.get("WANDB_MODE") or track.get("mode", "offline"),
+        mode=WandbConfig(mode=str(track.get("mode", "auto"))).resolved_mode(),
         job_type="report",
         name=f"report: {' vs '.join(r.name for r in runs)}",
         dir=str(out),
