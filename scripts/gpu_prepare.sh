@@ -4,22 +4,26 @@
 # below, and it cannot install from an index. This downloads their wheels into .gpu/wheels and copies a small photo
 # set into .gpu/photos (both git-ignored); scripts/gpu_check.sh installs the wheels with --no-index and trains on
 # the photos. Prints the size of what travels and the command to run there.
-# Usage: scripts/gpu_prepare.sh [PHOTOS]  (default ../shared/data/catsdogs or $CATDOG_PHOTOS: train/ and val/ with
-# one folder per class). TRAIN_PER_CLASS / VAL_PER_CLASS pick how many photos per class (default 300 / 100).
+# Usage: scripts/gpu_prepare.sh [PHOTOS]  (default: the test suite's photos, $CATDOG_REAL_DATA or make demo's
+# verified download, tests/real_photos.py: train/ and val/ with one folder per class). TRAIN_PER_CLASS / VAL_PER_CLASS pick how many photos per class (default 300 / 100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=.gpu
-PHOTOS=${1:-${CATDOG_PHOTOS:-../shared/data/catsdogs}}
-TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-300}
-VAL_PER_CLASS=${VAL_PER_CLASS:-100}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
+PHOTOS=${1:-}
+if [ -z "$PHOTOS" ]; then
+    PHOTOS=$("$PY" tests/real_photos.py) || exit 2
+fi
+TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-300}
+VAL_PER_CLASS=${VAL_PER_CLASS:-100}
 LIMIT_MIB=64
 
 # What catdog imports that the image lacks. Their own needs (PyYAML, numpy, cloudpickle, typing_extensions) are
 # in the image already, so --no-deps: a second numpy or PyYAML would shadow the image's. wandb is not carried: the
-# check logs to CSV, and catdog imports wandb only when a run asks for it.
-PACKAGES=(omegaconf webdataset braceexpand submitit)
+# check logs to CSV, and catdog imports wandb only when a run asks for it. boto3 (with botocore, s3transfer,
+# jmespath): data_prep/storage reads s3:// shards with it; the check imports every module, and ~14 MiB fit.
+PACKAGES=(omegaconf webdataset braceexpand submitit boto3 botocore s3transfer jmespath)
 
 if [ ! -d "$PHOTOS/train" ] || [ ! -d "$PHOTOS/val" ]; then
     echo "gpu_prepare.sh: $PHOTOS has no train/ and val/ folders: pass a photo folder laid out as train/CLASS/*.jpg" \
