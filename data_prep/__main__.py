@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.cpus import usable_cpus
 from data_prep.errors import PrepError
 from data_prep.prepare import PrepArgs, run
@@ -27,7 +28,7 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     d = PrepArgs(Path("."), Path("."))
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="catdog-prep",
         description=(
             "Shard a folder of photos into WebDataset tars (OUT/{split}-000000.tar + OUT/_info.json). "
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: catdog-prep ~/photos/catsdogs shards/catsdogs --image-size 256 --workers 8",
     )
     p.add_argument("src", type=Path, metavar="SRC", help="folder of photos (searched recursively)")
-    p.add_argument("out", type=Path, metavar="OUT", help="output folder for the shards")
+    p.add_argument("out_dir", type=Path, nargs="?", metavar="OUT", help="output folder for the shards (or --out)")
+    add_out(p, "output folder for the shards (the same as OUT)", type=Path, metavar="OUT")
     p.add_argument(
         "--image-size",
         metavar="PX",
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="replace catdog-prep output already in OUT (other files are kept)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    add_no_progress(p)
     return p
 
 
@@ -134,11 +136,14 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if (ns.out is None) == (ns.out_dir is None):
+        parser.error("pass the output folder once: as OUT or as --out/-o" if ns.out else "OUT (or --out) is required")
     signal.signal(signal.SIGTERM, _raise_terminated)
     args = PrepArgs(
         src=ns.src,
-        out=ns.out,
+        out=ns.out or ns.out_dir,
         image_size=ns.image_size,
         val_fraction=ns.val_fraction,
         test_fraction=ns.test_fraction,
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         max_aspect=ns.max_aspect,
         layout=ns.layout,
         force=ns.force,
-        progress=not ns.no_progress,
+        progress=not ns.no_progress,  # off also when CATDOG_PROGRESS=off (data_prep/progress.py)
     )
     try:
         run(args)

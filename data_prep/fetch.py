@@ -62,9 +62,7 @@ def _download(url: str, dest: Path, instead: str) -> None:
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
         tmp.unlink(missing_ok=True)
-        raise FetchError(
-            f"could not download {url} ({getattr(e, 'reason', e)}); offline? {instead}"
-        ) from None
+        raise FetchError(f"could not download {url} ({getattr(e, 'reason', e)}); offline? {instead}") from None
 
 
 def fetch(root: Path | None = None, url: str = URL, instead: str = DEMO_INSTEAD) -> Path:

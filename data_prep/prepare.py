@@ -16,8 +16,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from data_prep.atomic import atomic_write_json
 from data_prep.cpus import usable_cpus
 from data_prep.encode import EncodeOptions, encode_batch
@@ -26,6 +24,7 @@ from data_prep.info import INFO_NAME, SPLITS, splits_json
 from data_prep.outdir import check_out, ensure_indexes, locked, run_fingerprint, upgrade_splits
 from data_prep.plan import Plan, hash_file, make_plan
 from data_prep.pool import Pool, WorkerDied
+from data_prep.progress import progress as progress_display
 from data_prep.scan import LAYOUTS, PRESPLIT_LAYOUTS, Scan, ScanError, scan
 from data_prep.shards import (
     PROGRESS_NAME,
@@ -203,7 +202,7 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
     window = WINDOW_PER_WORKER * a.workers
     rels = [c.rel for c in found.candidates if c.problem is None]
     hashes: dict = {}
-    with tqdm(total=len(rels), desc="hash", unit="img", disable=not a.progress, leave=False) as bar:
+    with progress_display(total=len(rels), desc="hash", unit="img", disable=not a.progress) as bar:
         tasks = ((str(src), batch) for batch in _batches(rels, HASH_BATCH))
         for (_, batch), results in _ordered_map(pool, _hash_batch, tasks, window, lambda t: t[1]):
             hashes.update(zip(batch, results, strict=True))
@@ -252,8 +251,13 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
     t_encode = time.perf_counter()
     tasks = ((str(src), batch, opts) for batch in _guided_batches(todo, a.workers, ENCODE_BATCH_MAX))
     try:
-        with tqdm(
-            total=len(plan.items), initial=progress.next_index, desc="encode", unit="img", disable=not a.progress
+        with progress_display(
+            total=len(plan.items),
+            initial=progress.next_index,
+            desc="encode",
+            unit="img",
+            disable=not a.progress,
+            leave=True,
         ) as bar:
             for (_, items, _), encoded in _ordered_map(
                 pool, encode_batch, tasks, window, lambda t: [it.rel for it in t[1]]

@@ -1,9 +1,9 @@
 """`catdog-launch` (or `python -m launch`): local | slurm | status | summarize.
 
-catdog-launch local --config configs/cnn.yaml [--gpus N | --cpu-ranks N] [--dry-run] key=value ...
-                    [--num-machines M --machine-rank R --main-process-ip HOST --port P]
+catdog-launch local --config configs/cnn.yaml [--gpus N | --cpu-ranks N] [--out RUN_DIR] [--dry-run] key=value ...
+                    [--num-machines M --machine-rank R --main-process-ip HOST --port P] [--no-progress]
 catdog-launch slurm --config configs/cnn.yaml --nodes 2 --gpus-per-node 4 [--slurm-config F] [--sweep S]
-                    [--dry-run] [--wait] key=value ...
+                    [--out RUN_DIR] [--dry-run] [--wait] [--no-progress] key=value ...
 catdog-launch status RUN_DIR
 catdog-launch summarize RUNS_DIR
 """
@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from train.config import ConfigError, load_config
+from data_prep.cli import Parser, add_no_progress, add_out
+from data_prep.info import InfoError
+from data_prep.progress import ENV
+from train.config import ConfigError, load_config, with_out
 
 from .network import NetworkError
 from .slurm import SubmitError
@@ -46,7 +50,7 @@ _SLURM_FLAGS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="catdog-launch", description="Launch catdog training locally or on SLURM.")
+    p = Parser(prog="catdog-launch", description="Launch catdog training locally or on SLURM.")
     sub = p.add_subparsers(dest="command", required=True)
 
     loc = sub.add_parser("local", help="run `accelerate launch` on this machine")
@@ -82,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
         help="name or address of machine rank 0 (several machines); the ranks' network interface is the one that "
         "routes to it unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set",
     )
-    loc.add_argument("--dry-run", action="store_true", help="print the command without running it")
+    loc.add_argument("--dry-run", action="store_true", help="print the command without running it (writes nothing)")
+    add_out(loc, "the run directory (the same as run.dir=DIR)", metavar="DIR")
+    add_no_progress(loc)
     loc.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
 
     slu = sub.add_parser("slurm", help="submit to SLURM through submitit (one task per GPU)")
@@ -91,7 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     slu.add_argument("--sweep", help="sweep YAML (sweeps/*.yaml): one job-array element per point")
     for name, (typ, text) in _SLURM_FLAGS.items():
         slu.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=text)
-    slu.add_argument("--dry-run", action="store_true", help="print the sbatch script submitit would submit")
+    slu.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the sbatch script submitit would submit (writes nothing; checks the partition where sinfo runs)",
+    )
+    add_out(slu, "the run directory (the same as run.dir=DIR); a sweep's points go under it", metavar="DIR")
+    add_no_progress(slu)
     slu.add_argument(
         "--wait",
         action="store_true",
@@ -113,7 +125,7 @@ def _local(args: argparse.Namespace) -> int:
 
     return run_local(
         args.config,
-        args.overrides,
+        with_out(args.overrides, args.out),
         gpus=args.gpus,
         cpu_ranks=args.cpu_ranks,
         port=args.port,
@@ -121,6 +133,7 @@ def _local(args: argparse.Namespace) -> int:
         machines=args.num_machines,
         machine_rank=args.machine_rank,
         main_address=args.main_process_ip,
+        no_progress=args.no_progress,
     )
 
 
@@ -132,6 +145,9 @@ def _slurm(args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None}
     slurm = load_slurm_config(args.slurm_config, given)
+    args.overrides = with_out(args.overrides, args.out)
+    if args.no_progress:  # the job's log gets no progress lines (by default: one every 30 s)
+        slurm = replace(slurm, setup=[*slurm.setup, f"export {ENV}=off"])
     if args.sweep:
         sweep = load_sweep(args.sweep)
         args.config = args.config or sweep.config
@@ -195,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"local": _local, "slurm": _slurm, "status": _status, "summarize": _summarize}[args.command]
     try:
         return handler(args)
-    except (ConfigError, NetworkError) as e:
+    except (ConfigError, NetworkError, InfoError) as e:
         print(f"catdog-launch: error: {e}", file=sys.stderr)
         return 2
     except SubmitError as e:  # sbatch's own message was printed above it

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_prep.progress import ENV, progress_mode
 from train.config import Config, ConfigError, load_config
 
 from .network import plan
+from .preflight import check_data
+from .relay import FailureRelay
 
 NO_GPU_NOTE = "no GPU visible: 1 CPU process; use --cpu-ranks N for N gloo ranks"
 
@@ -54,32 +59,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# What `accelerate launch` would otherwise read from the user's ~/.cache/huggingface/accelerate/default_config.yaml
-# and apply to every launch but --cpu: its gpu_ids (replacing CUDA_VISIBLE_DEVICES), its distributed_type (a
-# MULTI_GPU default turns a 1-GPU run into a failing multi-GPU one; DEEPSPEED/FSDP are other launchers). catdog's
-# launches are plain DDP, so they name their own config; the command line's flags fill in the rest.
-_LAUNCH_CONFIG = """# written by catdog-launch local (launch/local.py); the command line sets num_processes, gpu_ids, port
-compute_environment: LOCAL_MACHINE
-distributed_type: {distributed_type}
-num_machines: 1
-machine_rank: 0
-gpu_ids: all
-mixed_precision: "no"
-use_cpu: false
-"""
-
-
 def launch_config_file(multi: bool) -> Path:
-    """catdog's own accelerate config for a local launch (one or several processes), in catdog's cache folder."""
-    from data_prep.atomic import atomic_write_text
-    from data_prep.fetch import cache_dir
+    """catdog's own accelerate config for a local launch (one or several processes), shipped with the package.
 
-    text = _LAUNCH_CONFIG.format(distributed_type="MULTI_GPU" if multi else '"NO"')
-    path = cache_dir() / "accelerate" / ("local_multi.yaml" if multi else "local_single.yaml")
-    if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
-    return path
+    What `accelerate launch` would otherwise read from the user's ~/.cache/huggingface/accelerate/default_config.yaml
+    and apply to every launch but --cpu: its gpu_ids (replacing CUDA_VISIBLE_DEVICES), its distributed_type (a
+    MULTI_GPU default turns a 1-GPU run into a failing multi-GPU one; DEEPSPEED/FSDP are other launchers). catdog's
+    launches are plain DDP, so they name their own config; the command line's flags fill in the rest. A file in the
+    package, not one written at launch: a --dry-run writes nothing, and the command it prints runs as it is.
+    """
+    return Path(__file__).resolve().parent / ("accelerate_multi.yaml" if multi else "accelerate_single.yaml")
 
 
 def _ranks(train_cpu: bool, gpus: int | None, cpu_ranks: int | None, available_gpus: int) -> tuple[bool, int]:
@@ -134,7 +123,7 @@ def accelerate_command(
     cmd += ["--num_machines", str(machines)]
     # The trainer passes its precision to Accelerator() itself (which wins over this flag); `auto` is resolved
     # there, per device, so the launcher only needs a valid value to not warn about a missing one.
-    precision = "no" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+    precision = "no" if cfg.train.mixed_precision in ("auto", "fp32") else cfg.train.mixed_precision
     cmd += ["--mixed_precision", precision, "--dynamo_backend", "no"]
     if total > 1:
         # --num_processes counts the ranks of all machines; accelerate starts total / machines here.
@@ -170,8 +159,10 @@ def run_local(
     machines: int = 1,
     machine_rank: int = 0,
     main_address: str = "",
+    no_progress: bool = False,
 ) -> int:
-    """Print the command, then (unless dry_run) run it in the foreground and return its exit code.
+    """Print the command, then (unless dry_run) check the data folder, run the command in the foreground and return
+    its exit code (the trainer's, when it explained a failure: launch/relay.py). A dry run writes nothing.
 
     Several machines (``machines`` > 1): ``main_address`` (a name or an address of machine rank 0) is given to torch
     as the address every machine uses, and GLOO/NCCL_SOCKET_IFNAME, unless set, name the interface that routes to it
@@ -179,6 +170,8 @@ def run_local(
     """
     available = 0 if cpu_ranks else visible_gpus()
     cfg = load_config(config, overrides)  # fail here, not in N ranks, on a bad config or override
+    if not dry_run:
+        check_data(cfg)  # a wrong data.dir too: one line here, not one per rank after accelerate started them
     env = dict(os.environ)
     main_ip = ""
     check_machines(machines, machine_rank)
@@ -219,12 +212,17 @@ def run_local(
     print(shlex.join([*shown, *cmd]), flush=True)
     if dry_run:
         return 0
-    return run_forwarding_signals(cmd, env)
+    # The ranks' stderr reaches the terminal through this process (launch/relay.py), so they cannot see whether it
+    # is one: tell them what progress display to use, and how wide the terminal is.
+    env[ENV] = "off" if no_progress else progress_mode()
+    env.setdefault("COLUMNS", str(shutil.get_terminal_size().columns))
+    return run_forwarding_signals(cmd, env, relay=FailureRelay(sys.stderr.buffer))
 
 
-def run_forwarding_signals(cmd: Sequence[str], env: dict) -> int:
+def run_forwarding_signals(cmd: Sequence[str], env: dict, relay: FailureRelay | None = None) -> int:
     """Run ``cmd`` to the end, passing the terminal's and `kill`'s signals on to it; its exit code (128 + N when a
-    signal N ended it, as a shell reports).
+    signal N ended it, as a shell reports). ``relay``: the command's stderr goes through it (launch/relay.py), and
+    the exit code is the one it reports.
 
     `accelerate launch` hosts torchrun's agent, which stops its ranks gracefully on SIGINT/SIGTERM (the signal to
     every rank, SIGKILL 30 s later); a one-process launch runs the trainer as its plain child. subprocess.run would
@@ -267,12 +265,25 @@ def run_forwarding_signals(cmd: Sequence[str], env: dict) -> int:
     handlers[signal.SIGTSTP] = stop
     # Installed before the child starts: a Ctrl-C in between must not orphan it.
     previous = {s: signal.signal(s, h) for s, h in handlers.items() if signal.getsignal(s) is not signal.SIG_IGN}
+    reader = None
     try:
-        child.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        child.append(subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE if relay else None))
+        if relay is not None:
+            reader = threading.Thread(target=_pump, args=(child[0].stderr, relay), daemon=True)
+            reader.start()
         for signum in pending:
             to_group(signum)
         rc = child[0].wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 128 - rc if rc < 0 else rc
+    rc = 128 - rc if rc < 0 else rc
+    if reader is None:
+        return rc
+    reader.join(timeout=10)  # a rank that outlived the launcher may hold the pipe: do not wait for it forever
+    return relay.finish(rc)
+
+
+def _pump(stream, relay: FailureRelay) -> None:
+    while chunk := stream.read1(65536):
+        relay.feed(chunk)

@@ -24,6 +24,7 @@ from data_prep.atomic import atomic_write_json
 from train.config import Config, ConfigError, load_config, save_config
 from train.formats.rundir import pin_resume, start_over
 
+from .preflight import check_data
 from .slurm_config import SlurmConfig
 from .slurm_follow import FINAL_STATES, Submitted, job_states
 from .slurm_job import SlurmTrainer
@@ -139,8 +140,14 @@ def partition_nodes(partition: str) -> tuple[str, list[Node]]:
         raise ConfigError(f"no --partition given and the cluster has no default; partitions: {', '.join(known)}")
     unknown = [p for p in part.split(",") if p not in known]  # sbatch takes a list: the first that can run it
     if unknown:
-        raise ConfigError(f"partition {unknown[0]!r} does not exist on this cluster; partitions: {', '.join(known)}")
+        raise UnknownPartition(
+            f"partition {unknown[0]!r} does not exist on this cluster; partitions: {', '.join(known)}"
+        )
     return part, parse_nodes(_run(["sinfo", "-h", "-N", "-p", part, "-o", "%N|%c|%m|%G"]))
+
+
+class UnknownPartition(ConfigError):
+    """sinfo does not list the partition asked for: wrong input, for a dry run as for a submission."""
 
 
 # What a dry run assumes when sinfo cannot tell: a common GPU node (8 GPUs, 64-128 cores) gives 8-16 CPUs per GPU.
@@ -299,17 +306,22 @@ def launch(
     """Check, then print the sbatch script (dry run) or submit and print job ids, logs and run dirs."""
     out = out or sys.stdout
     if dry_run:
-        # sinfo only sizes --cpus-per-task here; off-cluster (or a partition sinfo does not know) the dry run says
-        # what it assumed instead of failing. The real submission checks everything.
+        # sinfo checks the partition and sizes --cpus-per-task here; off-cluster (no sinfo, or no controller to ask)
+        # the dry run says what it did not check or assumed instead of failing. A partition the cluster does not
+        # have is an error. The real submission checks everything.
         nodes, unknown = None, ""
-        if not slurm.cpus_per_task and slurm.gpus_per_node:
+        if slurm.partition or (not slurm.cpus_per_task and slurm.gpus_per_node):
             try:
                 nodes = partition_nodes(slurm.partition)[1]
+            except UnknownPartition:
+                raise
             except ConfigError as e:
                 unknown = f"sinfo could not tell: {e}"
         slurm, cpus_note = resolve_cpus_per_task(slurm, nodes, unknown)
         ex = make_executor(slurm, folder, offline=True)
         print(sbatch_script(ex, len(points) if len(points) > 1 else None), file=out)
+        if slurm.partition and nodes is None:
+            print(f"# partition {slurm.partition!r} not checked ({unknown})", file=out)
         print(f"# {cpus_note}", file=out)
         for i, (name, cfg) in enumerate(points):
             print(f"# {f'array element {i}: {name}, ' if len(points) > 1 else ''}run dir {cfg.run.dir}", file=out)
@@ -319,8 +331,7 @@ def launch(
     slurm, cpus_note = resolve_cpus_per_task(slurm, found[1])
     print(cpus_note, file=out)
     for _, cfg in points:
-        if not (Path(cfg.data.dir) / "_info.json").is_file():
-            raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")
+        check_data(cfg)
         _check_not_running(Path(cfg.run.dir))
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

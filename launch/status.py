@@ -54,7 +54,8 @@ def show_status(run_dir: str | Path, out: TextIO) -> None:
     """Print the job state, log paths and newest metrics of a run dir (or a table for a sweep's root)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run dir {run_dir} does not exist")
+        what = "is not a folder" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"run dir {run_dir} {what}: pass a catdog-train run.dir or the run.dir of a sweep")
     if (run_dir / TABLE).is_file():
         rows = read_table(run_dir)
         summarize(run_dir, out, states=job_states([r["job_id"] for r in rows if r["job_id"]]))

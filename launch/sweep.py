@@ -131,7 +131,10 @@ def write_table(root: Path, rows: Sequence[dict[str, str]]) -> Path:
 
 def read_table(root: Path) -> list[dict[str, str]]:
     with open(root / TABLE, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if any(None in r.values() or set(r) != set(_COLUMNS) for r in rows):
+        raise ConfigError(f"{root / TABLE} is not a sweep table (tab-separated {', '.join(_COLUMNS)})")
+    return rows
 
 
 def _fmt(v: Any) -> str:
@@ -143,6 +146,11 @@ def _fmt(v: Any) -> str:
 def summarize(root: str | os.PathLike, out: TextIO, states: dict[str, str] | None = None) -> int:
     """Print each point's final metrics side by side (rows: points, columns: metrics). Returns #finished."""
     root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(
+            f"{root} is not a folder: pass the run.dir a sweep was launched with, or a folder of run dirs"
+            + ("" if root.exists() else " (it does not exist)")
+        )
     if (root / TABLE).is_file():
         rows = read_table(root)
     else:  # not launched as a sweep: every sub-directory that is a run
@@ -156,7 +164,10 @@ def summarize(root: str | os.PathLike, out: TextIO, states: dict[str, str] | Non
     metrics = {}
     for r in rows:
         f = Path(r["run_dir"]) / "final_metrics.json"
-        metrics[r["point"]] = json.loads(f.read_text()) if f.is_file() else None
+        try:
+            metrics[r["point"]] = json.loads(f.read_text()) if f.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{f} is not valid JSON ({e}); the run that wrote it did not finish cleanly") from e
     keys = sorted({k for m in metrics.values() if m for k in m})
     # One column per point, one row per metric: sweeps have a few points and ~20 metrics.
     table = [["point", *(r["point"] for r in rows)], ["job_id", *(r["job_id"] or "-" for r in rows)]]

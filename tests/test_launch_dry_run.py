@@ -43,16 +43,19 @@ def dry_run(capsys, *argv: str) -> str:
     return capsys.readouterr().out
 
 
-def test_gpu_job_resources_signal_and_environment(capsys, train_yaml: Path, tmp_path: Path):
+def test_gpu_job_resources_signal_and_environment(capsys, monkeypatch, train_yaml: Path, tmp_path: Path):
     run = tmp_path / "runs" / "gpu"
-    out = dry_run(
-        capsys,
-        "--config", str(train_yaml),
-        "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem", "64G",
-        "--time", "1-00:00:00", "--partition", "gpu", "--account", "vision", "--qos", "high",
-        "--constraint", "a100", "--exclude", "node[1-2]", "--signal-delay-s", "150",
-        f"run.dir={run}", "optim.lr=0.002",
-    )  # fmt: skip
+    with monkeypatch.context() as off_cluster:  # no sinfo: the partition `gpu` cannot be checked, and is not
+        off_cluster.setenv("PATH", str(tmp_path))
+        out = dry_run(
+            capsys,
+            "--config", str(train_yaml),
+            "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem", "64G",
+            "--time", "1-00:00:00", "--partition", "gpu", "--account", "vision", "--qos", "high",
+            "--constraint", "a100", "--exclude", "node[1-2]", "--signal-delay-s", "150",
+            f"run.dir={run}", "optim.lr=0.002",
+        )  # fmt: skip
+    assert "# partition 'gpu' not checked (sinfo could not tell: sinfo not found" in out
     flags = sbatch_flags(out)
     # one task per GPU, on every node
     assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "4" and flags["gpus-per-node"] == "4"

@@ -245,7 +245,7 @@ def test_bad_settings_fail_before_submitting(slurm_cluster, train_yaml: Path, tm
             ["--nodes", str(n_nodes + 1), f"train.batch_size={8 * (n_nodes + 1)}"],  # a batch the ranks can split
             f"--nodes {n_nodes + 1}, but only {n_nodes} of its nodes",
         ),
-        (["data.dir=/nonexistent"], "data.dir=/nonexistent has no _info.json"),
+        (["data.dir=/nonexistent"], "/nonexistent/_info.json not found: point data.dir at a folder written by"),
     ]
     for extra, message in cases:
         res = cli(*base, *extra, timeout=60)

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.info import InfoError
-from train.config import ConfigError, load_config
+from data_prep.progress import disable_progress
+from train.config import ConfigError, load_config, with_out
 from train.data.reader import DataError
 from train.run.checkpoint import CheckpointError
 from train.run.main import main
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="catdog-train",
         description="Train an image classifier on catdog shards. Reusing run.dir resumes from its newest checkpoint.",
+        epilog="examples of keys: train.mixed_precision=auto|fp32|bf16|fp16 (no = fp32; fp16 applies on GPUs only), "
+        "data.num_workers=auto|N, train.epochs=N; every key is in train/config.py",
     )
     parser.add_argument("--config", help="YAML config (e.g. configs/cnn.yaml); omitted = defaults")
+    add_out(parser, "the run directory (the same as run.dir=DIR)", metavar="DIR")
+    add_no_progress(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.dir=shards train.epochs=3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit between options
+    if args.no_progress:
+        disable_progress()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, with_out(args.overrides, args.out))
     except ConfigError as e:
         print(f"catdog-train: config error: {e}", file=sys.stderr)
         return 2

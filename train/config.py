@@ -8,6 +8,7 @@ Derived quantities (per-device batch, accumulation, ...) are methods here, compu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import netrc
 import os
 import typing
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 
 import yaml  # OmegaConf's own dependency
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from data_prep.atomic import atomic_write_text
 from data_prep.cpus import auto_num_workers
@@ -28,6 +29,9 @@ from data_prep.cpus import auto_num_workers
 MODEL_NAMES = ("scratch_cnn", "inception_v3")
 # The scalars train.loop.scoring.score() reports per split; train.early_stop_metric must name one of them.
 VAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1", "auroc")
+# One precision vocabulary for the trainer's train.mixed_precision and the tools' --precision. The trainer also takes
+# `no` (Accelerate's word, which older configs and bundles record) for fp32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -79,7 +83,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    # DataLoader worker processes per rank; -1 = auto: the CPUs this rank has, minus one for the rank itself
+    # DataLoader worker processes per rank; auto (stored as -1): the CPUs this rank has, minus one for the rank itself
     # (see data_prep.cpus.auto_num_workers: SLURM_CPUS_PER_TASK, the CPU affinity mask, the ranks sharing it), at most 16.
     num_workers: int = -1
     shuffle_buffer: int = 1000  # samples in the (seeded) shuffle buffer
@@ -93,7 +97,7 @@ class DataConfig:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error={self.on_error!r}: use 'skip' or 'raise'")
         if self.num_workers < -1:
-            raise ConfigError(f"data.num_workers={self.num_workers}: use -1 (auto), 0 (read in the rank) or N >= 1")
+            raise ConfigError(f"data.num_workers={self.num_workers}: use auto (or -1), 0 (read in the rank) or N >= 1")
 
     def workers(self) -> int:
         """DataLoader workers per rank: num_workers, or auto_num_workers() when it is -1."""
@@ -173,8 +177,8 @@ class TrainConfig:
     batch_size: int = 64  # global batch (all ranks, one optimizer step)
     grad_accum: int = 1  # micro-batches per optimizer step
     # auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX),
-    # fp32 elsewhere; the log says which and why. no = fp32. fp16 autocasts on GPUs only.
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    # fp32 elsewhere; the log says which and why. fp16 autocasts on GPUs only (on CPU: fp32, with a warning).
+    mixed_precision: str = "auto"  # auto | fp32 | bf16 | fp16 (no = fp32)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     seed: int = 0
@@ -204,7 +208,10 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        if self.mixed_precision not in (*PRECISIONS, "no"):
+            raise ConfigError(
+                f"train.mixed_precision={self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)} (no = fp32)"
+            )
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"train.dist_timeout_s={self.dist_timeout_s}: use a number of seconds > 0, e.g. 600")
         _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
@@ -357,19 +364,31 @@ def as_written(value, ynode):
     return value
 
 
+# Words a number field also takes, and the number each stands for (the number is what config.yaml records).
+_WORDS = {"data.num_workers": {"auto": -1}}
+
+
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML from configs/ (e.g. configs/cnn.yaml)")
     try:
         # OmegaConf parses with yaml's SafeLoader: no Python objects are ever constructed from YAML.
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError and friends; we want the file named
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    except yaml.MarkedYAMLError as e:  # where in the file, and what yaml expected there: one line
+        mark = e.problem_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML: {at}{e.problem or e.context}") from e
+    except Exception as e:  # other yaml errors and friends; we want the file named
+        raise ConfigError(f"config file {path} is not valid YAML: {_first_line(e)}") from e
     if not isinstance(node, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
     # `defaults: [other.yaml]` lets one YAML build on another (paths relative to the including file).
     bases = node.pop("defaults", [])
     strings_as_written(node, path, Config)
+    for key, words in _WORDS.items():
+        value = OmegaConf.select(node, key, default=None)
+        if isinstance(value, str) and value.strip() in words:
+            OmegaConf.update(node, key, words[value.strip()])
     merged = OmegaConf.create()
     for base in bases or []:
         merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(base)).resolve()))
@@ -377,25 +396,33 @@ def _read_yaml(path: Path) -> DictConfig:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Merge defaults <- YAML file <- dotted overrides (``train.epochs=3``) into a validated Config."""
+    """Merge defaults <- YAML file <- dotted overrides (``train.epochs=3``) into a validated Config.
+
+    Every mistake is a ConfigError of one line: where (the file or the override), the key, what was wrong, and for a
+    misspelt key the nearest known one."""
     schema = OmegaConf.structured(Config)
-    where = "defaults"
+    where, key, raw, loaded = "defaults", "", None, None
     try:
         if path is not None:
             where = str(path)
-            schema = OmegaConf.merge(schema, _read_yaml(Path(path)))
+            loaded = _read_yaml(Path(path))
+            schema = OmegaConf.merge(schema, loaded)
+            loaded = None
         for item in overrides:
             where = f"override {item!r}"
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-            key, _, raw = item.partition("=")
-            if field_type(key.strip()) is str:
+            key, _, raw = (part.strip() for part in item.partition("="))
+            if raw in _WORDS.get(key, {}):
+                OmegaConf.update(schema, key, _WORDS[key][raw], merge=True)
+                continue
+            if field_type(key) is str:
                 # A string field takes the text as typed: YAML would turn `no`, `off`, `yes`... into booleans
                 # (train.mixed_precision=no would become 'False').
-                OmegaConf.update(schema, key.strip(), raw.strip().strip("'\""), merge=True)
+                OmegaConf.update(schema, key, raw.strip("'\""), merge=True)
                 continue
             schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
-        where = f"config ({path or 'defaults'} + overrides)"
+        where, key, raw = f"config ({path or 'defaults'} + overrides)", "", None
         missing = sorted(OmegaConf.missing_keys(schema))
         if missing:
             raise ConfigError(
@@ -405,12 +432,102 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        raise ConfigError(f"{where}: bad config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from e
+        if loaded is not None and not getattr(e, "full_key", None):  # OmegaConf did not say which key of the file
+            key = _failing_key(loaded)
+        raise ConfigError(f"{where}: {_omegaconf_message(e, key, raw)}") from e
     except (ValueError, TypeError) as e:  # raised by __post_init__ validation
         raise ConfigError(f"{where}: {e}") from e
     assert isinstance(cfg, Config)
     return cfg
+
+
+def with_out(overrides: Sequence[str], out: str | None) -> list[str]:
+    """The overrides with a command's ``--out DIR`` as ``run.dir=DIR`` (another run.dir among them is an error)."""
+    if out is None:
+        return list(overrides)
+    given = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "run.dir"]
+    if any(g != out for g in given):
+        raise ConfigError(f"--out {out} and run.dir={given[-1]} name two run directories: pass one of them")
+    return [*overrides, f"run.dir={out}"]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(getattr(e, "msg", None) or e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _omegaconf_message(e: OmegaConfBaseException, written: str, raw: str | None) -> str:
+    """OmegaConf's error in our words, one line, without its ``full_key:`` / ``reference_type=`` lines. ``written``
+    and ``raw``: the override's key and value as typed ("" / None for a YAML file)."""
+    key = getattr(e, "full_key", None) or written
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and key:
+        return _unknown_key(key, written)
+    expected = _expected(key) if key else ""
+    if key == written and raw is not None:  # the override already names key and value
+        return f"expected {expected}" if expected else _first_line(e)
+    value = getattr(e, "value", None)
+    shown = f"{key}={value}" if value is not None else key
+    return f"{shown or 'config'}: {f'expected {expected}' if expected else _first_line(e)}"
+
+
+def _failing_key(node: DictConfig) -> str:
+    """The dotted key of ``node`` (a YAML file's) that does not merge into the schema ("" if none alone fails)."""
+
+    def leaves(value, prefix: str):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                yield from leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            yield prefix, value
+
+    for dotted, value in leaves(OmegaConf.to_container(node, resolve=False), ""):
+        single: dict = {}
+        *parents, last = dotted.split(".")
+        at = single
+        for p in parents:
+            at = at.setdefault(p, {})
+        at[last] = value
+        try:
+            OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(single))
+        except OmegaConfBaseException:
+            return dotted
+    return ""
+
+
+def _unknown_key(key: str, written: str) -> str:
+    """``unknown key traim.epochs; did you mean train.epochs?``: the nearest field of the section (difflib), else
+    the section's keys."""
+    parent, _, name = key.rpartition(".")
+    cls = field_type(parent) if parent else Config
+    fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    shown = written if written.startswith(key) else key
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        guess = f"{parent}.{close[0]}" if parent else close[0]
+        rest = shown[len(key) :]
+        if rest and field_type(guess + rest) is not None:
+            guess += rest  # the misspelt section of traim.epochs: suggest train.epochs, not train
+        return f"unknown key {shown}; did you mean {guess}?"
+    if not fields:
+        return f"unknown key {shown}: {parent} takes no sub-keys"
+    return f"unknown key {shown}; the keys of {parent or 'the config'} are {', '.join(fields)}"
+
+
+def _expected(key: str) -> str:
+    """What a field takes, in words, for a value OmegaConf could not convert ("" when the type says nothing)."""
+    kind = field_type(key)
+    words = _WORDS.get(key, {})
+    if dataclasses.is_dataclass(kind):
+        first = dataclasses.fields(kind)[0].name
+        return f"its keys, not a value: {key} is a section (e.g. {key}.{first}=...)"
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        return f"{len(args)} numbers, e.g. {key}=[{','.join(['0.5'] * len(args))}]"
+    if origin is list or kind is list:
+        return f"a list, e.g. '{key}=[a,b]' (quoted for the shell)"
+    names = {int: "an integer", float: "a number", bool: "true or false"}
+    if kind in names:
+        return " or ".join([*words, names[kind]])
+    return ""
 
 
 def to_dict(cfg: Config) -> dict:

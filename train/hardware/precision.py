@@ -44,9 +44,10 @@ def auto_reason(precision: str, device: str) -> str:
 
 
 def choose_precision(requested: str, device: str, *, cpu_bf16=cpu_has_bf16, cuda_bf16=None) -> tuple[str, str]:
-    """(precision in Accelerate's words: ``no``/``bf16``/``fp16``, why) for ``requested`` on a ``device`` type."""
+    """(precision in Accelerate's words: ``no``/``bf16``/``fp16``, why) for ``requested`` (train.mixed_precision:
+    auto, fp32 or its alias no, bf16, fp16) on a ``device`` type."""
     if requested != "auto":
-        return requested, "as configured"
+        return ("no" if requested == "fp32" else requested), "as configured"
     if device == "cuda":
         ok = cuda_has_bf16() if cuda_bf16 is None else cuda_bf16()
     else:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from data_prep.progress import progress
 from train.loop import sync_probe
 
 
@@ -176,14 +176,15 @@ def train_one_epoch(
     draws the same ones.
 
     Nothing here reads a device value per step: loss and accuracy sums stay on the device (``EpochTotals``),
-    and the progress bar shows the loss every ``recipe.log_every`` optimizer steps (one host sync each time).
+    and the progress display shows the loss every ``recipe.log_every`` optimizer steps (one host sync each time).
     Returns ``{"step", "batch_in_epoch", "totals", "stopped", "signalled", "seconds", "images"}``.
     """
     model.train()
     world = accelerator.num_processes
     accum = accelerator.gradient_accumulation_steps
     show = accelerator.is_main_process
-    bar = tqdm(total=num_batches // accum, initial=start_batch // accum, desc=desc, disable=not show, leave=False)
+    # A bar on a terminal, a plain line every 30 s in a log (SLURM), nothing with --no-progress (data_prep/progress.py).
+    bar = progress(total=num_batches // accum, initial=start_batch // accum, desc=desc, unit="step", disable=not show)
     batch_index, images = start_batch, 0
     stopped = signalled = False
     t0 = time.perf_counter()

@@ -25,10 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.models import Inception_V3_Weights
-from tqdm.auto import tqdm
 
 from data_prep.fetch import cache_dir
 from data_prep.info import DatasetInfo
+from data_prep.progress import progress
 from data_prep.shards import file_sha256
 from train.config import Config
 from train.data.streams import eval_loader
@@ -57,7 +57,7 @@ def extract(
     ``model`` is a FrozenAwareInception (train/models/inception.py), whose ``features`` end at the pooled layer."""
     model.eval()
     feats, labels, keys = [], [], []
-    for x, y, k in tqdm(batches, desc=desc, disable=not show, dynamic_ncols=True, leave=False):
+    for x, y, k in progress(batches, desc=desc, unit="batch", disable=not show):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

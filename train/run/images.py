@@ -92,7 +92,7 @@ def _log_layout(run: Run) -> None:
         cfg.model.name,
         acc.num_processes,
         acc.distributed_type.value,
-        acc.mixed_precision,
+        "fp32" if acc.mixed_precision == "no" else acc.mixed_precision,  # the words of train.mixed_precision
         torch.get_num_threads(),
         acc.device,
         run.stream.num_samples,

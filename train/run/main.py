@@ -76,7 +76,7 @@ def _log_start(cfg: Config, acc: Accelerator, alloc_note: str | None, moved: Pat
         # The reason for the choice make_accelerator made, not a second look at the hardware.
         log.info(
             "train.mixed_precision=auto: %s (%s)",
-            acc.mixed_precision,
+            "fp32" if acc.mixed_precision == "no" else acc.mixed_precision,
             auto_reason(acc.mixed_precision, acc.device.type),
         )
     if moved:

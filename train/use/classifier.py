@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.fx.experimental.optimization import fuse
 
 from data_prep.encode import EncodeOptions
+from train.config import PRECISIONS
 from train.formats.bundle import META_NAME, BundleError, ModelCard, bundle_from_run, load_bundle, read_meta
 from train.formats.rundir import BUNDLE_DIR, CONFIG_NAME
 from train.hardware.precision import native_bf16
@@ -56,26 +57,28 @@ class Classifier(ModelCard):
         return f"{self.kind} {self.meta['model']['name']} from {self.source}"
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
 def runs_on_gpu(clf: Classifier) -> bool:
     """Whether ``clf`` computes on a GPU (a CUDA torch device, or onnxruntime's CUDA provider)."""
     session = getattr(clf, "session", None)
     if session is not None:
         return session.get_providers()[0] != "CPUExecutionProvider"
-    return clf.device.type != "cpu"
+    device = getattr(clf, "device", None)  # a bare Classifier (catdog-export's check batch) computes nothing
+    return device is not None and device.type != "cpu"
 
 
 def resolve_precision(requested: str, meta: dict, device: torch.device | str) -> str:
-    """``fp32`` or ``bf16`` for a PyTorch model. ``auto``: bf16 when the run validated in bf16 and ``device`` computes
-    bf16 natively, else fp32 -- so evaluate reproduces the trainer's numbers on the same kind of machine, and predict
+    """``fp32``, ``bf16`` or ``fp16`` (GPUs only) for a PyTorch model. ``auto``: bf16 when the run validated in bf16
+    and ``device`` computes bf16 natively, else fp32 -- so evaluate reproduces the trainer's numbers on the same kind of machine, and predict
     gets the ~1.4x of native bf16 without changing what the model was scored in. What the run validated in is
     model.json's ``training.precision`` (auto resolved by the trainer); bundles older than that field only have the
     configured ``training.mixed_precision``, where ``auto`` counts as bf16 (what it picks on bf16 hardware). fp16
     runs (GPU) are predicted in fp32."""
     if requested not in PRECISIONS:
         raise BundleError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+    if requested == "fp16" and torch.device(device).type != "cuda":
+        raise BundleError(
+            f"--precision fp16 is for GPUs, and this model would run on {torch.device(device).type}: use bf16 or fp32"
+        )
     if requested != "auto":
         return requested
     training = meta.get("training", {})
@@ -127,7 +130,8 @@ class TorchClassifier(Classifier):
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
             out = self.model(x)
         return out.float().cpu()
 
@@ -214,9 +218,9 @@ def load_classifier(
     if not path.is_file():
         raise BundleError(f"MODEL {path} does not exist: pass a bundle folder, a run dir, or an exported file")
     if path.suffix == ".onnx":
-        if precision == "bf16":
+        if precision in ("bf16", "fp16"):
             raise BundleError(
-                f"--precision bf16 applies to PyTorch and TorchScript models; {path} runs as exported (fp32)"
+                f"--precision {precision} applies to PyTorch and TorchScript models; {path} runs as exported (fp32)"
             )
         ort = onnxruntime_module()
         providers: list = ["CPUExecutionProvider"]

@@ -26,9 +26,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.cpus import decode_workers, threads_per_rank
 from data_prep.info import INFO_NAME, InfoError, load_info
+from data_prep.progress import disable_progress, progress
 from data_prep.scan import PRESPLIT_LAYOUTS, ScanError, scan
+from train.config import PRECISIONS
 from train.data.streams import eval_batches, eval_loader
 from train.formats.bundle import BundleError
 from train.hardware.gpus import wait_for_everyone
@@ -39,11 +42,11 @@ from train.use.inputs import Entry, denormalise, image_loader
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="catdog-evaluate", description="Score a trained catdog model on labelled data.")
+    p = Parser(prog="catdog-evaluate", description="Score a trained catdog model on labelled data.")
     p.add_argument("model", help="bundle folder (run.dir/model), run dir, or exported .onnx / .pt file")
     p.add_argument("data", help="catdog-prep shard folder, or a labelled photo folder (any catdog-prep layout)")
     p.add_argument("--split", default="test", help="split of a shard folder or pre-split photo folder (default test)")
-    p.add_argument("--out", default="outputs/evaluate", help="folder for metrics, plots and the gallery")
+    add_out(p, "folder for metrics, plots and the gallery (default outputs/evaluate)", default="outputs/evaluate")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass per process (default 64)")
     p.add_argument(
         "--workers",
@@ -57,19 +60,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=PRECISIONS,
         default="auto",
         help="auto (default): the run's training precision where this device has it natively (bf16 models are "
-        "scored in bf16 as the trainer's validation did), else fp32",
+        "scored in bf16 as the trainer's validation did), else fp32. fp16: GPUs only (refused on CPU)",
     )
     p.add_argument("--layout", default="auto", help="photo folder layout, as catdog-prep --layout (default auto)")
     p.add_argument("--mistakes", type=int, default=16, help="most confident mistakes in the gallery (default 16)")
     p.add_argument("--checkpoint", default="best", help="for a run dir without a bundle: best | last | PATH")
+    add_no_progress(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_progress:
+        disable_progress()
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0) or args.mistakes < 0:
         print("catdog-evaluate: --batch-size must be >= 1, --workers and --mistakes >= 0", file=sys.stderr)
         return 2
@@ -110,7 +116,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
         if args.workers is None:
             args.workers = decode_workers(runs_on_gpu(clf))
         source = _data_source(args, clf)
-        records, mistakes, skipped = source(acc.process_index, acc.num_processes)
+        records, mistakes, skipped = source(acc.process_index, acc.num_processes, not acc.is_main_process)
         # One gather at the end: ranks may hold different numbers of batches, so nothing collective runs per batch.
         records = gather_object(records)
         mistakes = gather_object(mistakes)
@@ -129,7 +135,8 @@ def evaluate_cli(args: argparse.Namespace) -> dict | None:
 
 
 def _data_source(args, clf):
-    """A function (rank, world) -> (records, top mistakes, skipped) for DATA; checks classes first."""
+    """A function (rank, world, quiet) -> (records, top mistakes, skipped) for DATA; checks classes first. ``quiet``:
+    no progress display (every rank but the main one)."""
     data = Path(args.data)
     model_classes = list(clf.classes)
     if (data / INFO_NAME).is_file():
@@ -139,7 +146,7 @@ def _data_source(args, clf):
         if split.num_samples == 0:
             with_samples = [s for s, v in info.splits.items() if v.num_samples]
             raise EvalError(f"split {args.split!r} of {data} has no samples; pass --split one of {with_samples}")
-        return lambda rank, world: _run_shards(args, clf, info, rank, world)
+        return lambda rank, world, quiet: _run_shards(args, clf, info, rank, world, quiet)
     if not data.exists():
         raise EvalError(f"DATA {data} does not exist: pass a catdog-prep shard folder or a labelled photo folder")
     found, how = scan(data, args.layout)
@@ -163,7 +170,7 @@ def _data_source(args, clf):
         )
         for c in candidates
     ]
-    return lambda rank, world: _run_photos(args, clf, entries, rank, world)
+    return lambda rank, world, quiet: _run_photos(args, clf, entries, rank, world, quiet)
 
 
 def _check_classes(data_classes: list[str], model_classes: list[str], where: str) -> None:
@@ -197,7 +204,7 @@ def _consume(clf, x, y, ids, names, records, heap, k):
             _keep_mistake(heap, k, (float(conf[j]), ids[j], names[j], int(y[j]), int(pred[j]), image))
 
 
-def _run_shards(args, clf, info, rank: int, world: int):
+def _run_shards(args, clf, info, rank: int, world: int, quiet: bool):
     """The trainer's own eval reader over one split: every sample once across ranks, corrupt ones dropped."""
     cfg = clf.data_config(dir=str(info.root), num_workers=args.workers, on_error="skip")
     batches = eval_loader(
@@ -205,7 +212,7 @@ def _run_shards(args, clf, info, rank: int, world: int):
         world_size=world, with_keys=True, pin_memory=runs_on_gpu(clf),
     )  # fmt: skip
     records, heap = [], []
-    for x, y, keys in batches:
+    for x, y, keys in progress(batches, desc="evaluate", unit="batch", disable=quiet):
         names = [f"{args.split}/{key}" for key in keys]
         _consume(clf, x, y, names, names, records, heap, args.mistakes)
     stats = batches.stats()
@@ -213,7 +220,7 @@ def _run_shards(args, clf, info, rank: int, world: int):
     return records, heap, skipped
 
 
-def _run_photos(args, clf, entries, rank: int, world: int):
+def _run_photos(args, clf, entries, rank: int, world: int, quiet: bool):
     """Labelled photos: eval batch k (of the readable entries, in scan order) goes to rank k % world."""
     todo = [i for i, e in enumerate(entries) if e.problem is None]
     skipped = []
@@ -223,7 +230,8 @@ def _run_photos(args, clf, entries, rank: int, world: int):
     batches = [[todo[p] for p in batch] for batch in positions]
     records, heap = [], []
     if batches:
-        for x, ok, skips in image_loader(clf, entries, batches, workers=args.workers):
+        loader = image_loader(clf, entries, batches, workers=args.workers)
+        for x, ok, skips in progress(loader, total=len(batches), desc="evaluate", unit="batch", disable=quiet):
             skipped += [{"path": entries[i].name, "reason": r, "detail": d} for i, r, d in skips]
             if x is None:
                 continue

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.info import InfoError, load_info
 from train.data.streams import eval_loader
 from train.formats.bundle import META_NAME, BundleError, bundle_from_run, load_bundle, write_bundle
@@ -35,19 +36,18 @@ CHECK_IMAGES = 16
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="catdog-export", description="Write a trained model as a bundle, TorchScript or ONNX."
-    )
+    p = Parser(prog="catdog-export", description="Write a trained model as a bundle, TorchScript or ONNX.")
     p.add_argument("source", metavar="RUN_DIR", help="a catdog-train run.dir (or a bundle folder)")
     p.add_argument("--checkpoint", default="best", help="best (default) | last | path to a checkpoint folder")
     p.add_argument("--format", choices=("bundle", "torchscript", "onnx"), default="bundle")
-    p.add_argument("--out", help="output path (default: RUN_DIR/model, RUN_DIR/model.pt, RUN_DIR/model.onnx)")
+    add_out(p, "output path (default: RUN_DIR/model, RUN_DIR/model.pt, RUN_DIR/model.onnx)")
     p.add_argument(
         "--check-images",
         nargs="+",
         metavar="PATH",
         help=f"photos to check the export on (default: {CHECK_IMAGES} samples of the bundle's validation shards)",
     )
+    add_no_progress(p, "accepted as by every catdog command; an export shows no progress (it takes seconds)")
     return p.parse_args(argv)
 
 

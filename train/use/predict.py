@@ -22,18 +22,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from data_prep.atomic import atomic_write_text
+from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.cpus import CPU_DECODE_WORKERS, decode_workers, threads_beside
 from data_prep.info import InfoError, load_info
+from data_prep.progress import disable_progress, progress
+from train.config import PRECISIONS
 from train.data.streams import eval_loader
 from train.formats.bundle import BundleError
 from train.hardware.memory import keep_freed_memory
 from train.use.classifier import load_classifier, probabilities, resolve_device, runs_on_gpu
 from train.use.inputs import chunk, expand_inputs, scored_batches, scores_in_workers, workers_can_score
 
-TABLE_MAX_ROWS = 50  # more rows than this and no --output: they go to predictions.csv instead of the terminal
+TABLE_MAX_ROWS = 50  # more rows than this and no --out: they go to predictions.csv instead of the terminal
 DEFAULT_OUTPUT = "predictions.csv"
 # Default images per forward pass. On CPU a smaller batch keeps the activations nearer the caches while the workers
 # share the cores: bench/predict.py on 2 cores (demo model, fp32, 2026-11-29, model in the main process) gave 212.8
@@ -43,13 +45,13 @@ CPU_BATCH, GPU_BATCH = 32, 64
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="catdog-predict",
         description="Classify photos with a trained catdog model. Few rows print as a table; more go to a file.",
     )
     p.add_argument("model", help="bundle folder (run.dir/model), run dir, or exported .onnx / .pt file")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive), globs, shard folders")
-    p.add_argument("--output", "-o", help=f"write rows to this .csv or .jsonl (default: a table, or {DEFAULT_OUTPUT})")
+    add_out(p, f"write rows to this .csv or .jsonl (default: a table, or {DEFAULT_OUTPUT})", "--output", metavar="FILE")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -66,10 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=PRECISIONS,
         default="auto",
         help="auto (default): bf16 autocast where the device has native bf16 and the model trained in bf16 (as "
-        "catdog-evaluate and the trainer's validation), else fp32",
+        "catdog-evaluate and the trainer's validation), else fp32. fp16: GPUs only (refused on CPU); an ONNX model "
+        "runs as exported (fp32)",
     )
     p.add_argument(
         "--decode",
@@ -81,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "~2x the decode work, and the same prediction for ~98.5%% of photos",
     )
     p.add_argument("--checkpoint", default="best", help="for a run dir without a bundle: best | last | PATH")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(p)
     return p.parse_args(argv)
 
 
@@ -92,10 +95,12 @@ def _fail(msg: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_progress:
+        disable_progress()
     if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
         return _fail(f"--batch-size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})", 2)
-    if args.output and Path(args.output).suffix not in (".csv", ".jsonl"):
-        return _fail(f"--output {args.output}: use a .csv or .jsonl file name", 2)
+    if args.out and Path(args.out).suffix not in (".csv", ".jsonl"):
+        return _fail(f"--out {args.out}: use a .csv or .jsonl file name", 2)
 
     try:
         device = resolve_device(args.device)
@@ -146,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     classified = sum(r[1] is not None for r in rows)
     skipped = Counter(r[2][0] for r in rows if r[1] is None)
+    if rows and all(r[2] is not None and r[2][0] == "not_found" for r in rows):  # wrong input, not bad photos
+        return _fail(f"INPUT {'; '.join(f'{r[0]}: {r[2][1]}' for r in rows[:3])}", 2)
     if classified == 0:
         examples = "; ".join(f"{name}: {skip[0]} ({skip[1]})" for name, _, skip in rows[:3])
         return _fail(f"none of the {len(rows)} inputs could be classified: {examples}", 1)
-    where = write_rows(rows, clf.classes, args.output)
+    where = write_rows(rows, clf.classes, args.out)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
     print(
         f"catdog-predict: {len(rows)} inputs = {classified} classified + {sum(skipped.values())} skipped"
@@ -178,7 +185,7 @@ def predict(clf, entries, shard_dirs, args) -> tuple[list[Row], float]:
     args.workers_ran, args.scored = 0, False
     infos = [load_info(d) for d in shard_dirs]
     total = len(entries) + sum(s.num_samples for info in infos for s in info.distinct_splits.values())
-    bar = tqdm(total=total, unit="img", disable=True if args.no_progress else None, dynamic_ncols=True, leave=False)
+    bar = progress(total=total, unit="img", desc="predict")
     t0 = time.perf_counter()
     try:
         todo = [i for i, e in enumerate(entries) if e.problem is None]

@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data_prep.atomic import atomic_write_bytes, atomic_write_text
+from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.info import INFO_NAME
 from train.config import WandbConfig
 from train.formats.rundir import CHECKPOINTS_DIR, CONFIG_NAME, FINAL_NAME, METRICS_NAME, STATE_NAME
@@ -230,11 +231,16 @@ def write_report(run_dirs: list[Path], out: Path, *, wandb: bool | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="catdog-report", description=__doc__.splitlines()[0].split(": ", 1)[-1])
+    what = __doc__.splitlines()[0].split(": ", 1)[-1]
+    ap = Parser(prog="catdog-report", description=what[:1].upper() + what[1:])
     ap.add_argument("runs", nargs="+", type=Path, help="run dirs (run.dir of catdog-train)")
-    ap.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report/)")
+    add_out(ap, "output folder (default: report/)", type=Path, default=Path("report"))
+    add_no_progress(ap, "accepted as by every catdog command; a report shows no progress (it reads a few files)")
     ap.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None, help="also log to W&B")
     args = ap.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"catdog-report: --out {args.out} is a file, not a folder: pass a folder for the report", file=sys.stderr)
+        return 2
     try:
         table = write_report(args.runs, args.out, wandb=args.wandb)
     except ReportError as e:
