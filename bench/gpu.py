@@ -43,7 +43,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train.config import ModelConfig, load_config  # noqa: E402
+from train.config import ModelConfig  # noqa: E402
+from train.config_io import load_config  # noqa: E402
 from train.models.registry import build_model  # noqa: E402
 
 NUM_CLASSES = 2

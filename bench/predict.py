@@ -34,7 +34,7 @@ from PIL import Image
 from data_prep.cpus import decode_workers, usable_cpus
 from data_prep.info import DatasetInfo
 from data_prep.prepare import PrepArgs
-from train.config import load_config
+from train.config_io import load_config
 from train.data.transforms import eval_transform
 from train.formats.bundle import load_bundle, make_meta, write_bundle
 from train.hardware.memory import keep_freed_memory

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train.config import load_config  # noqa: E402
+from train.config_io import load_config  # noqa: E402
 from train.hardware.precision import choose_precision  # noqa: E402
 from train.loop.epoch import EpochTotals, StepRecipe, train_one_epoch  # noqa: E402
 from train.models.registry import build_model  # noqa: E402

@@ -57,7 +57,7 @@ def _forward_speeds(shards: Path, batch: int, reps: int) -> dict[tuple[bool, boo
 
     from data_prep.cpus import usable_cpus
     from data_prep.info import load_info
-    from train.config import load_config
+    from train.config_io import load_config
     from train.data.streams import eval_loader
     from train.hardware.precision import native_bf16
     from train.models.registry import build_model
@@ -105,7 +105,7 @@ def _finetune_speed(shards: Path, batch: int, reps: int) -> dict[bool, float]:
 
     from data_prep.cpus import usable_cpus
     from data_prep.info import load_info
-    from train.config import load_config
+    from train.config_io import load_config
     from train.data.streams import eval_loader
     from train.loop.epoch import EpochTotals, StepRecipe, train_one_epoch
     from train.models.registry import build_model

@@ -19,7 +19,8 @@ from pathlib import Path
 from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.info import InfoError
 from data_prep.progress import ENV
-from train.config import ConfigError, load_config, with_out
+from train.config import ConfigError
+from train.config_io import load_config, with_out
 
 from .network import NetworkError
 from .slurm import SubmitError

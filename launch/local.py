@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.progress import ENV, progress_mode
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError
+from train.config_io import load_config
 
 from .network import plan
 from .preflight import check_data

@@ -21,7 +21,8 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from data_prep.atomic import atomic_write_json
-from train.config import Config, ConfigError, load_config, save_config
+from train.config import Config, ConfigError
+from train.config_io import load_config, save_config
 from train.formats.rundir import pin_resume, start_over
 
 from .preflight import check_data

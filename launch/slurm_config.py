@@ -17,7 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.config import ConfigError, strings_as_written
+from train.config import ConfigError
+from train.config_io import strings_as_written
 
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 _MEM = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?$", re.IGNORECASE)

@@ -20,7 +20,8 @@ from datetime import timedelta
 
 import submitit
 
-from train.config import Config, load_config
+from train.config import Config
+from train.config_io import load_config
 
 from .network import NetworkError, plan
 

@@ -22,7 +22,8 @@ from typing import Any, TextIO
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.atomic import atomic_write_text
-from train.config import ConfigError, as_written, field_type
+from train.config import ConfigError
+from train.config_io import as_written, field_type
 
 TABLE = "sweep.tsv"  # in the sweep's root dir: point, job id, run dir, overrides
 _COLUMNS = ["point", "job_id", "run_dir", "overrides"]

@@ -12,7 +12,8 @@ from data_shards import tiny_jpegs, write_shards
 from train_helpers import TINY, make_shards, run_train
 
 from data_prep.info import load_info
-from train.config import AugmentConfig, ConfigError, DataConfig, load_config
+from train.config import AugmentConfig, ConfigError, DataConfig
+from train.config_io import load_config
 from train.data.streams import TrainStream
 from train.data.transforms import normalise
 from train.loop.epoch import EpochTotals, classification_loss

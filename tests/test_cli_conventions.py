@@ -16,7 +16,8 @@ from train_helpers import ROOT, TINY, env, make_shards
 
 from data_prep.progress import ENV, EVERY_ENV, LineProgress, progress, progress_mode
 from data_prep.version import catdog_version
-from train.config import PRECISIONS, ConfigError, load_config, save_config, with_out
+from train.config import PRECISIONS, ConfigError
+from train.config_io import load_config, save_config, with_out
 from train.hardware.precision import choose_precision
 
 COMMANDS = {

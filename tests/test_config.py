@@ -10,7 +10,8 @@ from accelerate.commands.config.config_args import ClusterConfig
 
 from data_prep.cpus import auto_num_workers
 from train.__main__ import cli
-from train.config import VAL_METRICS, ConfigError, load_config, save_config
+from train.config import VAL_METRICS, ConfigError
+from train.config_io import load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

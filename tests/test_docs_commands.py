@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import load_config
+from train.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

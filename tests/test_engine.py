@@ -17,7 +17,8 @@ from accelerate.utils import load as accelerate_load
 from torch import nn
 
 from data_prep.cpus import threads_per_rank
-from train.config import VAL_METRICS, ConfigError, load_config
+from train.config import VAL_METRICS, ConfigError
+from train.config_io import load_config
 from train.formats.rundir import (
     STATE_NAME,
     TrainerState,

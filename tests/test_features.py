@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from train_helpers import run_env_ranks, run_train, run_train_failing
 
 from data_prep.info import load_info
-from train.config import ConfigError, load_config
+from train.config import ConfigError
+from train.config_io import load_config
 from train.data.streams import eval_loader
 from train.hardware.precision import native_bf16
 from train.loop.epoch import batch_reseeder

@@ -8,7 +8,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from train.config import ConfigError, load_config
+from train.config import ConfigError
+from train.config_io import load_config
 from train.loop.epoch import EpochTotals, train_one_epoch
 from train.models import pretrained
 from train.models.registry import build_model

@@ -19,7 +19,8 @@ from launch.slurm import ASSUMED_CPUS_PER_GPU, job_config, parse_nodes, resolve_
 from launch.slurm_config import SlurmConfig, load_slurm_config, parse_time_minutes
 from launch.slurm_job import SlurmTrainer, master_port
 from launch.sweep import load_sweep
-from train.config import ConfigError, load_config, save_config
+from train.config import ConfigError
+from train.config_io import load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from launch.network import NetworkError, interface_of, plan, resolve
-from train.config import ConfigError, load_config
+from train.config import ConfigError
+from train.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CPU = ROOT / "configs" / "debug_cpu.yaml"

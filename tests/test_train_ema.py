@@ -13,7 +13,7 @@ from torch import nn
 from train_helpers import TINY, make_shards, run_train
 
 from data_prep.info import load_info
-from train.config import load_config
+from train.config_io import load_config
 from train.data.streams import eval_loader
 from train.formats.rundir import EMA_WEIGHTS, STATE_NAME, validated_weights
 from train.loop.ema import WeightEMA, ema_decay_at

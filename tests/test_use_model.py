@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from train_helpers import BIN, ROOT, TINY, env, run_train
 
 from data_prep.info import load_info
-from train.config import load_config
+from train.config_io import load_config
 from train.data.streams import eval_loader
 from train.formats.bundle import BundleError
 from train.models.registry import build_model

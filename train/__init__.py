@@ -1,7 +1,8 @@
 """catdog's trainer and the tools that use what it trains. The sub-packages, and the one rule each keeps on imports
 (tests/test_layout.py checks every rule, module-level and function-level imports alike):
 
-    config.py   the typed config tree                          no other train module
+    config.py   the typed config tree (the schema)             no other train module
+    config_io.py  reading a config (YAML, overrides, one-line errors) and writing one   only config.py
     hardware/   the machine: precision, allocator, GPU plan    no other train package (CPU counts: data_prep.cpus)
     data/       shards -> batches: order, reader, transforms   never the loop, a run, the tools, or accelerate
     models/     networks by name, pretrained weights            never data, the loop, a run, the tools, or accelerate

@@ -7,7 +7,8 @@ import sys
 from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.info import InfoError
 from data_prep.progress import disable_progress
-from train.config import ConfigError, load_config, with_out
+from train.config import ConfigError
+from train.config_io import load_config, with_out
 from train.data.reader import DataError
 from train.run.checkpoint import CheckpointError
 from train.run.main import main

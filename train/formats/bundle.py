@@ -42,7 +42,8 @@ from data_prep.encode import EncodeOptions
 from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
 from data_prep.shards import file_sha256
 from data_prep.version import catdog_version
-from train.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+from train.config import Config, ConfigError, DataConfig, ModelConfig
+from train.config_io import load_config
 from train.data.transforms import EVAL_CROP_FRACTION
 from train.formats.rundir import (
     BUNDLE_DIR,

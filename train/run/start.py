@@ -10,7 +10,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from train.config import Config, ConfigError, save_config
+from train.config import Config, ConfigError
+from train.config_io import save_config
 from train.formats.rundir import (
     CHECKPOINTS_DIR,
     CONFIG_NAME,

@@ -33,7 +33,8 @@ from data_prep.atomic import atomic_write_text
 from data_prep.info import INFO_NAME, DatasetInfo
 from data_prep.storage.errors import scrub
 from data_prep.storage.urls import redact
-from train.config import Config, to_dict
+from train.config import Config
+from train.config_io import to_dict
 from train.formats.bundle import META_NAME
 from train.formats.rundir import CSV_NAME, WANDB_ID_FILE
 
