@@ -5,7 +5,7 @@ or, with --ablation, one short training per variant (fp32 vs bf16, EMA on/off, e
     .venv/bin/python bench/accuracy.py --shards SHARDS --ablation [--variants base,bf16,ema] [--seeds 2]
         [--epochs 24] [key=value ...]
 
-SHARDS is a catdog-prep folder of the 3,000 photos (e.g. ``catdog-prep ../shared/data/catsdogs /tmp/cd --image-size
+SHARDS is a catdog-prep folder of the 3,000 photos (e.g. ``catdog-prep PHOTOS /tmp/cd --image-size
 192``). Runs the real trainer (``python -m train`` or ``accelerate launch`` with --procs 2) into a fresh run dir,
 then prints the per-epoch curve (wall time, train loss, val loss, val accuracy), the time to each threshold, and
 last the ratio of the 15-minute target to the time to 85% (>= 1 means the target is met; no 85%: ratio 0).

@@ -7,7 +7,7 @@ are printed, the ratio last. On a shared machine the wall-clock ratio swings wit
 script also measures CPU time per image of each pipeline in this one process (no workers, ``time.process_time``,
 --cpu-batches batches, median of the passes), which other jobs disturb far less.
 
-    .venv/bin/python bench/loader.py [--src ../shared/data/catsdogs] [--shards DIR] [--workers 2]
+    .venv/bin/python bench/loader.py [--src PHOTOS] [--shards DIR] [--workers 2]
 
 Shards: --shards DIR if given; otherwise catdog-prep writes them into a temp dir from --src when it is
 installed and works; otherwise this script's own writer does (short side --shard-size, JPEG q90, the
@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from data_prep.fetch import photos_by_split
 from data_prep.info import INFO_NAME, SPLITS, load_info
 from train.config import DataConfig
 from train.data.streams import TrainStream
@@ -122,7 +123,9 @@ def cpu_ms_per_image(args, cfg: DataConfig, info) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, default=ROOT.parent / "shared" / "data" / "catsdogs")
+    ap.add_argument(
+        "--src", type=Path, help="photos by split and class (default: CATDOG_REAL_DATA or make demo's download)"
+    )
     ap.add_argument("--shards", type=Path, help="existing catdog-prep output (default: write into a temp dir)")
     ap.add_argument("--shard-size", type=int, default=320, help="short side of images in the shards we write")
     ap.add_argument("--image-size", type=int, default=160)
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--passes", type=int, default=3, help="epochs timed per side")
     ap.add_argument("--cpu-batches", type=int, default=8, help="batches per side for the CPU-time measurement")
     args = ap.parse_args(argv)
+    args.src = args.src or photos_by_split()
     # torchvision 0.29 flags its JPEG decoder as deprecated (moving to TorchCodec); it is still the fastest here.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
     torch.set_num_threads(1)

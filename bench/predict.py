@@ -13,7 +13,7 @@
 Passes alternate (ours variants, naive, ours variants, ...) so load from other processes hits both alike; medians are
 printed.
 
-    .venv/bin/python bench/predict.py [--src ../shared/data/catsdogs/val] [--n 1000] [--model BUNDLE] [--repeats 3]
+    .venv/bin/python bench/predict.py [--src PHOTOS/val] [--n 1000] [--model BUNDLE] [--repeats 3]
 
 Without --model, the `make demo` model (configs/cnn.yaml, fed from 192-px catdog-prep shards) is built with
 seeded random weights: speed does not depend on the weight values.
@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from data_prep.cpus import decode_workers, usable_cpus
+from data_prep.fetch import photos_by_split
 from data_prep.info import DatasetInfo
 from data_prep.prepare import PrepArgs
 from train.config_io import load_config
@@ -71,7 +72,9 @@ def naive(model, transform, paths: list[Path]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--src", default=str(ROOT.parent / "shared" / "data" / "catsdogs" / "val"))
+    ap.add_argument(
+        "--src", help="photos to classify (default: the val photos of CATDOG_REAL_DATA or make demo's download)"
+    )
     ap.add_argument("--n", type=int, default=1000, help="photos per pass")
     ap.add_argument("--model", help="bundle folder (default: the demo architecture, random weights)")
     ap.add_argument(
@@ -80,6 +83,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, help="ours (default: catdog-predict's on CPU, one per CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    args.src = args.src or str(photos_by_split() / "val")
     default_threads = torch.get_num_threads()  # what a script that sets nothing gets: every core
     # As catdog-predict does on CPU before its workers fork (train/hardware/memory.py): the batch's activations stay in
     # the heap instead of being mapped and faulted in again per batch. Process-wide, so the naive loop has it too.

@@ -1,6 +1,6 @@
 """Benchmark catdog-prep against a naive single-process Pillow loop and the single-core encode floor.
 
-    .venv/bin/python bench/prep.py [--data ../shared/data/catsdogs] [--limit 600] [--repeats 7]
+    .venv/bin/python bench/prep.py [--data PHOTOS] [--limit 600] [--repeats 7]
 
 In one run over the same images (page cache warmed first), it measures
   1. catdog-prep end to end (scan, hash, plan, encode in --workers processes, shards, _info.json);
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep.cpus import usable_cpus  # noqa: E402
 from data_prep.encode import EncodeOptions, encode_image  # noqa: E402
+from data_prep.fetch import photos_by_split  # noqa: E402
 from data_prep.prepare import PrepArgs, run  # noqa: E402
 from data_prep.scan import IMAGE_EXTENSIONS  # noqa: E402
 
@@ -103,13 +104,14 @@ def bench_floor(blobs: list[bytes], opts: EncodeOptions) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "catsdogs")
+    p.add_argument("--data", type=Path, help="photos (default: CATDOG_REAL_DATA or make demo's download)")
     p.add_argument("--limit", type=int, default=0, help="use only this many images (spread over the folders)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--workers", type=int, default=usable_cpus())
     p.add_argument("--image-size", type=int, default=320)
     p.add_argument("--quality", type=int, default=90)
     a = p.parse_args()
+    a.data = a.data or photos_by_split()
 
     files = list_images(a.data, a.limit or None)
     blobs = [f.read_bytes() for f in files]  # also warms the page cache for all three measurements

@@ -154,7 +154,7 @@ def _finetune_speed(shards: Path, batch: int, reps: int) -> dict[bool, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "catsdogs"))
+    ap.add_argument("--photos", help="photos by split and class (default: CATDOG_REAL_DATA or make demo's download)")
     ap.add_argument("--work", default="/tmp/catdog-bench-transfer")
     ap.add_argument("--shard-size", type=int, default=342, help="short side of the shards (299 / 0.875 = 342)")
     ap.add_argument("--batch", type=int, default=32, help="forward-pass benchmark batch")
@@ -163,7 +163,10 @@ def main() -> int:
     ap.add_argument("--skip-transfer", action="store_true", help="only the speeds (shards must exist)")
     ap.add_argument("overrides", nargs="*", help="extra trainer overrides for the transfer run")
     args = ap.parse_args()
+    from data_prep.fetch import photos_by_split
     from train.models import pretrained
+
+    args.photos = args.photos or str(photos_by_split())
 
     work = Path(args.work)
     shards = work / f"shards{args.shard_size}"

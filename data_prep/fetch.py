@@ -95,6 +95,61 @@ def fetch(root: Path | None = None, url: str = URL, instead: str = DEMO_INSTEAD)
     return final
 
 
+# The photos by split and class, as the tests and benchmarks address them (train/cat/cat.0.jpg, val/dog/...), from
+# the download's folders (train/cats, validation/cats, ...).
+SPLIT_LAYOUT = {
+    "train/cat": "train/cats",
+    "train/dog": "train/dogs",
+    "val/cat": "validation/cats",
+    "val/dog": "validation/dogs",
+}
+VIEW_NAME = "catsdogs-split"
+
+
+def in_split_layout(folder: Path) -> bool:
+    return all((folder / d).is_dir() for d in SPLIT_LAYOUT)
+
+
+def split_view(folder: Path, view: Path) -> Path:
+    """``view``: ``folder`` (in the download's layout) seen in the split layout, made of hard links (no second copy
+    of the bytes; a copy across filesystems) and put in place by one rename. Built once; reused after."""
+    if in_split_layout(view):
+        return view
+    view.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=view.parent, prefix=f".{view.name}.tmp-"))
+    try:
+        for ours, theirs in SPLIT_LAYOUT.items():
+            (tmp / ours).mkdir(parents=True)
+            for photo in (folder / theirs).glob("*.jpg"):
+                try:
+                    os.link(photo, tmp / ours / photo.name)
+                except OSError:
+                    shutil.copy2(photo, tmp / ours / photo.name)
+        os.replace(tmp, view)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return view
+
+
+def photos_by_split(given: str | None = None) -> Path:
+    """The 3,000 photos in the split layout: ``given`` (CATDOG_REAL_DATA by default) in either layout, else the
+    verified download, fetched if needed. Raises FetchError saying what to do."""
+    given = os.environ.get("CATDOG_REAL_DATA") if given is None else given
+    instead = "point CATDOG_REAL_DATA at a copy of cats_and_dogs_filtered (train/, val/ folders)"
+    if given:
+        folder = Path(given).expanduser()
+        if in_split_layout(folder):
+            return folder
+        if all((folder / d).is_dir() for d in SPLIT_LAYOUT.values()):
+            return split_view(folder, folder.parent / f"{folder.name}-{VIEW_NAME}")
+        raise FetchError(
+            f"CATDOG_REAL_DATA={given} holds neither train/ and val/ (cat, dog) nor train/ and validation/ (cats, dogs) "
+            "folders: point it at a copy of cats_and_dogs_filtered"
+        )
+    return split_view(fetch(instead=instead), cache_dir() / VIEW_NAME)
+
+
 def main() -> int:
     try:
         print(fetch())

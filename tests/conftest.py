@@ -9,23 +9,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from real_photos import VIEW_NAME, in_test_layout
 from s3_server import S3ServerError, SeaweedFS, weed_binary
 
-from data_prep.fetch import cache_dir
+from data_prep.fetch import VIEW_NAME, cache_dir, in_split_layout
 from launch.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def real_data_dir() -> Path | None:
-    """CATDOG_REAL_DATA, or the tests' view of the download `make test` fetched (tests/real_photos.py)."""
+    """CATDOG_REAL_DATA, or the split view of the download `make test` fetched (tests/real_photos.py)."""
     given = os.environ.get("CATDOG_REAL_DATA")
     if given:
         p = Path(given).expanduser()
-        return p if in_test_layout(p) else None
+        return p if in_split_layout(p) else None
     view = cache_dir() / VIEW_NAME
-    return view if in_test_layout(view) else None
+    return view if in_split_layout(view) else None
 
 
 @pytest.fixture(scope="session")

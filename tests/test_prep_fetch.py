@@ -55,10 +55,8 @@ def test_offline_says_to_set_data_dir(tmp_path: Path, port: int):
 def test_make_test_finds_the_downloaded_photos_in_the_tests_layout(real_data: Path, tmp_path: Path):
     """`make test` without CATDOG_REAL_DATA uses make demo's verified download (train/cats, validation/cats),
     seen through a view of hard links in the tests' layout (train/cat, val/cat): the same 3,000 photos."""
-    from real_photos import LAYOUT
-
     download = tmp_path / "xdg" / "catdog" / fetch.NAME
-    for ours, theirs in LAYOUT.items():
+    for ours, theirs in fetch.SPLIT_LAYOUT.items():
         (download / theirs).mkdir(parents=True)
         for photo in (real_data / ours).glob("*.jpg"):
             os.link(photo, download / theirs / photo.name)
@@ -68,7 +66,7 @@ def test_make_test_finds_the_downloaded_photos_in_the_tests_layout(real_data: Pa
         out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         view = Path(out.stdout.strip())
-        assert view == tmp_path / "xdg" / "catdog" / "catsdogs-tests"
+        assert view == tmp_path / "xdg" / "catdog" / fetch.VIEW_NAME
     assert fetch.content_checksum(view) == (fetch.CONTENT_SHA256, fetch.NUM_FILES)
     one = view / "val" / "dog" / "dog.2000.jpg"
     assert one.stat().st_ino == (download / "validation" / "dogs" / "dog.2000.jpg").stat().st_ino  # no second copy
