@@ -226,7 +226,7 @@ def test_ranks_start_from_the_same_weights_but_draw_different_dropout(tmp_path, 
     shards = make_shards(real_data, tmp_path / "shards")
     code = (
         "import json, sys, torch\n"
-        "from train.config import load_config\n"
+        "from train.config_io import load_config\n"
         "from data_prep.info import load_info\n"
         "from train.run.images import build\n"
         "from train.run.setup import make_accelerator\n"
