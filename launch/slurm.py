@@ -21,6 +21,8 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from data_prep.atomic import atomic_write_json
+from data_prep.info import InfoError, check_reachable
+from data_prep.storage import is_url
 from train.config import Config, ConfigError, load_config, save_config
 from train.formats.rundir import pin_resume, start_over
 
@@ -214,7 +216,8 @@ def check_resources(slurm: SlurmConfig, found: tuple[str, list[Node]] | None = N
 def job_config(config: str | os.PathLike, overrides: Sequence[str], slurm: SlurmConfig) -> Config:
     """The trainer config for a SLURM job: validated here, with absolute paths (jobs may start elsewhere)."""
     cfg = load_config(config, overrides)
-    extra = [f"run.dir={Path(cfg.run.dir).resolve()}", f"data.dir={Path(cfg.data.dir).resolve()}"]
+    data_dir = cfg.data.dir if is_url(cfg.data.dir) else Path(cfg.data.dir).resolve()
+    extra = [f"run.dir={Path(cfg.run.dir).resolve()}", f"data.dir={data_dir}"]
     if not slurm.gpus_per_node:
         extra.append("train.cpu=true")  # a CPU-only job: Accelerator(cpu=True) makes its ranks gloo ranks
     cfg = load_config(config, [*overrides, *extra])
@@ -319,7 +322,12 @@ def launch(
     slurm, cpus_note = resolve_cpus_per_task(slurm, found[1])
     print(cpus_note, file=out)
     for _, cfg in points:
-        if not (Path(cfg.data.dir) / "_info.json").is_file():
+        if is_url(cfg.data.dir):  # at submission, not in the job: the object store as this host sees it
+            try:
+                check_reachable(cfg.data.dir, [cfg.data.train_split, cfg.data.val_split])
+            except InfoError as e:
+                raise ConfigError(f"data.dir: {e}") from None
+        elif not (Path(cfg.data.dir) / "_info.json").is_file():
             raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")
         _check_not_running(Path(cfg.run.dir))
 

@@ -29,6 +29,7 @@ from accelerate.utils import gather_object
 from data_prep.cpus import decode_workers, threads_per_rank
 from data_prep.info import INFO_NAME, InfoError, load_info
 from data_prep.scan import PRESPLIT_LAYOUTS, ScanError, scan
+from data_prep.storage import is_url
 from train.data.streams import eval_batches, eval_loader
 from train.formats.bundle import BundleError
 from train.hardware.gpus import wait_for_everyone
@@ -132,8 +133,9 @@ def _data_source(args, clf):
     """A function (rank, world) -> (records, top mistakes, skipped) for DATA; checks classes first."""
     data = Path(args.data)
     model_classes = list(clf.classes)
-    if (data / INFO_NAME).is_file():
-        info = load_info(data)
+    if is_url(args.data) or (data / INFO_NAME).is_file():  # a URL is a shard folder (photos are local)
+        info = load_info(args.data)
+        data = info.root
         _check_classes(list(info.classes), model_classes, f"{data / INFO_NAME}")
         split = info.split(args.split)
         if split.num_samples == 0:
