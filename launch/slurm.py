@@ -317,18 +317,19 @@ def launch(
         for i, (name, cfg) in enumerate(points):
             print(f"# {f'array element {i}: {name}, ' if len(points) > 1 else ''}run dir {cfg.run.dir}", file=out)
         return []
+    for data in {cfg.data.dir: cfg.data for _, cfg in points}.values():  # each data.dir once (a sweep shares one)
+        if is_url(data.dir):  # at submission, not in the job an hour later: the store as this host sees it
+            try:
+                check_reachable(data.dir, [data.train_split, data.val_split])
+            except InfoError as e:
+                raise ConfigError(f"data.dir: {e}") from None
+        elif not (Path(data.dir) / "_info.json").is_file():
+            raise ConfigError(f"data.dir={data.dir} has no _info.json; build shards there with catdog-prep first")
     found = partition_nodes(slurm.partition)
     check_resources(slurm, found)
     slurm, cpus_note = resolve_cpus_per_task(slurm, found[1])
     print(cpus_note, file=out)
     for _, cfg in points:
-        if is_url(cfg.data.dir):  # at submission, not in the job: the object store as this host sees it
-            try:
-                check_reachable(cfg.data.dir, [cfg.data.train_split, cfg.data.val_split])
-            except InfoError as e:
-                raise ConfigError(f"data.dir: {e}") from None
-        elif not (Path(cfg.data.dir) / "_info.json").is_file():
-            raise ConfigError(f"data.dir={cfg.data.dir} has no _info.json; build shards there with catdog-prep first")
         _check_not_running(Path(cfg.run.dir))
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -205,21 +205,15 @@ class ShardReader:
         self.cache = cache
         self.prefetcher = prefetcher
         self.fds: OrderedDict[int, int] = OrderedDict()
-        self.holds: dict[int, int] = {}  # shard -> the hold keeping its cached copy from eviction
         self.unusable: dict[int, str] = {}  # remote shards whose object cannot be used: why
         self.decoded = 0
 
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.stop()
-        for shard in list(self.fds):
-            self._close(shard)
-
-    def _close(self, shard: int) -> None:
-        os.close(self.fds.pop(shard))
-        hold = self.holds.pop(shard, None)
-        if hold is not None:
-            os.close(hold)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
     def _open(self, shard: int) -> int:
         index = self.indices[shard]
@@ -229,7 +223,7 @@ class ShardReader:
             self.prefetcher.opened(shard)
         assert self.cache is not None, "a remote shard needs the shard cache"
         try:
-            fd, self.holds[shard] = self.cache.open(index.remote)
+            fd = self.cache.open(index.remote)
         except ShardMismatch as e:
             self.unusable[shard] = str(e)
             raise
@@ -246,7 +240,7 @@ class ShardReader:
             fd = self._open(shard)
             self.fds[shard] = fd
             if len(self.fds) > MAX_OPEN_SHARDS:
-                self._close(next(iter(self.fds)))
+                os.close(self.fds.popitem(last=False)[1])
         else:
             self.fds.move_to_end(shard)
         return fd
@@ -261,7 +255,7 @@ class ShardReader:
                 return _pread_exactly(fd, offset, size)
             except OSError:
                 try:
-                    self._close(shard)
+                    os.close(self.fds.pop(shard))
                 except OSError:  # closing a descriptor the server already dropped can fail too
                     pass
                 if attempt == 2:

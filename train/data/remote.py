@@ -111,12 +111,9 @@ def _members(data: bytes, shard: RemoteShard) -> list[Member] | None:
 
 def _scan_copy(shard: RemoteShard, cache: ShardCache) -> ShardIndex:
     """Download the shard into the cache (once per node) and index the copy, holding it against eviction."""
-    fd, hold = cache.open(shard)
-    try:
-        os.close(fd)
-        index = index_shard(cache.path(shard))
-    finally:
-        os.close(hold)
+    with cache.held(shard) as path:
+        os.close(cache.open(shard))
+        index = index_shard(path)
     return replace(index, path=shard.url, remote=shard)
 
 

@@ -12,12 +12,14 @@ Layout under the cache folder::
     shards/<sha256>.idx.json   the shard's member index (catdog-prep's sidecar), kept so a warm start reads nothing
     tmp/                       downloads in progress (a killed one is deleted by the next process to fetch that shard)
     locks/<sha256>.get         held (exclusive) while one process downloads the shard: the others wait, then use it
-    locks/<sha256>.use         held (shared) by every process that has the copy open: eviction skips it
+    locks/<sha256>.use         held (shared) while a process fetches or opens the copy: eviction skips it then
 
 Shards without a recorded sha256 (written by other tools) are keyed by URL, ETag and size instead, and checked by
 size only. A download whose sha256 differs from _info.json's is never stored: the shard counts as corrupt
 (``ShardMismatch``), as a damaged local shard does. Locks are flock()s, released by the kernel when a holder dies,
-so a killed process never leaves another waiting.
+so a killed process never leaves another waiting. A copy evicted while a reader has it open stays readable (POSIX),
+and its space returns when the reader closes it: the bound can be exceeded by such copies (each DataLoader worker
+keeps up to 32 shards open).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,28 +130,31 @@ class ShardCache:
 
     # ------------------------------------------------------------------------------------------- reading
 
-    def open(self, shard: RemoteShard) -> tuple[int, int]:
-        """(read-only fd of the shard's verified copy, fd of the hold that keeps the copy from eviction); the
-        caller closes both. Downloads it first when the node has no copy (one process per node downloads, the
-        others wait for it). Raises ShardMismatch, or StorageError (one line) when the object cannot be had."""
-        hold = _flock(self.root / "locks" / f"{shard.key}.use", fcntl.LOCK_SH)
-        try:
+    def open(self, shard: RemoteShard) -> int:
+        """A read-only fd of the shard's verified copy (the caller closes it). Downloads it first when the node has
+        no copy: one process per node downloads, the others wait for it. Raises ShardMismatch, or StorageError (one
+        line) when the object cannot be had. A copy evicted while open stays readable until closed (POSIX)."""
+        with self.held(shard):
             fd = self._open_copy(shard)
             if fd is None:
                 self._download(shard)
                 fd = self._open_copy(shard)
-                if fd is None:  # unreachable while we hold the shard: eviction skips held copies
-                    raise ShardMismatch(f"{shard.url}: the cached copy vanished; check data.cache_dir")
-        except BaseException:
-            os.close(hold)
-            raise
-        return fd, hold
+                if fd is None:  # not while we hold it: eviction skips held copies
+                    raise ShardMismatch(f"{shard.url}: its copy in {self.root} vanished; check data.cache_dir")
+        return fd
 
     def fetch(self, shard: RemoteShard) -> None:
         """Make sure the node has a copy (prefetching)."""
-        fd, hold = self.open(shard)
-        os.close(fd)
-        os.close(hold)
+        os.close(self.open(shard))
+
+    @contextmanager
+    def held(self, shard: RemoteShard) -> Iterator[Path]:
+        """The copy's path, kept from eviction inside the ``with`` (it may not exist yet: ``open`` fetches it)."""
+        hold = _flock(self.root / "locks" / f"{shard.key}.use", fcntl.LOCK_SH)
+        try:
+            yield self.path(shard)
+        finally:
+            os.close(hold)
 
     def _open_copy(self, shard: RemoteShard) -> int | None:
         final = self.path(shard)
