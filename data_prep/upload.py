@@ -81,7 +81,11 @@ class Uploader:
             if verdict == "done":
                 self.info = raw
                 return verdict
-            storage.abort_unfinished_uploads(self.dest, is_prep_output)
+            try:  # parts of uploads a killed run could not abort: invisible, but billed
+                storage.abort_unfinished_uploads(self.dest, is_prep_output)
+            except StorageError as e:
+                if e.kind != storage.DENIED:  # a key without the right to list them: a bucket lifecycle rule's job
+                    raise
             if force:
                 for name in sorted(sizes, key=lambda n: n != INFO_NAME):  # _info.json first: no reader trusts the rest
                     if is_prep_output(name):

@@ -26,7 +26,8 @@ from train.data.shard_cache import RemoteShard, ShardCache, ShardMismatch
 
 INDEX_THREADS = 16  # concurrent index reads: ~5 ms each is latency, not bandwidth
 
-_MEMO: dict[tuple[str, int, str], ShardIndex] = {}  # a remote index does not change while its sha256 does not
+# (URL, its _info.json record) -> index: a run reads _info.json once, so a shard's index is built once per process.
+_MEMO: dict[tuple[str, str], ShardIndex] = {}
 
 
 def index_split(info: DatasetInfo, split: str, cache: ShardCache | None) -> list[ShardIndex]:
@@ -36,19 +37,22 @@ def index_split(info: DatasetInfo, split: str, cache: ShardCache | None) -> list
         return [index_shard(p) for p in paths]
     assert cache is not None, "shards at a URL need a shard cache"
     recorded = info.raw.get("shards") if isinstance(info.raw.get("shards"), dict) else {}
-    if not paths:
-        return []
-    # Threads, joined before any DataLoader worker is forked from this process.
-    with ThreadPoolExecutor(min(INDEX_THREADS, len(paths)), thread_name_prefix="catdog-index") as pool:
-        return list(pool.map(lambda p: _index_remote(p, recorded.get(p.name), cache), paths))
+    keys = [(str(p), json.dumps(recorded.get(p.name), sort_keys=True)) for p in paths]
+    todo = [(p, k) for p, k in zip(paths, keys, strict=True) if k not in _MEMO]
+    if todo:  # threads, all joined before any DataLoader worker is forked from this process
+        with ThreadPoolExecutor(min(INDEX_THREADS, len(todo)), thread_name_prefix="catdog-index") as pool:
+            built = list(pool.map(lambda t: _index_remote(t[0], recorded.get(t[0].name), cache), todo))
+        for (_, key), index in zip(todo, built, strict=True):
+            if not index.error:  # a failure is looked at again by the next pass
+                _MEMO[key] = index
+        found = dict(zip((k for _, k in todo), built, strict=True))
+        return [_MEMO.get(k) or found[k] for k in keys]
+    return [_MEMO[k] for k in keys]
 
 
 def _index_remote(loc: Location, recorded: object, cache: ShardCache) -> ShardIndex:
     try:
         shard = remote_shard(loc, recorded)
-        memo = (str(loc), shard.size, shard.key)
-        if memo in _MEMO:
-            return _MEMO[memo]
         members = _uploaded_index(shard, cache)
         if members is not None:
             index = replace(make_index(loc, members, "", "index"), remote=shard)
@@ -60,8 +64,6 @@ def _index_remote(loc: Location, recorded: object, cache: ShardCache) -> ShardIn
         if e.kind == NOT_FOUND:
             return make_index(loc, [], f"cannot open shard: {e}", "scan")
         raise InfoError(str(e)) from None
-    if not index.error:
-        _MEMO[memo] = index
     return index
 
 

@@ -114,15 +114,16 @@ class ShardCache:
         return cache
 
     def used(self) -> int:
-        """Bytes held: the copies and the downloads in progress."""
+        """Bytes held: the copies and the downloads in progress (member indexes, ~1 % of a shard, not counted)."""
         total = 0
         for sub in ("shards", "tmp"):
             with os.scandir(self.root / sub) as it:
                 for e in it:
-                    try:
-                        total += e.stat().st_size
-                    except FileNotFoundError:  # evicted or renamed meanwhile
-                        pass
+                    if sub == "tmp" or e.name.endswith(".tar"):
+                        try:
+                            total += e.stat().st_size
+                        except FileNotFoundError:  # evicted or renamed meanwhile
+                            pass
         return total
 
     def path(self, shard: RemoteShard) -> Path:
