@@ -217,7 +217,7 @@ def one_line(capsys, code: int) -> str:
     return lines[0]
 
 
-def test_start_up_errors_are_one_line_naming_the_url(shards, s3_prefix, s3_env, tmp_path, monkeypatch, capsys):
+def test_start_up_errors_are_one_line_naming_the_url(shards, s3_prefix, s3_env, tmp_path, monkeypatch, capsys, port):
     url = upload(shards, s3_prefix)
     base = [f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "track.backends=[csv]"]
     missing = one_line(capsys, train_cli([*base, f"data.dir={url}/nothing-here"]))
@@ -228,9 +228,9 @@ def test_start_up_errors_are_one_line_naming_the_url(shards, s3_prefix, s3_env, 
     assert "SignatureDoesNotMatch" in denied and "AWS_SECRET_ACCESS_KEY" in denied and url in denied
     assert "wrong-secret-key-0123456789" not in denied and s3_env.access_key not in denied
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret_key)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # a free port: nothing listens there
     unreachable = one_line(capsys, train_cli([*base, f"data.dir={url}"]))
-    assert "cannot reach http://127.0.0.1:9" in unreachable and "AWS_ENDPOINT_URL" in unreachable
+    assert f"cannot reach http://127.0.0.1:{port}" in unreachable and "AWS_ENDPOINT_URL" in unreachable
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from data_prep import storage
 from data_prep.fetch import cache_dir
-from data_prep.info import DatasetInfo
+from data_prep.info import DatasetInfo, InfoError
 from data_prep.shards import file_sha256
 from train.config import Config
 from train.data.streams import eval_loader
@@ -110,7 +110,10 @@ def shard_identity(p: Path | storage.Location) -> str:
     the sha256 catdog stored with it, else its ETag and size (never downloaded only to hash it)."""
     if isinstance(p, Path):
         return file_sha256(p)
-    st = storage.stat(p)
+    try:
+        st = storage.stat(p)
+    except storage.StorageError as e:
+        raise InfoError(str(e)) from None
     return st.sha256 or f"etag:{st.etag}:{st.size}"
 
 

@@ -136,6 +136,8 @@ def _data_source(args, clf):
     if is_url(args.data) or (data / INFO_NAME).is_file():  # a URL is a shard folder (photos are local)
         info = load_info(args.data)
         data = info.root
+        if info.is_remote:
+            args.data = str(data)  # as metrics.json reports it: without a URL's user:password@
         _check_classes(list(info.classes), model_classes, f"{data / INFO_NAME}")
         split = info.split(args.split)
         if split.num_samples == 0:
