@@ -180,17 +180,17 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
         log("splits: kept as the folders give them (--val-fraction/--test-fraction do not apply)")
     else:
         log(f"splits: {a.val_fraction:.0%} val and {a.test_fraction:.0%} test of each class, by a seeded content hash")
+    args = a.output_args()
+    if sink is not None and sink.check(args, found.fingerprint, a.force) == "done":
+        n = sink.info["counts"]["written"]
+        log(f"{sink.dest} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
+        return {"status": "up_to_date", "counts": sink.info["counts"], "out": str(sink.dest)}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrepError(
             f"cannot create OUT {out} ({e.strerror}: {e.filename}): pass a folder path where you may create folders"
         ) from None
-    args = a.output_args()
-    if sink is not None and sink.check(args, found.fingerprint, a.force) == "done":
-        n = sink.info["counts"]["written"]
-        log(f"{sink.dest} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
-        return {"status": "up_to_date", "counts": sink.info["counts"], "out": str(sink.dest)}
     with locked(out):
         if sink is not None:
             sink.adopt_progress()

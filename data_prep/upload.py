@@ -63,7 +63,6 @@ class Uploader:
         self.dest = dest
         self.stage = stage
         self.info: dict | None = None  # the destination's finished _info.json, when check() found one
-        self.uploaded = 0
         self._queue: queue.Queue = queue.Queue(QUEUE)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -168,7 +167,6 @@ class Uploader:
                 if idx.is_file():  # the index first: a shard in the store always has its index beside it
                     storage.upload(idx, self.dest / idx.name)
                 storage.upload(tar, self.dest / record["file"], sha256=record["sha256"])
-                self.uploaded += 1
             elif idx.is_file() and not storage.exists(self.dest / idx.name):
                 storage.upload(idx, self.dest / idx.name)
             tar.unlink(missing_ok=True)

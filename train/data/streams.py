@@ -91,7 +91,7 @@ class TrainStream:
         """Batches start_batch..batches_per_epoch-1 of ``epoch``; resume seeks, nothing skipped is read."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch={start_batch} outside [0, {self.batches_per_epoch}]")
-        # Cached per (path, size, mtime): a stat per local shard; per sha256 for a remote one.
+        # Cached per (path, size, mtime): a stat per local shard; once per process for a remote one.
         indices = index_split(self.info, self.split, self.cache)
         cached = self._loaders.get(with_keys)
         if cached is None or any(a is not b for a, b in zip(cached[0], indices, strict=True)):
