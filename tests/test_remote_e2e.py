@@ -30,9 +30,10 @@ def prep(src: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def use(tool: str, *args) -> subprocess.CompletedProcess:
+def use(tool: str, *args, cache: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", f"train.use.{tool}", *map(str, args), "--workers", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    run_env = env(CATDOG_SHARD_CACHE=str(cache))  # the tools take the default cache folder: this test's
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -91,20 +92,30 @@ def test_prep_train_evaluate_predict_from_s3_match_local(tmp_path, real_data, s3
     assert json.loads((bundle_s3 / "model.json").read_text())["data"]["dir"] == s3_prefix
     evals = {}
     for name, bundle, data in (("local", bundle_local, local), ("s3", bundle_s3, s3_prefix)):
-        use("evaluate", bundle, data, "--split", "val", "--out", tmp_path / f"eval_{name}", "--mistakes", "0")
+        out = tmp_path / f"eval_{name}"
+        use("evaluate", bundle, data, "--split", "val", "--out", out, "--mistakes", "0", cache=tmp_path / "cache")
         evals[name] = json.loads((tmp_path / f"eval_{name}" / "metrics.json").read_text())
     assert evals["s3"]["samples"] == evals["local"]["samples"] == sum(info["counts"]["per_split"]["val"].values())
     assert evals["s3"]["accuracy"] == evals["local"]["accuracy"]
     rows = {}
     for name, bundle, data in (("local", bundle_local, local), ("s3", bundle_s3, s3_prefix)):
-        use("predict", bundle, data, "--output", tmp_path / f"pred_{name}.csv", "--no-progress")
+        use(
+            "predict",
+            bundle,
+            data,
+            "--output",
+            tmp_path / f"pred_{name}.csv",
+            "--no-progress",
+            cache=tmp_path / "cache",
+        )
         lines = (tmp_path / f"pred_{name}.csv").read_text().splitlines()
         rows[name] = [line.replace(str(data), "DATA") for line in lines[1:]]
     assert len(rows["s3"]) == info["counts"]["written"] and rows["s3"] == rows["local"]
 
     # A URL storage cannot open: one line, exit 2.
     cmd = [sys.executable, "-m", "train.use.evaluate", str(bundle_s3), "foo://bucket/shards"]
-    bad = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cmd, cwd=ROOT, env=env(CATDOG_SHARD_CACHE=str(tmp_path / "cache")), capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "unsupported URL scheme foo://" in lines[0], bad.stderr
     capsys.readouterr()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -69,10 +70,15 @@ def _index_remote(loc: Location, recorded: object, cache: ShardCache) -> ShardIn
 
 def remote_shard(loc: Location, recorded: object) -> RemoteShard:
     """The object at ``loc`` as _info.json records it (size, sha256); else as the store describes it (one HEAD)."""
-    if isinstance(recorded, dict) and isinstance(recorded.get("bytes"), int) and recorded.get("sha256"):
-        return RemoteShard(loc, recorded["bytes"], str(recorded["sha256"]))
+    if isinstance(recorded, dict) and isinstance(recorded.get("bytes"), int) and _is_sha256(recorded.get("sha256")):
+        return RemoteShard(loc, recorded["bytes"], recorded["sha256"])
     st = storage.stat(loc)
-    return RemoteShard(loc, st.size, st.sha256, st.etag)
+    return RemoteShard(loc, st.size, st.sha256 if _is_sha256(st.sha256) else None, st.etag)
+
+
+def _is_sha256(value: object) -> bool:
+    """A sha256 hex digest (it names a file in the cache: nothing else may)."""
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
 
 
 def _uploaded_index(shard: RemoteShard, cache: ShardCache) -> list[Member] | None:

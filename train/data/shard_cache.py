@@ -95,10 +95,19 @@ class ShardCache:
     def create(cls, cache_dir: str = "", size: int | None = None) -> ShardCache:
         """The cache at ``cache_dir`` ("" = default_dir()), bounded to ``size`` bytes (None = auto); ConfigError
         naming data.cache_dir when the folder cannot be made."""
-        root = Path(cache_dir).expanduser() if cache_dir else default_dir()
+        chosen = cache_dir or os.environ.get("CATDOG_SHARD_CACHE")
+        root = Path(chosen).expanduser() if chosen else default_dir()
         try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = root.stat()
+            if not chosen and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+                # In the shared temp folder: someone else's folder could hand us copies we would trust unchecked.
+                raise ConfigError(
+                    f"data.cache_dir: {root} is not yours alone (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}); "
+                    "set data.cache_dir (or CATDOG_SHARD_CACHE) to a folder of your own"
+                )
             for sub in ("shards", "tmp", "locks"):
-                (root / sub).mkdir(parents=True, exist_ok=True)
+                (root / sub).mkdir(exist_ok=True)
             probe = root / "tmp" / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()

@@ -172,11 +172,15 @@ def shard_cache(cfg: DataConfig, info: DatasetInfo, splits: list[str], *, warn: 
     need = split_bytes(info, splits)
     if warn and need is not None and need > cache.limit:
         log.warning(
-            "the shards of %s (%.1f GB) do not fit in the shard cache (data.cache_size: %.1f GB at %s): every "
-            "epoch downloads again about %.1f GB; raise data.cache_size or point data.cache_dir at a larger disk",
-            "+".join(dict.fromkeys(splits)), need / 1e9, cache.limit / 1e9, cache.root, (need - cache.limit) / 1e9,
+            "the shards of %s (%s) do not fit in the shard cache (data.cache_size: %s at %s): every epoch downloads "
+            "again about %s; raise data.cache_size or point data.cache_dir at a larger disk",
+            "+".join(dict.fromkeys(splits)), _size(need), _size(cache.limit), cache.root, _size(need - cache.limit),
         )  # fmt: skip
     return cache
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def eval_loader(
