@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from data_prep.prepare import PrepArgs, run
 from data_prep.storage import s3
 from launch.__main__ import main as launch_main
 from train.__main__ import cli as train_cli
-from train.config import DataConfig, load_config
+from train.config import ConfigError, DataConfig, load_config
 from train.data.reader import DataError
 from train.data.streams import TrainStream, eval_loader
 from train.run.feature_cache import cache_key
@@ -250,14 +251,31 @@ def test_launch_checks_the_store_at_submission(shards, s3_prefix, s3_env, tmp_pa
     first = load_info(shards).splits["train"].filenames[0]
     storage.remove(f"{url}/{first}")
     base = ["slurm", "--config", str(Path(__file__).parents[1] / "configs" / "debug_cpu.yaml"), f"run.dir={tmp_path}/r"]
-    for data, says in (
-        (f"{url}/nothing", f"{url}/nothing/{INFO_NAME}: no such object"),
-        (url, f"{url}/{first}: no such"),
-    ):
-        assert launch_main([*base, f"data.dir={data}"]) == 2
+    cases = [
+        (f"{url}/nothing", f"{url}/nothing/{INFO_NAME}: no such object", {}),
+        (url, f"{url}/{first}: no such object", {}),
+        (url, "SignatureDoesNotMatch", {"AWS_SECRET_ACCESS_KEY": "not-the-secret-key-0123"}),
+    ]
+    for data, says, env in cases:
+        with pytest.MonkeyPatch.context() as mp:
+            for var, value in env.items():
+                mp.setenv(var, value)
+            assert launch_main([*base, f"data.dir={data}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("catdog-launch: error: data.dir: ") and says in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_cache_settings_are_checked_when_the_config_loads():
+    for override, says in (
+        ("data.cache_size=lots", "data.cache_size='lots': use auto or a size"),
+        ("data.prefetch_shards=-1", "data.prefetch_shards=-1: use 0 (none) or N >= 1"),
+        ("data.dir=https://me:hunter2hunter2@example.org/shards", "a user:password in data.dir would be saved"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(says)) as e:
+            load_config(None, ["data.dir=s3://bucket/shards", override])
+        assert "hunter2" not in str(e.value)
+    assert load_config(None, ["data.dir=s3://b/x", "data.cache_size=20GiB"]).data.cache_bytes() == 20 * 2**30
 
 
 def test_the_feature_cache_key_of_remote_shards_is_the_local_one(shards, s3_prefix, s3_env, monkeypatch):
