@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 from pathlib import Path
 
+from data_prep import sizes
 from data_prep.cli import Parser, add_no_progress, add_out
 from data_prep.cpus import usable_cpus
 from data_prep.errors import PrepError
 from data_prep.prepare import PrepArgs, run
 from data_prep.scan import LAYOUTS
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30})
-
 
 def parse_size(text: str) -> int:
     """'256MB' -> 256_000_000, '1GiB' -> 2**30, '0' -> 0 (no limit)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 256MB, 1GiB, 500000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
             "SRC/<class>.<id>.jpg, or Kaggle-flat inside split folders (SRC/train/<class>.<id>.jpg). "
             "Images are EXIF-rotated, converted to RGB (alpha flattened on white), "
             "resized so the shorter side is --image-size, and stored as JPEG. Bad files are skipped and "
-            "listed in OUT/skipped.jsonl. A killed run resumes when rerun with the same arguments."
+            "listed in OUT/skipped.jsonl. A killed run resumes when rerun with the same arguments. OUT may be "
+            "s3://bucket/prefix."
         ),
         epilog="example: catdog-prep ~/photos/catsdogs shards/catsdogs --image-size 256 --workers 8",
     )
-    p.add_argument("src", type=Path, metavar="SRC", help="folder of photos (searched recursively)")
-    p.add_argument("out_dir", type=Path, nargs="?", metavar="OUT", help="output folder for the shards (or --out)")
-    add_out(p, "output folder for the shards (the same as OUT)", type=Path, metavar="OUT")
+    # str, not Path: Path("s3://b/x") is "s3:/b/x", a local folder named "s3:"
+    p.add_argument("src", metavar="SRC", help="folder of photos (searched recursively)")
+    p.add_argument(
+        "out_dir",
+        nargs="?",
+        metavar="OUT",
+        help="output folder for the shards, or s3://bucket/prefix (endpoint and credentials from the AWS variables "
+        "or a profile): shards are uploaded as they are finished, _info.json last (or --out)",
+    )
+    add_out(p, "output folder for the shards (the same as OUT)", metavar="OUT")
     p.add_argument(
         "--image-size",
         metavar="PX",
@@ -120,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace catdog-prep output already in OUT (other files are kept)"
     )
     add_no_progress(p)
+    p.add_argument(
+        "--stage",
+        metavar="DIR",
+        type=Path,
+        help="OUT at s3://: local folder where finished shards wait for their upload (default: one per OUT in the "
+        "temp folder); a rerun on this machine resumes from it",
+    )
     return p
 
 
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         layout=ns.layout,
         force=ns.force,
         progress=not ns.no_progress,  # off also when CATDOG_PROGRESS=off (data_prep/progress.py)
+        stage=ns.stage,
     )
     try:
         run(args)

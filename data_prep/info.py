@@ -19,6 +19,10 @@ empty splits with ``num_samples: 0``.
 Inside a shard each sample is ``<key>.jpg`` (RGB JPEG), ``<key>.cls`` (class index as ASCII) and
 ``<key>.json`` (class name, source path, original size, sha256 of the source). Keys use only
 ``[A-Za-z0-9_-]`` -- no dots, because WebDataset splits a member name at its first dot.
+
+A shard folder is a local path or a URL (``s3://bucket/prefix``, ``https://host/prefix``): ``DatasetInfo.root`` is
+then a ``storage.Location``, which joins names with ``/`` as a ``Path`` does (``Path("s3://b/x")`` would collapse
+the ``//``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_prep import storage
+from data_prep.storage import BadURL, Location, StorageError
 
 INFO_NAME = "_info.json"
 SPLITS = ("train", "val", "test")
@@ -57,7 +64,7 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    root: Path
+    root: Path | Location  # a local folder, or the URL of one in object storage (see shard_root)
     classes: tuple[str, ...]
     splits: dict[str, SplitInfo]
     raw: dict  # the whole JSON, for fields this dataclass does not model (args, counts, version)
@@ -77,7 +84,11 @@ class DatasetInfo:
             raise InfoError(f"{self.root / INFO_NAME} has no split {name!r}; it has {sorted(self.splits)}")
         return self.splits[name]
 
-    def shard_paths(self, name: str) -> list[Path]:
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.root, Location)
+
+    def shard_paths(self, name: str) -> list[Path | Location]:
         return [self.root / f for f in self.split(name).filenames]
 
 
@@ -102,14 +113,46 @@ def splits_json(shards: list[dict]) -> dict[str, dict]:
     return out
 
 
-def load_info(root: str | os.PathLike) -> DatasetInfo:
-    """Read and validate ``root/_info.json``; errors name the file and what to do."""
-    root = Path(root)
-    path = root / INFO_NAME
-    if not path.is_file():
-        raise InfoError(f"{path} not found: point data.dir at a folder written by catdog-prep (or rerun catdog-prep)")
+def shard_root(root: str | os.PathLike | Location) -> Path | Location:
+    """A shard folder as given: a ``Path``, or a ``Location`` for a URL (InfoError, one line, for a URL that
+    storage cannot open, e.g. ``foo://x``: never a local folder named ``foo:``)."""
+    if isinstance(root, Location):
+        return root.path if root.is_local else root
+    if storage.is_url(root):
+        try:
+            return Location.parse(root)
+        except BadURL as e:
+            raise InfoError(str(e)) from None
+    return Path(root)
+
+
+def _read_text(path: Path | Location) -> str:
+    if isinstance(path, Path):
+        if not path.is_file():
+            raise InfoError(
+                f"{path} not found: point data.dir at a folder written by catdog-prep (or rerun catdog-prep)"
+            )
+        return path.read_text()
     try:
-        raw = json.loads(path.read_text())
+        return storage.read_bytes(path).decode()
+    except StorageError as e:
+        if e.kind == storage.NOT_FOUND:
+            raise InfoError(
+                f"{e} (a shard folder holds the {INFO_NAME} catdog-prep writes, and uploads last: without it the "
+                "folder is not one, or its upload has not finished)"
+            ) from None
+        raise InfoError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise InfoError(f"{path} is not a valid catdog _info.json ({e}); rerun catdog-prep") from None
+
+
+def load_info(root: str | os.PathLike | Location) -> DatasetInfo:
+    """Read and validate ``root/_info.json`` (``root`` a folder or a URL); errors name the file and what to do."""
+    root = shard_root(root)
+    path = root / INFO_NAME
+    text = _read_text(path)
+    try:
+        raw = json.loads(text)
         classes = tuple(str(c) for c in raw["classes"])
         splits = {}
         for name, s in raw["splits"].items():
@@ -132,3 +175,27 @@ def load_info(root: str | os.PathLike) -> DatasetInfo:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InfoError(f"{path} is not a valid catdog _info.json ({type(e).__name__}: {e}); rerun catdog-prep") from e
     return DatasetInfo(root=root, classes=classes, splits=splits, raw=raw)
+
+
+def check_reachable(root: str | os.PathLike | Location, splits: list[str]) -> DatasetInfo:
+    """Before a job is submitted: ``root``'s _info.json reads, names ``splits``, and the first shard of each is there
+    (one HEAD each at a URL: a key allowed to read _info.json but not the shards fails now, not in the job).
+    InfoError, one line naming the URL and what to fix, otherwise."""
+    info = load_info(root)
+    for split in dict.fromkeys(splits):
+        names = info.split(split).filenames
+        if names:
+            try:
+                storage.stat(info.root / names[0])
+            except StorageError as e:
+                raise InfoError(str(e)) from None
+    return info
+
+
+def check_train_split(info: DatasetInfo, split: str) -> None:
+    """A missing or empty train split is bad input, named with the file to fix, not a traceback from the loader."""
+    if info.split(split).num_samples == 0:  # split() raises InfoError naming _info.json when it is absent
+        raise InfoError(
+            f"{info.root / INFO_NAME}: split {split!r} has no samples, so there is nothing to train on; point "
+            "data.dir at shards with training samples (catdog-prep) or set data.train_split"
+        )

@@ -50,8 +50,16 @@ def _require_writable(out: Path) -> None:
 def _read_info(path: Path) -> dict | None:
     """OUT's _info.json as a dict, or None when it is not one catdog-prep could have written."""
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return parse_info(path.read_bytes())
+    except OSError:
+        return None
+
+
+def parse_info(data: bytes) -> dict | None:
+    """_info.json's bytes as a dict, or None when they are not an _info.json catdog-prep could have written."""
+    try:
+        raw = json.loads(data)
+    except ValueError:
         return None
     if not isinstance(raw, dict) or not all(
         isinstance(raw.get(k), dict) for k in ("args", "source", "shards", "counts")
@@ -65,21 +73,37 @@ def check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
 
     Refuses output of other runs or other tools (unless ``force``) and an OUT that cannot be written.
     """
-    names = sorted(os.listdir(out))
+    sizes = {}
+    for name in os.listdir(out):
+        path = out / name
+        sizes[name] = path.stat().st_size if path.is_file() else -1
     info_path = out / INFO_NAME
     raw = _read_info(info_path) if info_path.is_file() else None
-    if info_path.is_file() and raw is None and not force:
+    verdict = judge_out(str(out), sizes, raw, Progress.load(out), args, source_fp, force)
+    if verdict == "done":
+        return verdict
+    _require_writable(out)
+    if force:
+        remove_outputs(out)
+    return verdict
+
+
+def judge_out(
+    out: str, sizes: dict[str, int], raw: dict | None, progress: Progress | None, args: dict, source_fp: str,
+    force: bool,
+) -> str:  # fmt: skip
+    """What OUT (a folder or an s3:// prefix) holds, from its file names and sizes (-1: not a file), its parsed
+    _info.json and progress: 'done' or 'ours'; PrepError, unless ``force``, for another run's or tool's output."""
+    info_name = f"{out.rstrip('/')}/{INFO_NAME}"
+    if INFO_NAME in sizes and raw is None and not force:
         raise PrepError(
-            f"{info_path} is not an {INFO_NAME} written by catdog-prep (not a JSON object with args, source, "
+            f"{info_name} is not an {INFO_NAME} written by catdog-prep (not a JSON object with args, source, "
             "shards and counts); use a new OUT or pass --force to rebuild it"
         )
     if raw is not None:
         same_args = raw["args"] == args
         same_src = raw["source"].get("fingerprint") == source_fp
-        intact = all(
-            isinstance(s, dict) and (out / f).is_file() and (out / f).stat().st_size == s.get("bytes")
-            for f, s in raw["shards"].items()
-        )
+        intact = all(isinstance(s, dict) and sizes.get(f) == s.get("bytes") for f, s in raw["shards"].items())
         if same_args and same_src and intact and not force:
             return "done"
         if not force:
@@ -92,21 +116,17 @@ def check_out(out: Path, args: dict, source_fp: str, force: bool) -> str:
             else:
                 why = "and its shards are missing or damaged"
             raise PrepError(f"{out} was written by catdog-prep {why}; use a new OUT or pass --force to rebuild it")
-    progress = Progress.load(out)
     if progress is not None and progress.fingerprint != run_fingerprint(args, source_fp) and not force:
         raise PrepError(
             f"{out} holds an unfinished catdog-prep run with other arguments or inputs; rerun that command to "
             "resume it, use a new OUT, or pass --force to start over"
         )
-    foreign = [n for n in names if not is_prep_output(n)]
+    foreign = sorted(n for n in sizes if not is_prep_output(n))
     if foreign and not force:
         raise PrepError(
             f"{out} is not empty and was not written by catdog-prep (it holds {foreign[0]!r}); use an empty "
             "folder or pass --force (only catdog-prep's own files are replaced)"
         )
-    _require_writable(out)
-    if force:
-        remove_outputs(out)
     return "ours"
 
 

@@ -35,7 +35,10 @@ from data_prep.shards import (
     remove_temp_files,
     write_skipped,
 )
+from data_prep.storage import is_url
+from data_prep.storage.urls import redact
 from data_prep.tarformat import index_path
+from data_prep.upload import Uploader, default_stage, destination
 from data_prep.version import catdog_version
 
 HASH_BATCH = 64  # files per hashing task
@@ -49,7 +52,7 @@ WINDOW_PER_WORKER = 4  # tasks in flight per worker: slack for one slow image, m
 @dataclass(frozen=True)
 class PrepArgs:
     src: Path
-    out: Path
+    out: Path | str  # a folder, or s3://bucket/prefix (data_prep/upload.py)
     image_size: int = 320
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -64,6 +67,7 @@ class PrepArgs:
     layout: str = "auto"
     force: bool = False
     progress: bool = True
+    stage: Path | None = None  # OUT at a URL: the local folder shards wait in for upload (None: a temp folder)
 
     def output_args(self) -> dict:
         """The arguments that decide the output bytes (workers/force/progress do not), as stored in _info.json."""
@@ -154,7 +158,15 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
     """Prepare shards from a.src into a.out; returns the summary (also printed through ``log``)."""
     a.validate()
     t0 = time.perf_counter()
-    out = Path(a.out)
+    if is_url(a.src):
+        raise PrepError(f"SRC {redact(str(a.src))}: the photos must be in a local folder (OUT may be s3://)")
+    sink = None
+    if is_url(a.out):  # shards staged in a local folder, uploaded as they are finished
+        dest = destination(str(a.out))
+        sink = Uploader(dest, Path(a.stage) if a.stage else default_stage(dest))
+        out = sink.stage
+    else:
+        out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise PrepError(f"OUT {out} is a file, not a folder: pass a folder path for the shards")
     try:
@@ -167,14 +179,20 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
         log("splits: kept as the folders give them (--val-fraction/--test-fraction do not apply)")
     else:
         log(f"splits: {a.val_fraction:.0%} val and {a.test_fraction:.0%} test of each class, by a seeded content hash")
+    args = a.output_args()
+    if sink is not None and sink.check(args, found.fingerprint, a.force) == "done":
+        n = sink.info["counts"]["written"]
+        log(f"{sink.dest} is already complete ({n:,} samples, same arguments and inputs): nothing to do")
+        return {"status": "up_to_date", "counts": sink.info["counts"], "out": str(sink.dest)}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PrepError(
             f"cannot create OUT {out} ({e.strerror}: {e.filename}): pass a folder path where you may create folders"
         ) from None
-    args = a.output_args()
     with locked(out):
+        if sink is not None:
+            sink.adopt_progress()
         if check_out(out, args, found.fingerprint, a.force) == "done":
             info = json.loads((out / INFO_NAME).read_text())
             remove_temp_files(out)
@@ -194,10 +212,18 @@ def run(a: PrepArgs, log: Callable[[str], None] = print) -> dict:
         remove_temp_files(out)
         # Workers are forked here, before any thread exists (tqdm starts one): forking a threaded process is unsafe.
         with Pool(a.workers) if a.workers > 1 else nullcontext() as pool:
-            return _prepare(a, found, out, args, pool, t0, log)
+            if sink is None:
+                return _prepare(a, found, out, args, pool, t0, log, None)
+            sink.start()  # a thread: after the pool's workers are forked
+            try:
+                return _prepare(a, found, out, args, pool, t0, log, sink)
+            finally:
+                sink.close()
 
 
-def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, log: Callable[[str], None]) -> dict:
+def _prepare(
+    a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, log: Callable[[str], None], sink: Uploader | None
+) -> dict:
     src = Path(a.src)
     window = WINDOW_PER_WORKER * a.workers
     rels = [c.rel for c in found.candidates if c.problem is None]
@@ -227,9 +253,13 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
         progress is not None
         and progress.fingerprint == fingerprint
         and progress.plan_digest == plan.digest
-        and progress.verified(out)
+        and progress.verified(out, sink.in_store if sink else None)
     ):
         log(f"resuming: {len(progress.shards)} shards ({progress.next_index:,} images) already written")
+        if sink is not None:  # those staged but not uploaded yet (the uploader skips those in the store)
+            for record in progress.shards:
+                sink.add(record, None)
+            sink.add(None, progress)
     else:
         if progress is not None:
             log("an unfinished run's shards do not match these inputs (changed or damaged): starting over")
@@ -243,6 +273,8 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
         progress.next_index = next_index
         progress.skipped = [s for s in encode_skips if s["index"] < next_index]
         progress.save(out)
+        if sink is not None:
+            sink.add(asdict(record), progress)
 
     next_number = Counter(s["split"] for s in progress.shards)
     writer = ShardWriter(out, a.shard_max_count, a.shard_max_size, next_number, on_close)
@@ -276,7 +308,7 @@ def _prepare(a: PrepArgs, found: Scan, out: Path, args: dict, pool, t0: float, l
     finally:
         writer.abandon()
     encode_seconds = time.perf_counter() - t_encode
-    return _finish(a, found, plan, progress, encode_skips, out, args, t0, len(todo), encode_seconds, log)
+    return _finish(a, found, plan, progress, encode_skips, out, args, t0, len(todo), encode_seconds, log, sink)
 
 
 def _finish(
@@ -291,12 +323,14 @@ def _finish(
     n_encoded: int,
     encode_seconds: float,
     log: Callable[[str], None],
+    sink: Uploader | None = None,
 ) -> dict:
     """Write skipped.jsonl, then _info.json last; the progress file goes once _info.json is in place."""
     shards = progress.shards
     kept = {s["file"] for s in shards}
     remove_outputs(out, keep=kept | {index_path(out / f).name for f in kept} | {PROGRESS_NAME})
-    ensure_indexes(out, {s["file"]: s for s in shards})  # a resumed run's earlier shards: index deleted meanwhile?
+    # A resumed run's earlier shards: index deleted meanwhile? (Uploaded shards have left the staging folder.)
+    ensure_indexes(out, {s["file"]: s for s in shards if sink is None or (out / s["file"]).is_file()})
     skipped_idx = {s["index"] for s in encode_skips}
     skipped = sorted(
         [*plan.skipped, *({k: v for k, v in s.items() if k != "index"} for s in encode_skips)],
@@ -339,13 +373,16 @@ def _finish(
         "source": {"path": args["src"], "fingerprint": found.fingerprint},
         "shards": {s["file"]: {"bytes": s["bytes"], "sha256": s["sha256"]} for s in shards},
     }
-    atomic_write_json(out / INFO_NAME, info)
-    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    if sink is None:
+        atomic_write_json(out / INFO_NAME, info)
+        (out / PROGRESS_NAME).unlink(missing_ok=True)
+    else:
+        sink.finish(info)  # the last uploads, then _info.json
     seconds = time.perf_counter() - t0
     summary = {
         "status": "written",
         "counts": counts,
-        "out": str(out),
+        "out": str(out if sink is None else sink.dest),
         "seconds": seconds,
         "encode_images_per_s": n_encoded / encode_seconds if encode_seconds > 0 else 0.0,
         "images_per_s": len(plan.items) / seconds,

@@ -21,6 +21,7 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from data_prep.atomic import atomic_write_json
+from data_prep.storage import is_url
 from train.config import Config, ConfigError
 from train.config_io import load_config, save_config
 from train.formats.rundir import pin_resume, start_over
@@ -222,7 +223,8 @@ def check_resources(slurm: SlurmConfig, found: tuple[str, list[Node]] | None = N
 def job_config(config: str | os.PathLike, overrides: Sequence[str], slurm: SlurmConfig) -> Config:
     """The trainer config for a SLURM job: validated here, with absolute paths (jobs may start elsewhere)."""
     cfg = load_config(config, overrides)
-    extra = [f"run.dir={Path(cfg.run.dir).resolve()}", f"data.dir={Path(cfg.data.dir).resolve()}"]
+    data_dir = cfg.data.dir if is_url(cfg.data.dir) else Path(cfg.data.dir).resolve()
+    extra = [f"run.dir={Path(cfg.run.dir).resolve()}", f"data.dir={data_dir}"]
     if not slurm.gpus_per_node:
         extra.append("train.cpu=true")  # a CPU-only job: Accelerator(cpu=True) makes its ranks gloo ranks
     cfg = load_config(config, [*overrides, *extra])
@@ -327,12 +329,13 @@ def launch(
         for i, (name, cfg) in enumerate(points):
             print(f"# {f'array element {i}: {name}, ' if len(points) > 1 else ''}run dir {cfg.run.dir}", file=out)
         return []
+    for first in {cfg.data.dir: cfg for _, cfg in points}.values():  # each data.dir once (a sweep shares one)
+        check_data(first)
     found = partition_nodes(slurm.partition)
     check_resources(slurm, found)
     slurm, cpus_note = resolve_cpus_per_task(slurm, found[1])
     print(cpus_note, file=out)
     for _, cfg in points:
-        check_data(cfg)
         _check_not_running(Path(cfg.run.dir))
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -23,6 +23,9 @@ class FaultProxy:
     - ``("cut_response", n)``: the answer is cut ``n`` bytes into its body (a download dying midway);
     - ``("stall", s)``: no answer for ``s`` seconds, then the connection is closed (a read timeout).
 
+    ``hold``, when set, is a test of (method, path): a request it accepts is never answered while the proxy runs (a
+    store that stopped answering), whatever else is queued.
+
     Requests are counted per method in ``seen`` (faulty ones included). SigV4 signatures cover the Host header the
     client sent (the proxy's), and the bytes reach the server unchanged, so signed requests stay valid.
     """
@@ -30,6 +33,7 @@ class FaultProxy:
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
         self.faults: list = []
+        self.hold = None  # (method, path) -> bool: requests never answered
         self.seen: dict[str, int] = {}
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header) of every request
         self._lock = threading.Lock()
@@ -105,7 +109,12 @@ class FaultProxy:
                 with self._lock:
                     self.seen[method] = self.seen.get(method, 0) + 1
                     self.log.append((method, path.decode("ascii", "replace"), _header(head, b"range")))
-                    fault = self.faults.pop(0) if self.faults else None
+                    held = self.hold is not None and self.hold(method, path.decode("ascii", "replace"))
+                    fault = None if held else (self.faults.pop(0) if self.faults else None)
+                if held:
+                    while not self._closed:
+                        time.sleep(0.05)
+                    return
                 kind, arg = (fault if isinstance(fault, tuple) else (fault, None)) if fault else (None, None)
                 if kind == "reset":
                     return _close(client, reset=True)

@@ -141,7 +141,10 @@ def test_no_import_cycle_inside_the_project():
         ("train.formats", ("train.loop", "train.run", "train.use", "train.hardware")),
         ("train.hardware", ("train.data", "train.models", "train.loop", "train.run", "train.use", "train.formats")),
         ("train.config", ("train",)),
-        ("train.config_io", tuple(f"train.{p}" for p in ("data", "models", "loop", "run", "use", "formats", "hardware"))),
+        (
+            "train.config_io",
+            tuple(f"train.{p}" for p in ("data", "models", "loop", "run", "use", "formats", "hardware")),
+        ),
         ("train.metrics", ("train",)),
         ("train.plots", ("train",)),
     ],

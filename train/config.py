@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 from omegaconf import MISSING
 
 from data_prep.cpus import auto_num_workers
+from data_prep.sizes import parse_size
+from data_prep.storage.urls import BadURL, Location, is_url
 
 # The names in train.models.registry.MODELS. Kept here (tests/test_models.py checks they agree) so a bad model.name fails
 # when the config loads, before `catdog-launch` starts ranks, without importing torch.
@@ -72,7 +74,9 @@ class AugmentConfig:
 class DataConfig:
     """Where the shards are and how they are read."""
 
-    dir: str = MISSING  # folder written by catdog-prep (holds _info.json and the tars)
+    # folder written by catdog-prep (holds _info.json and the tars): a path, s3://bucket/prefix (endpoint and
+    # credentials from the standard AWS variables and files) or https://host/prefix (read-only); docs/remote-shards.md
+    dir: str = MISSING
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -85,16 +89,49 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Shards at a URL are read from whole-shard copies in a cache on each node, shared by its ranks and workers
+    # (train/data/shard_cache.py). Folder: "" = $CATDOG_SHARD_CACHE, else <temp dir>/catdog-shards-<uid>; on a cluster
+    # point it at node-local scratch (a shared filesystem would need working flock, and defeats the purpose).
+    cache_dir: str = ""
+    # Bytes the cache may hold, e.g. 200GB; "auto" = 80 % of what its filesystem has free (plus what the cache holds)
+    # at start-up. Least recently used shards are deleted to make room. Smaller than the dataset: each epoch
+    # downloads again what does not fit.
+    cache_size: str = "auto"
+    # Shards each DataLoader worker downloads ahead of the one it reads (in the order it will read them); 0 = none.
+    prefetch_shards: int = 2
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error={self.on_error!r}: use 'skip' or 'raise'")
         if self.num_workers < -1:
             raise ConfigError(f"data.num_workers={self.num_workers}: use auto (or -1), 0 (read in the rank) or N >= 1")
+        _check_data_dir(self.dir)
+        if self.cache_size != "auto":
+            try:
+                ok = parse_size(self.cache_size) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"data.cache_size={self.cache_size!r}: use auto or a size such as 200GB or 500MiB")
+        if self.prefetch_shards < 0:
+            raise ConfigError(f"data.prefetch_shards={self.prefetch_shards}: use 0 (none) or N >= 1")
+
+    def cache_bytes(self) -> int | None:
+        """data.cache_size in bytes; None for auto."""
+        return None if self.cache_size == "auto" else parse_size(self.cache_size)
 
     def workers(self) -> int:
         """DataLoader workers per rank: num_workers, or auto_num_workers() when it is -1."""
         return self.num_workers if self.num_workers >= 0 else auto_num_workers()[0]
+
+
+def _check_data_dir(where: str) -> None:
+    """data.dir: a path or a URL storage can open (``foo://x`` is not a folder named ``foo:``)."""
+    if is_url(where):
+        try:
+            Location.parse(where)
+        except BadURL as e:
+            raise ConfigError(f"data.dir={e}") from None
 
 
 @dataclass
@@ -308,4 +345,11 @@ class Config:
             raise ConfigError(
                 "train.precompute_features=true needs a frozen backbone: set model.name=inception_v3 and "
                 "model.freeze_backbone=true (or train.precompute_features=false)"
+            )
+        # The resolved config is saved in run.dir and sent to the trackers: no password may ride in data.dir's URL.
+        if is_url(self.data.dir) and "@" in Location.parse(self.data.dir).root:
+            raise ConfigError(
+                f"data.dir={Location.parse(self.data.dir)}: a user:password in data.dir would be saved in "
+                "run.dir/config.yaml and sent to the trackers; serve the shards without one, or from s3:// (credentials "
+                "from the AWS variables or a profile)"
             )

@@ -36,8 +36,9 @@ from data_prep.storage.urls import SUPPORTED, BadURL, Location, is_url, unsuppor
 
 __all__ = [
     "CONFIG", "DENIED", "FAILED", "NOT_FOUND", "SUPPORTED", "UNAVAILABLE", "UNREACHABLE", "UNSUPPORTED",
-    "BadURL", "Location", "ObjectInfo", "RetryPolicy", "StorageError", "download", "exists", "is_url", "list_dir", "read_bytes",
-    "read_range", "remove", "stat", "unsupported_scheme", "upload", "url_scheme", "write_bytes",
+    "BadURL", "Location", "ObjectInfo", "RetryPolicy", "StorageError", "abort_unfinished_uploads", "download",
+    "exists", "is_url", "list_dir", "read_bytes", "read_range", "remove", "stat", "unsupported_scheme", "upload",
+    "url_scheme", "write_bytes",
 ]  # fmt: skip
 
 Where = str | os.PathLike | Location
@@ -223,6 +224,15 @@ def download(where: Where, dest: str | os.PathLike) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return size
+
+
+def abort_unfinished_uploads(where: Where, keep) -> int:
+    """Abort unfinished multipart uploads under the s3:// prefix ``where`` of the names ``keep(name)`` accepts; 0
+    elsewhere (local writes and single PUTs leave nothing unfinished behind)."""
+    loc = _loc(where)
+    if loc.scheme != "s3":
+        return 0
+    return _backend(loc).abort_unfinished(loc, keep)
 
 
 def remove(where: Where) -> None:

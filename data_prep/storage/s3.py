@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -302,6 +302,21 @@ def get_file(loc: Location, dest: Path) -> int:
     if got != total:
         raise StorageError(str(loc), f"download ended at {got} of {total} bytes; retry", FAILED)
     return got
+
+
+def abort_unfinished(loc: Location, keep: Callable[[str], bool]) -> int:
+    """Abort the unfinished multipart uploads of objects directly under the prefix whose names ``keep`` accepts
+    (a process killed mid-upload cannot abort its own; their parts are invisible but take space); returns how many."""
+    prefix = loc.key.rstrip("/") + "/" if loc.key.strip("/") else ""
+    found = _call(loc, "list", lambda c: c.list_multipart_uploads(Bucket=loc.root, Prefix=prefix).get("Uploads", []))
+    n = 0
+    for u in found:
+        name = u["Key"][len(prefix) :]
+        if "/" not in name and keep(name):
+            target = {"Bucket": loc.root, "Key": u["Key"], "UploadId": u["UploadId"]}
+            _call(loc, "write", lambda c, t=target: c.abort_multipart_upload(**t))
+            n += 1
+    return n
 
 
 def delete(loc: Location) -> None:

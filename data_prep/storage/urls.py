@@ -109,6 +109,18 @@ class Location:
             key = f"{key}/{name.strip('/')}" if key else name.strip("/")
         return Location(self.scheme, self.root, key)
 
+    def with_name(self, name: str) -> Location:
+        """The sibling called ``name`` (``Path.with_name``)."""
+        if self.is_local:
+            return Location("", "", str(self.path.with_name(name)))
+        parent = self.key.rstrip("/").rpartition("/")[0]
+        return Location(self.scheme, self.root, f"{parent}/{name}" if parent else name)
+
+    def __truediv__(self, name: str) -> Location:
+        """``loc / "train-000000.tar"``: ``join`` with one name, as ``Path`` does (so a shard folder's code reads
+        the same for a local ``Path`` and a URL)."""
+        return self.join(name)
+
     def __str__(self) -> str:
         if self.is_local:
             return self.key

@@ -23,9 +23,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.info import DatasetInfo
+from data_prep.storage import Location
 from train.data.batch_buffers import BatchBuffers
 from train.data.order import Schedule, augment_seed
 from train.data.reader import Corrupt, DataError, ShardIndex, ShardReader
+from train.data.shard_cache import Prefetcher, ShardCache
 from train.data.transforms import BatchColour
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class Plan:
     mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # training: MixUp/CutMix per batch
     colour: BatchColour | None = None  # training: colour jitter + normalisation per batch (replaces `normalise`)
     buffers: BatchBuffers | None = None  # set with the DataLoader when it has workers: reusable shared memory
+    cache: ShardCache | None = None  # shards at a URL: the node's shard cache (train/data/shard_cache.py)
+    prefetch: int = 0  # shards each worker downloads ahead of the one it reads
 
     def rows(self) -> int:
         """Samples in a full batch."""
@@ -94,7 +98,8 @@ class _BatchDataset(IterableDataset):
         wi = get_worker_info()
         w, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
         this = _Pass(self.plan, w, nw)
-        reader = ShardReader(self.plan.indices, self.plan.num_classes)
+        prefetcher = self._prefetcher(this)
+        reader = ShardReader(self.plan.indices, self.plan.num_classes, self.plan.cache, prefetcher)
         buffers = self.plan.buffers
         pass_no = int(buffers.pass_no) if buffers is not None else 0  # read once the pass has begun
         rows = self.plan.rows()
@@ -106,6 +111,22 @@ class _BatchDataset(IterableDataset):
                 yield x, y, keys, report
         finally:
             reader.close()
+            if prefetcher is not None and wi is None:
+                # Reading in this process (no workers): no download thread may outlive the pass, as a fork of a
+                # process with a thread inside the storage client could inherit a held lock.
+                prefetcher.stop(wait=True)
+
+    def _prefetcher(self, this: _Pass) -> Prefetcher | None:
+        """Downloads of the remote shards this worker reads, in the order it first reads them, ahead of it."""
+        p = self.plan
+        if p.cache is None or p.prefetch <= 0 or not this.batches:
+            return None
+        flats = np.fromiter((flat for batch in this.batches for _, flat in batch), dtype=np.int64)
+        shards = np.searchsorted(p.offsets, flats, side="right") - 1
+        _, first = np.unique(shards, return_index=True)
+        order = [int(s) for s in shards[np.sort(first)]]
+        todo = [(s, p.indices[s].remote) for s in order if p.indices[s].remote is not None and not p.indices[s].error]
+        return Prefetcher(p.cache, todo, p.prefetch) if todo else None
 
     def _locate(self, flat: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.plan.offsets, flat, side="right")) - 1
@@ -278,7 +299,7 @@ def make_dataloader(plan: Plan, num_workers: int, *, persistent: bool, pin_memor
     )
 
 
-def split_layout(info: DatasetInfo, split: str) -> tuple[list[Path], list[int], np.ndarray]:
+def split_layout(info: DatasetInfo, split: str) -> tuple[list[Path | Location], list[int], np.ndarray]:
     s = info.split(split)
     paths = info.shard_paths(split)
     offsets = np.concatenate([[0], np.cumsum(s.shard_lengths)]).astype(np.int64)

@@ -29,7 +29,9 @@ from PIL import Image
 from torch import Tensor
 from webdataset.tariterators import base_plus_ext
 
+from data_prep.storage import NOT_FOUND, Location, StorageError
 from data_prep.tarformat import read_index, scan_members, tarfile_members
+from train.data.shard_cache import Prefetcher, RemoteShard, ShardCache, ShardMismatch
 
 try:
     from torchvision.io import ImageReadMode
@@ -74,11 +76,12 @@ class ShardIndex:
     copy: at ImageNet's 1.28 M samples ~0.8 GB per worker, ~100 GB on a node of 8 GPUs x 16 workers.
     """
 
-    path: Path
+    path: Path | Location  # a URL for a shard in object storage (then ``remote`` says which object)
     key_bytes: np.ndarray  # dtype S: sample keys (UTF-8), file order
     spans: dict[str, np.ndarray]  # extension -> int64 (num_samples, 2): offset, size
     error: str = ""  # set when the shard itself cannot be read; every sample in it is then corrupt
     source: str = "scan"  # "index": read from catdog-prep's index file; "scan": from the tar's headers
+    remote: RemoteShard | None = None  # read from its copy in the node's shard cache (train/data/shard_cache.py)
 
     @property
     def num_samples(self) -> int:
@@ -111,7 +114,7 @@ class ShardIndex:
         return out
 
 
-def _shard_index(path: Path, found: list[tuple[str, int, int]], error: str, source: str) -> ShardIndex:
+def make_index(path: Path | Location, found: list[tuple[str, int, int]], error: str, source: str) -> ShardIndex:
     order: dict[str, int] = {}
     rows: dict[str, list[tuple[int, int, int]]] = {}
     for name, offset, size in found:
@@ -143,7 +146,7 @@ def index_shard(path: Path) -> ShardIndex:
     try:
         st = path.stat()
     except OSError as e:
-        return _shard_index(path, [], f"cannot open shard: {e.strerror or e}", "scan")
+        return make_index(path, [], f"cannot open shard: {e.strerror or e}", "scan")
     cache_key = (str(path), st.st_size, st.st_mtime_ns)
     if cache_key in _INDEX_CACHE:
         return _INDEX_CACHE[cache_key]
@@ -169,7 +172,7 @@ def index_shard(path: Path) -> ShardIndex:
             error = error or f"truncated shard: {name} ends past the end of the file"
             break
         complete.append((name, offset, size))
-    index = _shard_index(path, complete, error, source)
+    index = make_index(path, complete, error, source)
     if not error:
         _INDEX_CACHE[cache_key] = index
     return index
@@ -187,23 +190,54 @@ def _pread_exactly(fd: int, offset: int, size: int) -> bytearray:
 
 
 class ShardReader:
-    """Per-process sample reader: shard indices plus an LRU of open file descriptors."""
+    """Per-process sample reader: shard indices plus an LRU of open file descriptors. Shards at a URL are read from
+    their copies in ``cache`` (downloaded on first use; ``prefetcher`` fetches the next ones ahead)."""
 
-    def __init__(self, indices: list[ShardIndex], num_classes: int):
+    def __init__(
+        self,
+        indices: list[ShardIndex],
+        num_classes: int,
+        cache: ShardCache | None = None,
+        prefetcher: Prefetcher | None = None,
+    ):
         self.indices = indices
         self.num_classes = num_classes
+        self.cache = cache
+        self.prefetcher = prefetcher
         self.fds: OrderedDict[int, int] = OrderedDict()
+        self.unusable: dict[int, str] = {}  # remote shards whose object cannot be used: why
         self.decoded = 0
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
 
+    def _open(self, shard: int) -> int:
+        index = self.indices[shard]
+        if index.remote is None:
+            return os.open(index.path, os.O_RDONLY)
+        if self.prefetcher is not None:
+            self.prefetcher.opened(shard)
+        assert self.cache is not None, "a remote shard needs the shard cache"
+        try:
+            fd = self.cache.open(index.remote)
+        except ShardMismatch as e:
+            self.unusable[shard] = str(e)
+            raise
+        except StorageError as e:
+            if e.kind != NOT_FOUND:  # denied, unreachable, down for longer than the retry budget: not the data
+                raise DataError(str(e)) from None
+            self.unusable[shard] = f"cannot open shard: {e}"
+            raise ShardMismatch(self.unusable[shard]) from None
+        return fd
+
     def _fd(self, shard: int) -> int:
         fd = self.fds.get(shard)
         if fd is None:
-            fd = os.open(self.indices[shard].path, os.O_RDONLY)
+            fd = self._open(shard)
             self.fds[shard] = fd
             if len(self.fds) > MAX_OPEN_SHARDS:
                 os.close(self.fds.popitem(last=False)[1])
@@ -244,6 +278,13 @@ class ShardReader:
                 key = index.key(member)
                 raise Corrupt(key, f"member {key}.{ext} is missing")
         key = index.key(member)
+        if index.remote is not None and shard not in self.fds:
+            if shard in self.unusable:
+                raise Corrupt(key, self.unusable[shard])
+            try:
+                self._fd(shard)
+            except ShardMismatch as e:
+                raise Corrupt(key, str(e)) from None
         try:
             cls_bytes = self._read(shard, *parts["cls"])
             label = int(cls_bytes.decode("ascii").strip())

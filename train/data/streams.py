@@ -7,6 +7,7 @@ across ranks. The order comes from train/data/order.py, the batches from train/d
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 
@@ -18,8 +19,12 @@ from data_prep.info import DatasetInfo
 from train.config import DataConfig
 from train.data.loader import Batches, Plan, make_dataloader, split_layout, stats_of
 from train.data.order import Schedule
-from train.data.reader import ShardIndex, index_shard
+from train.data.reader import ShardIndex
+from train.data.remote import index_split, split_bytes
+from train.data.shard_cache import ShardCache
 from train.data.transforms import BatchColour, batch_mix, eval_resize, normalise, train_augment
+
+log = logging.getLogger(__name__)
 
 
 class TrainStream:
@@ -72,6 +77,7 @@ class TrainStream:
         self._counters: Counter = Counter()
         self._corrupt: Counter = Counter()
         self._loaders: dict[bool, tuple[list[ShardIndex], Plan, DataLoader]] = {}
+        self.cache = shard_cache(cfg, info, [split, cfg.val_split], warn=rank == 0)
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's global sample order (flat ids), the same on every rank."""
@@ -85,7 +91,8 @@ class TrainStream:
         """Batches start_batch..batches_per_epoch-1 of ``epoch``; resume seeks, nothing skipped is read."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch={start_batch} outside [0, {self.batches_per_epoch}]")
-        indices = [index_shard(p) for p in self.paths]  # cached per (path, size, mtime): a stat per shard
+        # Cached per (path, size, mtime): a stat per local shard; once per process for a remote one.
+        indices = index_split(self.info, self.split, self.cache)
         cached = self._loaders.get(with_keys)
         if cached is None or any(a is not b for a, b in zip(cached[0], indices, strict=True)):
             # First pass, or a shard changed on disk (or is unreadable): workers must not keep a stale index.
@@ -102,6 +109,8 @@ class TrainStream:
                 with_keys=with_keys,
                 schedule=self.schedule,
                 shard_names=[p.name for p in self.paths],
+                cache=self.cache,
+                prefetch=self.cfg.prefetch_shards,
             )
             cached = (
                 indices,
@@ -137,8 +146,9 @@ def _eval_plan(
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     paths, _, offsets = split_layout(info, split)
     positions = eval_batches(int(offsets[-1]), batch_size=batch_size, rank=rank, world_size=world_size)
+    cache = shard_cache(cfg, info, [split])
     return Plan(
-        indices=[index_shard(p) for p in paths],
+        indices=index_split(info, split, cache),
         offsets=offsets,
         num_classes=info.num_classes,
         batches=[[(p, p) for p in batch] for batch in positions],
@@ -148,7 +158,29 @@ def _eval_plan(
         replace_corrupt=False,
         with_keys=with_keys,
         shard_names=[p.name for p in paths],
+        cache=cache,
+        prefetch=cfg.prefetch_shards,
     )
+
+
+def shard_cache(cfg: DataConfig, info: DatasetInfo, splits: list[str], *, warn: bool = False) -> ShardCache | None:
+    """The node's shard cache when the shards are at a URL (None for local shards). ``warn``: say once when the
+    shards of ``splits`` do not fit in it (every epoch then downloads again what does not fit)."""
+    if not info.is_remote:
+        return None
+    cache = ShardCache.create(cfg.cache_dir, cfg.cache_bytes())
+    need = split_bytes(info, splits)
+    if warn and need is not None and need > cache.limit:
+        log.warning(
+            "the shards of %s (%s) do not fit in the shard cache (data.cache_size: %s at %s): every epoch downloads "
+            "again about %s; raise data.cache_size or point data.cache_dir at a larger disk",
+            "+".join(dict.fromkeys(splits)), _size(need), _size(cache.limit), cache.root, _size(need - cache.limit),
+        )  # fmt: skip
+    return cache
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def eval_loader(
@@ -187,8 +219,8 @@ class EvalSet:
         self._cached: tuple[list[ShardIndex], Plan, DataLoader] | None = None
 
     def loader(self) -> Batches:
-        paths = self.info.shard_paths(self.plan_args["split"])
-        indices = [index_shard(p) for p in paths]
+        cache = self._cached[1].cache if self._cached is not None else shard_cache(self.cfg, self.info, [])
+        indices = index_split(self.info, self.plan_args["split"], cache)
         if self._cached is None or any(a is not b for a, b in zip(self._cached[0], indices, strict=True)):
             plan = _eval_plan(self.cfg, self.info, with_keys=False, **self.plan_args)
             loader = make_dataloader(plan, self.cfg.workers(), persistent=True, pin_memory=self.pin_memory)

@@ -26,6 +26,7 @@ Weights load with safetensors (tensors only, never pickled code). Pretrained wei
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -37,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_prep import storage
 from data_prep.atomic import atomic_write_json, publish_dir
 from data_prep.encode import EncodeOptions
 from data_prep.info import INFO_NAME, DatasetInfo, InfoError, load_info
@@ -167,9 +169,9 @@ def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, met
         },
         "prep": {**prep, "source": prep_source},
         "data": {
-            "dir": str(Path(info.root).resolve()),
+            "dir": str(info.root) if info.is_remote else str(Path(info.root).resolve()),
             "name": info.raw.get("name", ""),
-            "info_sha256": file_sha256(info_path) if info_path.is_file() else "",
+            "info_sha256": _info_sha256(info_path),
             "shards_sha256": {name: s.get("sha256", "") for name, s in shards.items()},
             "num_samples": {name: s.num_samples for name, s in info.splits.items()},
         },
@@ -187,6 +189,16 @@ def make_meta(cfg: Config, info: DatasetInfo, state: dict, checkpoint: Path, met
         },
         "metrics": metrics,
     }
+
+
+def _info_sha256(where: Path | storage.Location) -> str:
+    """sha256 of the shards' _info.json (a local file or an object); "" when it cannot be read now."""
+    if isinstance(where, Path):
+        return file_sha256(where) if where.is_file() else ""
+    try:
+        return hashlib.sha256(storage.read_bytes(where)).hexdigest()
+    except storage.StorageError:
+        return ""
 
 
 def checkpoint_metrics(state: dict, checkpoint: Path, final: dict | None = None) -> dict:

@@ -5,8 +5,10 @@
    transform (resize + centre crop). Ranks split the images and gather the result; rows are sorted by sample key,
    so the cache does not depend on the number of ranks.
 2. They are cached in ``~/.cache/catdog/features/<key>.safetensors``; the key hashes everything the numbers depend
-   on: the shards' sha256s (from ``_info.json``, else hashed here), the split, the weights (pinned sha256 or file
-   hash), the image size, mean/std, the precision and this module's version. Change any of them: recomputed.
+   on: the shards' sha256s (from ``_info.json``, else ``shard_identity``: a remote shard is never downloaded just
+   to hash it), the split, the weights (pinned sha256 or file hash), the image size, mean/std, the precision and
+   this module's version. Change any of them: recomputed. Shards are named by file name and sha256, not by
+   location: the same shards on a local disk or at a URL share their cached features.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchvision.models import Inception_V3_Weights
 
+from data_prep import storage
 from data_prep.fetch import cache_dir
-from data_prep.info import DatasetInfo
+from data_prep.info import DatasetInfo, InfoError
 from data_prep.progress import progress
 from data_prep.shards import file_sha256
 from train.config import Config
@@ -85,7 +88,7 @@ def weights_identity(cfg: Config) -> str:
 def cache_key(cfg: Config, info: DatasetInfo, split: str, bf16: bool) -> tuple[str, dict]:
     """(hex key, the inputs it hashes) for one split's features."""
     recorded = info.raw.get("shards", {})
-    shards = [[p.name, recorded.get(p.name, {}).get("sha256") or file_sha256(p)] for p in info.shard_paths(split)]
+    shards = [[p.name, recorded.get(p.name, {}).get("sha256") or shard_identity(p)] for p in info.shard_paths(split)]
     inputs = {
         "version": FEATURES_VERSION,
         "split": split,
@@ -100,6 +103,18 @@ def cache_key(cfg: Config, info: DatasetInfo, split: str, bf16: bool) -> tuple[s
         "precision": "bf16" if bf16 else "fp32",
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
+
+
+def shard_identity(p: Path | storage.Location) -> str:
+    """A shard's content identity when _info.json records no sha256: the file's hash; for an object in storage
+    the sha256 catdog stored with it, else its ETag and size (never downloaded only to hash it)."""
+    if isinstance(p, Path):
+        return file_sha256(p)
+    try:
+        st = storage.stat(p)
+    except storage.StorageError as e:
+        raise InfoError(str(e)) from None
+    return st.sha256 or f"etag:{st.etag}:{st.size}"
 
 
 def features_dir() -> Path:

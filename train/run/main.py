@@ -14,14 +14,14 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from data_prep.info import load_info
+from data_prep.info import check_train_split, load_info
 from train.config import Config
 from train.hardware.memory import keep_freed_memory
 from train.hardware.precision import auto_reason, native_bf16
 from train.run.distributed import StopFlag
 from train.run.features import train_features
 from train.run.images import train_images
-from train.run.setup import check_same_data, check_train_split, make_accelerator, setup_logging
+from train.run.setup import check_same_data, make_accelerator, setup_logging
 from train.run.start import decide_start
 
 log = logging.getLogger("catdog")

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, extract_model_from_parallel, gather_object
 
 from data_prep.cpus import threads_per_rank
-from data_prep.info import INFO_NAME, DatasetInfo, InfoError
+from data_prep.info import INFO_NAME, DatasetInfo
 from train.config import Config, ConfigError, ModelConfig
 from train.hardware.gpus import CudaPlan, apply_cuda_plan, cuda_device_plan
 from train.hardware.precision import choose_precision, cuda_has_bf16
@@ -122,15 +122,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, t in model.state_dict().items():
         h.update(f"{name}:{tuple(t.shape)}:{name in trainable};".encode())
     return h.hexdigest()[:16]
-
-
-def check_train_split(info: DatasetInfo, split: str) -> None:
-    """A missing or empty train split is bad input, named with the file to fix, not a traceback from the loader."""
-    if info.split(split).num_samples == 0:  # split() raises InfoError naming _info.json when it is absent
-        raise InfoError(
-            f"{info.root / INFO_NAME}: split {split!r} has no samples, so there is nothing to train on; point "
-            "data.dir at shards with training samples (catdog-prep) or set data.train_split"
-        )
 
 
 def check_same_data(acc: Accelerator, info: DatasetInfo) -> None:

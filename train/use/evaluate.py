@@ -31,6 +31,7 @@ from data_prep.cpus import decode_workers, threads_per_rank
 from data_prep.info import INFO_NAME, InfoError, load_info
 from data_prep.progress import disable_progress, progress
 from data_prep.scan import PRESPLIT_LAYOUTS, ScanError, scan
+from data_prep.storage import is_url
 from train.config import PRECISIONS
 from train.data.streams import eval_batches, eval_loader
 from train.formats.bundle import BundleError
@@ -139,8 +140,11 @@ def _data_source(args, clf):
     no progress display (every rank but the main one)."""
     data = Path(args.data)
     model_classes = list(clf.classes)
-    if (data / INFO_NAME).is_file():
-        info = load_info(data)
+    if is_url(args.data) or (data / INFO_NAME).is_file():  # a URL is a shard folder (photos are local)
+        info = load_info(args.data)
+        data = info.root
+        if info.is_remote:
+            args.data = str(data)  # as metrics.json reports it: without a URL's user:password@
         _check_classes(list(info.classes), model_classes, f"{data / INFO_NAME}")
         split = info.split(args.split)
         if split.num_samples == 0:

@@ -29,8 +29,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.encode import EncodeOptions, Skip, encode_image
-from data_prep.info import INFO_NAME
+from data_prep.info import INFO_NAME, shard_root
 from data_prep.scan import kind_problem, walk_images
+from data_prep.storage import Location, is_url
 from train.data.reader import decode_rgb
 from train.data.transforms import eval_resize, normalise
 from train.use.classifier import Classifier, TorchClassifier, probabilities, runs_on_gpu
@@ -50,12 +51,16 @@ def _has_glob(arg: str) -> bool:
     return any(c in arg for c in "*?[")
 
 
-def expand_inputs(args: Sequence[str]) -> tuple[list[Entry], list[Path]]:
+def expand_inputs(args: Sequence[str]) -> tuple[list[Entry], list[Path | Location]]:
     """Files, folders (recursive, image extensions only), globs -> entries in argument order; shard folders
-    (holding _info.json) are returned separately. A path that does not exist becomes an entry with a problem."""
+    (holding _info.json; every URL is one) are returned separately. A path that does not exist becomes an entry
+    with a problem; a URL that storage cannot open (``foo://x``) is an InfoError."""
     entries: list[Entry] = []
-    shard_dirs: list[Path] = []
+    shard_dirs: list[Path | Location] = []
     for arg in args:
+        if is_url(arg):  # a shard folder in object storage (s3://, https://); load_info says what is wrong with it
+            shard_dirs.append(shard_root(arg))
+            continue
         p = Path(arg)
         if not p.exists() and not p.is_symlink() and _has_glob(arg):
             matches = sorted(glob.glob(arg, recursive=True))
