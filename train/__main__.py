@@ -8,6 +8,7 @@ import sys
 from data_prep.info import InfoError
 from train.config import ConfigError, load_config
 from train.data.reader import DataError
+from train.data.workers import worker_died
 from train.run.checkpoint import CheckpointError
 from train.run.main import main
 
@@ -34,6 +35,15 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except (DataError, CheckpointError) as e:
         print(f"catdog-train: {_last_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if (death := worker_died(e)) is None:
+            raise
+        print(
+            f"\ncatdog-train: {death}; training stopped. Run the same command again to resume from the last "
+            f"checkpoint in {cfg.run.dir}; if this happens again, lower data.num_workers (was {cfg.data.workers()})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
