@@ -19,7 +19,8 @@ timeout passes, so torch's own checks run. A batch's pixels do not travel throug
 into shared memory and sends a handle); a worker killed after sending the handle makes the main process's fetch of
 it fail instead (connection refused or reset), which ``guarded`` reports as the worker's death too.
 
-``WorkerDied`` is what the tools report, in one line (``worker_died`` finds it in an error, or reads torch's).
+``WorkerDied`` is what the tools report, in one line (``worker_died`` finds it in an error, or reads torch's);
+``quiet_worker`` keeps the workers that live on from printing tracebacks of fetches the main process abandoned.
 """
 
 from __future__ import annotations
