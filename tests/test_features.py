@@ -14,8 +14,9 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 from data_shards import rewrite_member, tiny_jpegs, write_shards
+from kill_helpers import assert_one_line, kill_env, killed, run_killed
 from safetensors.torch import load_file
-from train_helpers import run_env_ranks, run_train, run_train_failing
+from train_helpers import run_env_ranks, run_train, run_train_failing, train_cmd
 
 from data_prep.info import load_info
 from train.config import ConfigError
@@ -258,3 +259,16 @@ def test_two_ranks_split_the_extraction_and_cache_what_one_rank_does(shards, cac
     )
     assert "features: train 64 x 2048 (extracted" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "final_metrics.json").read_text())["val/samples"] == 40
+
+
+@pytest.mark.slow
+def test_extraction_worker_killed_mid_send_stops_the_run_with_one_line(shards, xdg, tmp_path):
+    """A loader worker of the feature extraction killed part-way through sending a batch (tests/kill_helpers.py):
+    one line, exit 1, and no cache entry a rerun would trust."""
+    run_dir = tmp_path / "run"
+    args = [*BASE, "data.num_workers=2", "eval.batch_size=8", f"data.dir={shards}", f"run.dir={run_dir}"]
+    claim = tmp_path / "claim"
+    proc = run_killed(train_cmd(args), claim, kill_env(claim, at=2, XDG_CACHE_HOME=str(xdg)))
+    advice = (f"resume from the last checkpoint in {run_dir}", "data.num_workers (was 2)")
+    assert_one_line(proc.stderr, proc.returncode, "catdog-train", killed(claim)[0], *advice)
+    assert not list((xdg / "catdog" / "features").glob("*.safetensors"))

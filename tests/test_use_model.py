@@ -520,7 +520,8 @@ def test_predict_says_so_in_one_line_when_a_worker_is_killed(trained, tmp_path, 
     assert main([*args, "--workers", "2", "--batch-size", "3"]) == 1
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("catdog-predict: DataLoader worker (pid"), captured.err
+    assert len(lines) == 1 and lines[0].startswith("catdog-predict: a data loading worker process (pid"), captured.err
+    assert "was killed (SIGKILL" in lines[0]
     assert "--workers (were 2)" in lines[0] and "--batch-size (was 3)" in lines[0]
     assert not out.exists()  # no half-written rows file
 

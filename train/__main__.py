@@ -10,6 +10,7 @@ from data_prep.progress import disable_progress
 from train.config import ConfigError
 from train.config_io import load_config, with_out
 from train.data.reader import DataError
+from train.data.workers import worker_died
 from train.run.checkpoint import CheckpointError
 from train.run.main import main
 
@@ -42,6 +43,15 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except (DataError, CheckpointError) as e:
         print(f"catdog-train: {_last_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if (death := worker_died(e)) is None:
+            raise
+        print(
+            f"\ncatdog-train: {death}; training stopped. Run the same command again to resume from the last "
+            f"checkpoint in {cfg.run.dir}; if this happens again, lower data.num_workers (was {cfg.data.workers()})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

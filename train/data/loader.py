@@ -29,6 +29,7 @@ from train.data.order import Schedule, augment_seed
 from train.data.reader import Corrupt, DataError, ShardIndex, ShardReader
 from train.data.shard_cache import Prefetcher, ShardCache
 from train.data.transforms import BatchColour
+from train.data.workers import guarded, loader_context, quiet_worker
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,9 @@ class Batches:
         buffers = self._buffers
         if buffers is not None:
             buffers.begin_pass()
-        batches = iter(self._loader)  # a persistent loader drains (and drops) what its last pass left in flight
+        # A persistent loader drains (and drops) what its last pass left in flight here. A worker's death is
+        # WorkerDied (train/data/workers.py).
+        batches = guarded(self._loader)
         if buffers is not None:
             buffers.reclaim_dropped()
         for x, y, keys, report in batches:
@@ -296,6 +299,9 @@ def make_dataloader(plan: Plan, num_workers: int, *, persistent: bool, pin_memor
         # The DataLoader draws a base seed from its generator on every iter(); with the default (global) one,
         # each epoch or resume would shift the training RNG stream. Our augmentation seeds itself per sample.
         generator=torch.Generator(),
+        # Its queues never wait on a message a killed worker left half-written (train/data/workers.py).
+        multiprocessing_context=loader_context() if workers else None,
+        worker_init_fn=quiet_worker,
     )
 
 

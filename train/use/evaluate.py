@@ -34,6 +34,7 @@ from data_prep.scan import PRESPLIT_LAYOUTS, ScanError, scan
 from data_prep.storage import is_url
 from train.config import PRECISIONS
 from train.data.streams import eval_batches, eval_loader
+from train.data.workers import guarded, worker_died
 from train.formats.bundle import BundleError
 from train.hardware.gpus import wait_for_everyone
 from train.hardware.memory import keep_freed_memory
@@ -85,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, InfoError, ScanError, EvalError) as e:
         print(f"catdog-evaluate: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if (death := worker_died(e)) is None:
+            raise
+        print(
+            f"catdog-evaluate: {death}; nothing was written. Try fewer --workers (were {args.workers}) or a smaller "
+            f"--batch-size (was {args.batch_size})",
+            file=sys.stderr,
+        )
+        return 1
     if result is not None:
         m = result
         print(
@@ -234,7 +244,7 @@ def _run_photos(args, clf, entries, rank: int, world: int, quiet: bool):
     batches = [[todo[p] for p in batch] for batch in positions]
     records, heap = [], []
     if batches:
-        loader = image_loader(clf, entries, batches, workers=args.workers)
+        loader = guarded(image_loader(clf, entries, batches, workers=args.workers))
         for x, ok, skips in progress(loader, total=len(batches), desc="evaluate", unit="batch", disable=quiet):
             skipped += [{"path": entries[i].name, "reason": r, "detail": d} for i, r, d in skips]
             if x is None:

@@ -34,6 +34,7 @@ from data_prep.scan import kind_problem, walk_images
 from data_prep.storage import Location, is_url
 from train.data.reader import decode_rgb
 from train.data.transforms import eval_resize, normalise
+from train.data.workers import guarded, loader_context, quiet_worker
 from train.use.classifier import Classifier, TorchClassifier, probabilities, runs_on_gpu
 
 
@@ -168,8 +169,10 @@ def image_loader(
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         pin_memory=runs_on_gpu(clf),  # not for a CPU model on a GPU host: pinning starts CUDA on GPU 0
-        # Scoring workers get the model by fork, whatever the default start method (see workers_can_score).
-        multiprocessing_context="fork" if score is not None and workers else None,
+        # Scoring workers get the model by fork, whatever the default start method (see workers_can_score). Its
+        # queues never wait on a message a killed worker left half-written (train/data/workers.py).
+        multiprocessing_context=loader_context("fork" if score is not None else None) if workers else None,
+        worker_init_fn=quiet_worker,
     )
 
 
@@ -207,11 +210,13 @@ def scored_batches(
     model run in the worker processes where ``scores_in_workers``, else in this process on batches the workers
     decoded (GPU, ONNX, ``workers=0``)."""
     if workers and scores_in_workers(clf):
-        yield from image_loader(
-            clf, entries, batches, workers=workers, decode=decode, score=partial(probabilities, clf, tta=tta)
+        yield from guarded(
+            image_loader(
+                clf, entries, batches, workers=workers, decode=decode, score=partial(probabilities, clf, tta=tta)
+            )
         )
         return
-    for x, ok, skips in image_loader(clf, entries, batches, workers=workers, decode=decode):
+    for x, ok, skips in guarded(image_loader(clf, entries, batches, workers=workers, decode=decode)):
         yield (None if x is None else probabilities(clf, x, tta)), ok, skips
 
 

@@ -30,6 +30,7 @@ from data_prep.info import InfoError, load_info
 from data_prep.progress import disable_progress, progress
 from train.config import PRECISIONS
 from train.data.streams import eval_loader
+from train.data.workers import worker_died
 from train.formats.bundle import BundleError
 from train.hardware.memory import keep_freed_memory
 from train.use.classifier import load_classifier, probabilities, resolve_device, runs_on_gpu
@@ -139,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         rows, seconds = predict(clf, entries, shard_dirs, args)
     except (BundleError, InfoError) as e:
         return _fail(str(e), 2)
-    except RuntimeError as e:
+    except Exception as e:
         # A worker process killed under us (the kernel's OOM killer, most often: each one holds a batch of decoded
-        # photos, and with the model on CPU its activations too). DataLoader's message names the pid and signal.
-        if "DataLoader worker (pid" not in str(e):
+        # photos, and with the model on CPU its activations too).
+        if (death := worker_died(e)) is None:
             raise
         return _fail(
-            f"{str(e).splitlines()[0].rstrip('.')}; nothing was written. Usually memory: try fewer --workers "
-            f"(were {args.workers}) or a smaller --batch-size (was {args.batch_size})",
+            f"{death}; nothing was written. Try fewer --workers (were {args.workers}) or a smaller --batch-size "
+            f"(was {args.batch_size})",
             1,
         )
     classified = sum(r[1] is not None for r in rows)
