@@ -62,8 +62,12 @@ def cache(tmp_path_factory) -> Path:
         if os.environ.get("CATDOG_REQUIRE_WEIGHTS"):
             pytest.fail(str(e))
         pytest.skip(f"tf_inception_v3 weights unavailable: {e}")
-    xdg = tmp_path_factory.mktemp("xdg")
-    (xdg / "catdog").mkdir()
+    return empty_xdg(tmp_path_factory.mktemp("xdg"))
+
+
+def empty_xdg(xdg: Path) -> Path:
+    """``xdg`` as an XDG cache with no features cached yet and the real converted weights linked in."""
+    (xdg / "catdog").mkdir(parents=True)
     (xdg / "catdog" / "weights").symlink_to(pretrained.weights_dir())
     return xdg
 
@@ -245,9 +249,7 @@ def test_two_ranks_split_the_extraction_and_cache_what_one_rank_does(shards, cac
     # Ranks that disagree about the cache (a node-local cache folder: rank 0 holds the 1-rank run's entries, rank 1
     # an empty one) must still make one choice together: before, rank 0 read its cache and went on to the next
     # collective while rank 1 waited in the extraction's gather, until the timeout.
-    fresh = tmp_path / "xdg_fresh"
-    (fresh / "catdog").mkdir(parents=True)
-    (fresh / "catdog" / "weights").symlink_to(pretrained.weights_dir())
+    fresh = empty_xdg(tmp_path / "xdg_fresh")
     run_dir = tmp_path / "disagree"
     args = [*BASE, "model.image_size=96", f"data.dir={shards}", f"run.dir={run_dir}", "train.epochs=2"]
     run_env_ranks(
@@ -262,9 +264,10 @@ def test_two_ranks_split_the_extraction_and_cache_what_one_rank_does(shards, cac
 
 
 @pytest.mark.slow
-def test_extraction_worker_killed_mid_send_stops_the_run_with_one_line(shards, xdg, tmp_path):
+def test_extraction_worker_killed_mid_send_stops_the_run_with_one_line(shards, tmp_path):
     """A loader worker of the feature extraction killed part-way through sending a batch (tests/kill_helpers.py):
     one line, exit 1, and no cache entry a rerun would trust."""
+    xdg = empty_xdg(tmp_path / "xdg")  # its own: with the module's cache, an earlier test's features skip extraction
     run_dir = tmp_path / "run"
     args = [*BASE, "data.num_workers=2", "eval.batch_size=8", f"data.dir={shards}", f"run.dir={run_dir}"]
     claim = tmp_path / "claim"
