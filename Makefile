@@ -9,6 +9,8 @@ DATA_DIR ?=
 # 1 = this machine only (the tests of two-node jobs then skip, or fail in CI).
 SLURM_NODES ?= 2
 DEMO_DIR ?= outputs/demo
+# Extra key=value settings for both of the demo's training runs, e.g. DEMO_ARGS=train.mixed_precision=fp32
+DEMO_ARGS ?=
 
 .PHONY: setup weights demo test test-fast slurm-up slurm-down lint clean gpu-dry-run
 
@@ -28,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	bash scripts/demo.sh "$(DATA_DIR)" "$(DEMO_DIR)"
+	bash scripts/demo.sh "$(DATA_DIR)" "$(DEMO_DIR)" $(DEMO_ARGS)
 
 # The SLURM tests need a real cluster of two nodes; tests/slurm/cluster.sh installs and starts it.
 # Outside CI a cluster that cannot start only makes those tests skip (with the reason); in CI they fail.

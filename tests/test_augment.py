@@ -33,11 +33,16 @@ def shards(tmp_path_factory, real_data):
     return root
 
 
-def stream(root, aug: dict, workers: int = 0, color_jitter: float = 0.2) -> TrainStream:
+def stream(
+    root, aug: dict, workers: int = 0, color_jitter: float = 0.2, image_size: int = 32, crop_sizes: tuple = ()
+) -> TrainStream:
     cfg = DataConfig(
         dir=str(root), num_workers=workers, shuffle_buffer=8, augment=AugmentConfig(color_jitter=color_jitter, **aug)
     )
-    return TrainStream(cfg, load_info(root), split="train", batch_size=4, image_size=32, rank=0, world_size=1, seed=3)
+    return TrainStream(
+        cfg, load_info(root), split="train", batch_size=4, image_size=image_size, rank=0, world_size=1, seed=3,
+        crop_sizes=crop_sizes,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -89,14 +94,45 @@ def test_bad_augment_values_are_refused_naming_the_key():
         load_config(None, ["data.dir=x", "data.augment.erasing=1.5"])
 
 
+def test_progressive_resizing_ramps_the_crop_size_in_steps_of_16():
+    aug = load_config(
+        None, ["data.dir=x", "data.augment.size_start=64", "data.augment.size_ramp=[0.2,0.6]"]
+    ).data.augment
+    assert aug.crop_sizes(10, 96) == (64, 64, 64, 64, 80, 80, 96, 96, 96, 96)
+    assert AugmentConfig(size_start=48, size_end=80, size_ramp=(0.0, 0.5)).crop_sizes(4, 96) == (48, 64, 80, 80)
+    assert AugmentConfig().crop_sizes(3, 96) == (96, 96, 96)  # off by default
+    with pytest.raises(ConfigError, match=r"data.augment.size_ramp=\[0.8, 0.2\]"):
+        load_config(None, ["data.dir=x", "data.augment.size_ramp=[0.8,0.2]"])
+    with pytest.raises(ConfigError, match="data.augment.size_start=-8"):
+        load_config(None, ["data.dir=x", "data.augment.size_start=-8"])
+
+
+def test_progressive_resizing_crops_each_epoch_at_its_size_and_the_same_region(shards):
+    """Each epoch's batches come at that epoch's crop size, equal to a run at that fixed size (the crop's random
+    draws do not depend on its size), from any number of workers and after a resume."""
+    sizes = (16, 32, 32)
+    ramp = stream(shards, {"policy": "trivial"}, workers=2, crop_sizes=sizes)
+    for epoch, size in enumerate(sizes[:2]):
+        got = list(ramp.loader(epoch))
+        fixed = list(stream(shards, {"policy": "trivial"}, image_size=size).loader(epoch))
+        resumed = list(stream(shards, {"policy": "trivial"}, crop_sizes=sizes).loader(epoch, start_batch=5))
+        assert len(got) == len(fixed) == 7 and got[0][0].shape == (4, 3, size, size)
+        for (x, y), (xf, yf) in zip(got, fixed, strict=True):
+            assert torch.equal(x, xf) and torch.equal(y, yf)
+        for (x, _), (xr, _) in zip(got[5:], resumed, strict=True):
+            assert torch.equal(x, xr)
+    assert ramp.crops.size(7) == 32  # past the schedule: the last size
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [
         ["data.augment.policy=rand", "data.augment.mixup_alpha=0.4"],
         ["data.augment.policy=trivial", "data.augment.erasing=0.5", "data.augment.cutmix_alpha=1.0"],
+        ["data.augment.size_start=32", "data.augment.size_ramp=[0,0.5]"],
     ],
-    ids=["rand+mixup", "trivial+erasing+cutmix"],
+    ids=["rand+mixup", "trivial+erasing+cutmix", "progressive_resizing"],
 )
 def test_short_real_run_with_the_options(tmp_path, real_data, options):
     shards = make_shards(real_data, tmp_path / "shards")
@@ -112,7 +148,7 @@ def test_short_real_run_with_the_options(tmp_path, real_data, options):
     cm = final["test/confusion_matrix"]
     assert sum(map(sum, cm)) == 5 and final["test/accuracy"] == pytest.approx((cm[0][0] + cm[1][1]) / 5)
     saved = load_config(run_dir / "config.yaml")
-    assert saved.data.augment.policy in ("rand", "trivial")
+    assert saved.data.augment == load_config(None, ["data.dir=x", *options]).data.augment
 
 
 def test_batch_colour_equals_torchvision_colour_ops_in_the_drawn_order(real_data):

@@ -3,6 +3,8 @@ consumer still holds (real DataLoader worker processes over small real shards, a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from data_shards import SHARD_LENGTHS, tiny_jpegs, write_shards
@@ -131,6 +133,46 @@ def test_protocol_in_one_process():
     assert b.place(0, torch.zeros(4, 7), 1, 4)[1] is None  # other shape: no buffer fits, none left to allocate
     small = BatchBuffers(num_workers=2, per_worker=5, budget_bytes=3 * x.nbytes)
     assert small.place(0, x, 1, 4)[1] is not None and small.place(0, x, 1, 4)[1] is None  # 2 x 1 buffer fit
+
+
+def test_a_new_batch_shape_takes_over_free_buffers_of_the_old_one():
+    """Progressive resizing changes the crop size between epochs: free buffers of the old shape make room for the new
+    one; a buffer the consumer still holds is never taken."""
+    b = BatchBuffers(num_workers=1, per_worker=2, budget_bytes=10**9)
+    small = torch.ones(4, 6)
+    v1, w1 = b.place(0, small, 1, 4)
+    m1 = v1.clone()  # held by the consumer
+    b.hold(w1, m1)
+    v2, w2 = b.place(0, small * 2, 1, 4)
+    b.hold(w2, v2.clone())  # dropped at once
+    b.release_dead()
+    big = torch.full((4, 8), 3.0)
+    v3, w3 = b.place(0, big, 2, 4)
+    assert w3 == (0, 1, 3) and torch.equal(v3, big)  # the free small buffer gave way
+    assert b.place(0, big + 1, 2, 4)[1] is None  # the held one did not
+    del m1
+    b.release_dead()
+    v4, w4 = b.place(0, big + 2, 2, 4)
+    assert w4 == (0, 0, 4) and torch.equal(v4, big + 2)
+    assert [tuple(t.shape) for t in b._buffers] == [(4, 8), (4, 8)]
+
+
+def test_a_resized_training_stream_keeps_reusing_buffers(root):
+    """Epochs at two crop sizes (progressive resizing) through the same persistent workers: every batch is right and
+    the second size's batches go through reused buffers too."""
+    cfg = DataConfig(dir=str(root), num_workers=2, shuffle_buffer=8)
+    info = load_info(root)
+    args = {"split": "train", "batch_size": BATCH, "image_size": SIZE, "rank": 0, "world_size": 1, "seed": 0}
+    s = TrainStream(cfg, info, crop_sizes=(16, SIZE), **args)
+    before = 0
+    for epoch, size in ((0, 16), (1, SIZE)):
+        inline = list(TrainStream(replace(cfg, num_workers=0), info, crop_sizes=(16, SIZE), **args).loader(epoch))
+        for i, (x, y) in enumerate(s.loader(epoch)):
+            assert x.shape[-1] == size and torch.equal(x, inline[i][0]) and torch.equal(y, inline[i][1])
+        del x, y
+        placed = sum(placed_per_worker(buffers_of(s)))
+        assert placed - before == len(inline)  # each batch of this epoch came through a reused buffer
+        before = placed
 
 
 def test_small_shared_memory_gets_small_budgets():

@@ -29,6 +29,11 @@ def test_configs_differ_where_they_should():
     assert extract.model.freeze_backbone and not finetune.model.freeze_backbone
     assert finetune.model.weights == extract.model.weights == "tf_inception_v3"  # inherited through `defaults:`
     assert load_config(CONFIGS / "debug_cpu.yaml", ["data.dir=x"]).train.cpu
+    # The demo trains cnn.yaml's model on the short schedule docs/benchmarks.md describes; cnn.yaml stays the recipe.
+    demo, recipe = (load_config(CONFIGS / name, ["data.dir=x"]) for name in ("demo.yaml", "cnn.yaml"))
+    assert demo.model == recipe.model and (demo.train.epochs, recipe.train.epochs) == (30, 75)
+    assert demo.data.augment.crop_sizes(30, 96) == (64,) * 12 + (80,) * 11 + (96,) * 7
+    assert recipe.data.augment.crop_sizes(75, 96) == (96,) * 75
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)

@@ -212,6 +212,26 @@ def test_cache_is_reused_and_invalidated_when_an_input_changes(shards, xdg, tmp_
     assert features.cache_key(cfg, load_info(copy), "val", first["bf16"])[1]["shards"] == [["val-000000.tar", "0" * 64]]
 
 
+def test_features_come_from_a_folded_copy_equal_to_the_model(shards, xdg):
+    """The cache's features (BatchNorm folded into the convs, for speed) are the model's own to 1e-5, and the model
+    whose checkpoints and bundle are saved keeps its BatchNorm layers and weights."""
+    cfg = load_config(None, [f"data.dir={shards}", *BASE, "model.image_size=96"])
+    model = build_model(cfg.model, 2).to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = {"batch_size": 8, "image_size": 96, "rank": 0, "world_size": 1, "with_keys": True}
+    batches = list(eval_loader(cfg.data, load_info(shards), split="val", **args))[:2]
+    feats, labels, _ = features.extract(model, batches, device=torch.device("cpu"), bf16=False, channels_last=True)
+    model.eval()
+    with torch.no_grad():
+        ref = torch.cat([model.features(x.contiguous(memory_format=torch.channels_last)) for x, _, _ in batches])
+    assert feats.shape == ref.shape == (16, 2048)
+    assert ((feats - ref).norm(dim=1) / ref.norm(dim=1)).max().item() < 1e-5
+    assert torch.equal(labels, torch.cat([y for _, y, _ in batches]))
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(before[k], state[k]) for k in state)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 94
+
+
 def test_precompute_features_needs_a_frozen_backbone(shards, tmp_path):
     with pytest.raises(ConfigError, match="train.precompute_features=true needs a frozen backbone"):
         load_config(None, ["data.dir=x", "train.precompute_features=true"])

@@ -23,7 +23,7 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     shards = make_shards(real_data, tmp_path / "shards")
     # Dropout and augmentation on (TrivialAugment, random erasing, MixUp/CutMix per batch): the resumed run must
     # redraw exactly the same random numbers. Weight EMA on: the averaged weights (what validation scores) must
-    # resume exactly too.
+    # resume exactly too. Progressive resizing on: epoch 1 crops at 32 px, epoch 2 at 64 px.
     common = [
         f"data.dir={shards}",
         *TINY,
@@ -41,6 +41,8 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
         "data.augment.erasing=0.25",
         "data.augment.mixup_alpha=0.4",
         "data.augment.cutmix_alpha=1.0",
+        "data.augment.size_start=32",
+        "data.augment.size_ramp=[0,0.5]",
     ]
     straight = tmp_path / "straight"
     run_train([*common, f"run.dir={straight}"])
@@ -74,6 +76,10 @@ def test_kill9_mid_epoch_then_resume_gives_same_weights(tmp_path, real_data):
     assert m, "the restart did not resume"
     epoch, batch, step = map(int, m.groups())
     assert step >= 3 and step < 20 and (epoch, batch) != (0, 0)
+    assert (
+        "progressive resizing: training crops 32 px (epochs 1-1) -> 64 px (from epoch 2)"
+        in (killed / "train.log").read_text()
+    )
 
     a, b = final_weights(straight), final_weights(killed)
     assert a.keys() == b.keys()

@@ -55,9 +55,25 @@ class AugmentConfig:
     # batch uses one of them, chosen at random. Targets become class probabilities (metrics still use hard labels).
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    # Progressive resizing (as FFCV trains ImageNet): training crops start at size_start px and grow linearly to
+    # size_end px (0 = model.image_size) between the two fractions of train.epochs in size_ramp, in steps of 16 px.
+    # Early epochs then cost a fraction of the compute; validation and the exported model stay at model.image_size.
+    # size_start 0 = off: every epoch crops at model.image_size.
+    size_start: int = 0
+    size_end: int = 0
+    size_ramp: tuple[float, float] = (0.0, 0.75)
 
     def __post_init__(self) -> None:
         _choice("data.augment.policy", self.policy, ("none", "trivial", "rand"))
+        if any(0 != v < 16 for v in (self.size_start, self.size_end)):
+            raise ConfigError(
+                f"data.augment.size_start={self.size_start}, size_end={self.size_end}: use pixels >= 16, or 0 (off)"
+            )
+        lo, hi = self.size_ramp
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(
+                f"data.augment.size_ramp={list(self.size_ramp)}: use [start, end] with 0 <= start <= end <= 1"
+            )
         if not 0.0 <= self.erasing <= 1.0:
             raise ConfigError(f"data.augment.erasing={self.erasing}: a probability in [0, 1]")
         for key in ("mixup_alpha", "cutmix_alpha"):
@@ -68,6 +84,22 @@ class AugmentConfig:
                 f"data.augment.rand_magnitude={self.rand_magnitude}, rand_num_ops={self.rand_num_ops}: "
                 "magnitude must be in 0..30 and num_ops >= 1"
             )
+
+    def crop_sizes(self, epochs: int, image_size: int) -> tuple[int, ...]:
+        """The training crop size of each epoch: ``image_size`` throughout, or the progressive-resizing ramp
+        from ``size_start`` to ``size_end`` (in between: multiples of 16 px, never under 16)."""
+        if not self.size_start:
+            return (image_size,) * epochs
+        end = self.size_end or image_size
+        lo, hi = self.size_ramp[0] * epochs, self.size_ramp[1] * epochs
+        sizes = []
+        for epoch in range(epochs):
+            if epoch >= hi:
+                sizes.append(end)
+                continue
+            t = 0.0 if epoch <= lo else (epoch - lo) / (hi - lo)
+            sizes.append(max(16, int(self.size_start + t * (end - self.size_start)) // 16 * 16))
+        return tuple(sizes)
 
 
 @dataclass

@@ -78,7 +78,7 @@ class BatchBuffers:
         self.num_workers = num_workers
         self.state = torch.zeros(num_workers, per_worker, 3, dtype=torch.int64).share_memory_()
         self.pass_no = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._buffers: list[Tensor] = []  # worker side: this worker's buffers
+        self._buffers: list[Tensor | None] = []  # worker side: this worker's buffers (None: a slot given up)
         self._seq = 0  # worker side: batches placed so far
         self._held: dict[tuple[int, int], tuple[int, StorageWeakRef]] = {}  # main side: yielded, maybe alive
 
@@ -93,27 +93,29 @@ class BatchBuffers:
         this worker: (the buffer's view, (worker, slot, seq)), or (x, None) when no buffer fits or is free.
         Buffers hold ``rows`` (a full batch), so a short last batch does not take one a full batch cannot use."""
         state = self.state[worker]
-        slot = next(
-            (
-                s
-                for s, buf in enumerate(self._buffers)
-                if int(state[s, _WRITTEN]) == int(state[s, _RELEASED]) and _fits(buf, x)
-            ),
-            None,
-        )
+        free = [s for s in range(len(self._buffers)) if int(state[s, _WRITTEN]) == int(state[s, _RELEASED])]
+        slot = next((s for s in free if self._buffers[s] is not None and _fits(self._buffers[s], x)), None)
         if slot is None:
             if len(x) == 0 or len(x) > rows:
                 return x, None
+            # A free buffer of another image shape (last epoch's crop size under progressive resizing) will not fit
+            # again: it makes room for one of this shape.
+            for s in free:
+                if self._buffers[s] is not None and self._buffers[s].shape[1:] != x.shape[1:]:
+                    self._buffers[s] = None
             nbytes = x.nbytes // len(x) * rows
             affordable = self.budget_bytes // max(1, self.num_workers * nbytes)
-            if len(self._buffers) >= min(self.per_worker, affordable):
+            if sum(b is not None for b in self._buffers) >= min(self.per_worker, affordable):
                 return x, None
             try:
                 buf = torch.empty((rows, *x.shape[1:]), dtype=x.dtype).share_memory_()
             except (RuntimeError, OSError):  # out of shared memory: this batch goes torch's way
                 return x, None
-            self._buffers.append(buf)
-            slot = len(self._buffers) - 1
+            slot = next((s for s in free if self._buffers[s] is None), len(self._buffers))
+            if slot == len(self._buffers):
+                self._buffers.append(buf)
+            else:
+                self._buffers[slot] = buf
         self._seq += 1
         view = self._buffers[slot][: len(x)]
         view.copy_(x)

@@ -28,7 +28,7 @@ from train.data.batch_buffers import BatchBuffers
 from train.data.order import Schedule, augment_seed
 from train.data.reader import Corrupt, DataError, ShardIndex, ShardReader
 from train.data.shard_cache import Prefetcher, ShardCache
-from train.data.transforms import BatchColour
+from train.data.transforms import BatchColour, EpochCrops
 from train.data.workers import guarded, loader_context, quiet_worker
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Plan:
     mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # training: MixUp/CutMix per batch
     colour: BatchColour | None = None  # training: colour jitter + normalisation per batch (replaces `normalise`)
     buffers: BatchBuffers | None = None  # set with the DataLoader when it has workers: reusable shared memory
+    crops: EpochCrops | None = None  # training: each epoch's per-image transform (progressive resizing)
     cache: ShardCache | None = None  # shards at a URL: the node's shard cache (train/data/shard_cache.py)
     prefetch: int = 0  # shards each worker downloads ahead of the one it reads
 
@@ -75,6 +76,7 @@ class _Pass:
 
     def __init__(self, plan: Plan, worker: int, num_workers: int):
         sched = plan.schedule
+        self.transform = plan.transform
         if sched is None:
             self.batches = plan.batches[worker::num_workers]
             self.aug_seed: tuple[int, int] | None = None  # eval: deterministic
@@ -82,6 +84,8 @@ class _Pass:
             return
         epoch, start = (int(v) for v in plan.pass_args.tolist())
         self.order = sched.order(epoch)
+        if plan.crops is not None:
+            self.transform = plan.crops(epoch)
         # Worker w of W builds batches t with (t - start) % W == w; the DataLoader interleaves them back in order.
         self.batches = [
             sched.rank_batch(self.order, t) for t in range(start + worker, sched.batches_per_epoch, num_workers)
@@ -170,7 +174,7 @@ class _BatchDataset(IterableDataset):
                     # The CPU generator only: torch.manual_seed also queues seeds for every lazy accelerator
                     # backend, recording a stack trace each time (~0.5 ms per image on this machine).
                     torch.default_generator.manual_seed(augment_seed(*this.aug_seed, pos))
-                images.append(p.transform(image))
+                images.append(this.transform(image))
                 if jitter:  # this image's colour jitter, drawn from its own seed, applied below per batch
                     colour.append(p.colour.draw())
             batch = torch.stack(images)

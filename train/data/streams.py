@@ -22,7 +22,7 @@ from train.data.order import Schedule
 from train.data.reader import ShardIndex
 from train.data.remote import index_split, split_bytes
 from train.data.shard_cache import ShardCache
-from train.data.transforms import BatchColour, batch_mix, eval_resize, normalise, train_augment
+from train.data.transforms import BatchColour, EpochCrops, batch_mix, eval_resize, normalise
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ class TrainStream:
         world_size: int,
         seed: int,
         pin_memory: bool = False,
+        crop_sizes: tuple[int, ...] = (),
     ):
+        """``crop_sizes``: the training crop size of each epoch (progressive resizing); empty = ``image_size``."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_size < 1:
@@ -70,7 +72,7 @@ class TrainStream:
             raise ValueError(f"split {split!r} in {info.root} has no samples; nothing to train on")
         self.global_batch = self.schedule.global_batch
         self.batches_per_epoch = self.schedule.batches_per_epoch
-        self.transform = train_augment(cfg, image_size, jitter=False)
+        self.crops = EpochCrops(cfg, tuple(crop_sizes) or (image_size,))
         self.normalise = normalise(cfg)
         self.colour = BatchColour(cfg)
         self.mix = batch_mix(cfg, info.num_classes)
@@ -100,7 +102,8 @@ class TrainStream:
                 indices=indices,
                 offsets=self.offsets,
                 num_classes=self.info.num_classes,
-                transform=self.transform,
+                transform=self.crops(0),
+                crops=self.crops,
                 normalise=self.normalise,
                 mix=self.mix,
                 colour=self.colour,

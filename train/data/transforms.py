@@ -47,6 +47,34 @@ def train_augment(cfg: DataConfig, image_size: int, *, jitter: bool = True) -> v
     return v2.Compose(steps)
 
 
+class EpochCrops:
+    """``train_augment`` at each epoch's crop size (progressive resizing, ``AugmentConfig.crop_sizes``).
+
+    Picklable for DataLoader workers; each size's pipeline is built once per process. The random draws of a crop
+    (area, ratio, position) do not depend on its output size, so a sample's crop covers the same part of the image
+    whatever the epoch's size.
+    """
+
+    def __init__(self, cfg: DataConfig, sizes: tuple[int, ...]):
+        if not sizes:
+            raise ValueError("EpochCrops needs one crop size per epoch")
+        self.cfg, self.sizes = cfg, tuple(sizes)
+        self._built: dict[int, v2.Compose] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_built": {}}
+
+    def size(self, epoch: int) -> int:
+        """The crop size of ``epoch`` (the last size past the schedule's end)."""
+        return self.sizes[min(epoch, len(self.sizes) - 1)]
+
+    def __call__(self, epoch: int) -> v2.Compose:
+        size = self.size(epoch)
+        if size not in self._built:
+            self._built[size] = train_augment(self.cfg, size, jitter=False)
+        return self._built[size]
+
+
 def batch_mix(cfg: DataConfig, num_classes: int) -> v2.Transform | None:
     """MixUp and/or CutMix on a normalised batch (images, int64 labels) -> (images, class probabilities), or None.
 

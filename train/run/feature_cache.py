@@ -39,10 +39,10 @@ from train.data.transforms import EVAL_CROP_FRACTION
 from train.hardware.gpus import wait_for_everyone
 from train.hardware.precision import native_bf16
 from train.models import pretrained
-from train.models.inception import FEATURE_DIM
+from train.models.inception import FEATURE_DIM, folded_for_inference
 from train.run.session import eval_args
 
-FEATURES_VERSION = "1"  # bump when what is cached changes meaning
+FEATURES_VERSION = "2"  # bump when what is cached changes meaning (2: computed with BatchNorm folded into the convs)
 
 
 @torch.inference_mode()
@@ -57,8 +57,9 @@ def extract(
     show: bool = False,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """(features float32, labels, keys) for every batch of ``(images, labels, keys)``; no autograd anywhere.
-    ``model`` is a FrozenAwareInception (train/models/inception.py), whose ``features`` end at the pooled layer."""
-    model.eval()
+    ``model`` is a FrozenAwareInception (train/models/inception.py), whose ``features`` end at the pooled layer; a
+    copy with its BatchNorm folded into the convs computes them (``folded_for_inference``)."""
+    model = folded_for_inference(model)
     feats, labels, keys = [], [], []
     for x, y, k in progress(batches, desc=desc, unit="batch", disable=not show):
         x = x.to(device, non_blocking=True)

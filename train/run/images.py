@@ -102,6 +102,16 @@ def _log_layout(run: Run) -> None:
         cfg.train.grad_accum,
         cfg.train.epochs,
     )
+    if cfg.data.augment.size_start:
+        sizes = run.stream.crops.sizes
+        log.info(
+            "progressive resizing: training crops %s px (epochs 1-%d) -> %d px (from epoch %d); validation at %d px",
+            sizes[0],
+            sizes.count(sizes[0]),
+            sizes[-1],
+            sizes.index(sizes[-1]) + 1,
+            cfg.model.input_size(),
+        )
     if run.ema is not None:
         log.info(
             "weight EMA on: decay %s%s; validation, early stopping, the best checkpoint and the test split use %s",

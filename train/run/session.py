@@ -254,6 +254,7 @@ def data_streams(cfg: Config, acc: Accelerator, info: DatasetInfo) -> tuple[Trai
         world_size=acc.num_processes,
         seed=cfg.train.seed,
         pin_memory=on_gpu,
+        crop_sizes=cfg.data.augment.crop_sizes(cfg.train.epochs, cfg.model.input_size()),
     )
     return stream, EvalSet(cfg.data, info, pin_memory=on_gpu, split=cfg.data.val_split, **eval_args(cfg, acc))
 
