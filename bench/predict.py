@@ -15,7 +15,7 @@ printed.
 
     .venv/bin/python bench/predict.py [--src PHOTOS/val] [--n 1000] [--model BUNDLE] [--repeats 3]
 
-Without --model, the `make demo` model (configs/cnn.yaml, fed from 192-px catdog-prep shards) is built with
+Without --model, the scratch CNN of configs/cnn.yaml and configs/demo.yaml (the same model, fed from 192-px catdog-prep shards) is built with
 seeded random weights: speed does not depend on the weight values.
 """
 

@@ -4,7 +4,7 @@
 # results and the comparison report -> classify a few photos with catdog-predict. Figures: docs/benchmarks.md.
 # Usage: scripts/demo.sh [DATA_DIR] [DEMO_DIR] [key=value ...]. An empty DATA_DIR downloads cats_and_dogs_filtered
 # (checksum-verified) into ~/.cache/catdog; offline, that step stops and says to set DATA_DIR. Any key=value after
-# them goes to both training runs (e.g. train.mixed_precision=no: fp32, as on a CPU without native bf16).
+# them goes to both training runs (e.g. train.mixed_precision=fp32, as on a CPU without native bf16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${1:-}

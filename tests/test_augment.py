@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from data_shards import tiny_jpegs, write_shards
-from train_helpers import TINY, make_shards, run_train
+from train_helpers import ROOT, TINY, make_shards, run_train
 
 from data_prep.info import load_info
 from train.config import AugmentConfig, ConfigError, DataConfig
@@ -18,6 +18,7 @@ from train.data.streams import TrainStream
 from train.data.transforms import normalise
 from train.loop.epoch import EpochTotals, classification_loss
 
+CONFIGS = ROOT / "configs"
 OPTIONS = {
     "trivial+erasing": {"policy": "trivial", "erasing": 0.5},
     "rand": {"policy": "rand", "rand_magnitude": 15},
@@ -101,10 +102,29 @@ def test_progressive_resizing_ramps_the_crop_size_in_steps_of_16():
     assert aug.crop_sizes(10, 96) == (64, 64, 64, 64, 80, 80, 96, 96, 96, 96)
     assert AugmentConfig(size_start=48, size_end=80, size_ramp=(0.0, 0.5)).crop_sizes(4, 96) == (48, 64, 80, 80)
     assert AugmentConfig().crop_sizes(3, 96) == (96, 96, 96)  # off by default
+    # The last epoch trains at the size validation and the exported model use, however short the schedule.
+    assert [AugmentConfig(size_start=64).crop_sizes(n, 96) for n in (1, 2, 3)] == [(96,), (64, 96), (64, 64, 96)]
+    assert AugmentConfig(size_start=64, size_ramp=(1.0, 1.0)).crop_sizes(4, 96) == (64, 64, 64, 96)
+    assert AugmentConfig(size_start=72).crop_sizes(4, 96) == (72, 80, 80, 96)  # the start as given, then 16 px steps
+    shrinking = AugmentConfig(size_start=160, size_end=100).crop_sizes(8, 96)
+    assert (
+        shrinking[0] == 160
+        and shrinking[-1] == 100
+        and all(a >= b >= 100 for a, b in zip(shrinking[:-1], shrinking[1:], strict=True))
+    )
     with pytest.raises(ConfigError, match=r"data.augment.size_ramp=\[0.8, 0.2\]"):
         load_config(None, ["data.dir=x", "data.augment.size_ramp=[0.8,0.2]"])
     with pytest.raises(ConfigError, match="data.augment.size_start=-8"):
         load_config(None, ["data.dir=x", "data.augment.size_start=-8"])
+    # Crops the model cannot take, and cached features (nothing to resize), are refused at load.
+    with pytest.raises(ConfigError, match="scratch_cnn needs crops of at least 32 px"):
+        load_config(None, ["data.dir=x", "model.depth=5", "data.augment.size_start=16"])
+    with pytest.raises(ConfigError, match="auxiliary head needs 299 px"):
+        load_config(None, ["data.dir=x", "model.name=inception_v3", "data.augment.size_start=128"])
+    with pytest.raises(ConfigError, match="cached features"):
+        load_config(CONFIGS / "inception_v3.yaml", ["data.dir=x", "data.augment.size_start=128"])
+    finetune = ["data.dir=x", "model.aux_logits=false", "data.augment.size_start=160"]
+    assert load_config(CONFIGS / "inception_v3_finetune.yaml", finetune).data.augment.size_start == 160
 
 
 def test_progressive_resizing_crops_each_epoch_at_its_size_and_the_same_region(shards):

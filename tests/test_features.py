@@ -25,6 +25,7 @@ from train.data.streams import eval_loader
 from train.hardware.precision import native_bf16
 from train.loop.epoch import batch_reseeder
 from train.models import pretrained
+from train.models.inception import folded_for_inference
 from train.models.registry import build_model
 from train.run import feature_cache as features
 from train.run.features import epoch_batches
@@ -230,6 +231,7 @@ def test_features_come_from_a_folded_copy_equal_to_the_model(shards, xdg):
     state = model.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(before[k], state[k]) for k in state)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 94
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded_for_inference(model).modules())
 
 
 def test_precompute_features_needs_a_frozen_backbone(shards, tmp_path):

@@ -86,19 +86,22 @@ class AugmentConfig:
             )
 
     def crop_sizes(self, epochs: int, image_size: int) -> tuple[int, ...]:
-        """The training crop size of each epoch: ``image_size`` throughout, or the progressive-resizing ramp
-        from ``size_start`` to ``size_end`` (in between: multiples of 16 px, never under 16)."""
+        """The training crop size of each epoch: ``image_size`` throughout, or the progressive-resizing ramp from
+        ``size_start`` to ``size_end`` (0: ``image_size``). The sizes in between are multiples of 16 px within the
+        two ends; the last epoch always trains at the final size, the one validation and the exported model use."""
         if not self.size_start:
             return (image_size,) * epochs
-        end = self.size_end or image_size
+        start, end = self.size_start, self.size_end or image_size
         lo, hi = self.size_ramp[0] * epochs, self.size_ramp[1] * epochs
         sizes = []
         for epoch in range(epochs):
-            if epoch >= hi:
+            if epoch >= hi or epoch == epochs - 1:
                 sizes.append(end)
-                continue
-            t = 0.0 if epoch <= lo else (epoch - lo) / (hi - lo)
-            sizes.append(max(16, int(self.size_start + t * (end - self.size_start)) // 16 * 16))
+            elif epoch <= lo:
+                sizes.append(start)
+            else:
+                between = int(start + (epoch - lo) / (hi - lo) * (end - start)) // 16 * 16
+                sizes.append(min(max(between, min(start, end)), max(start, end)))
         return tuple(sizes)
 
 
@@ -378,6 +381,8 @@ class Config:
                 "train.precompute_features=true needs a frozen backbone: set model.name=inception_v3 and "
                 "model.freeze_backbone=true (or train.precompute_features=false)"
             )
+        if self.data.augment.size_start:
+            self._check_crop_sizes()
         # The resolved config is saved in run.dir and sent to the trackers: no password may ride in data.dir's URL.
         if is_url(self.data.dir) and "@" in Location.parse(self.data.dir).root:
             raise ConfigError(
@@ -385,3 +390,16 @@ class Config:
                 "run.dir/config.yaml and sent to the trackers; serve the shards without one, or from s3:// (credentials "
                 "from the AWS variables or a profile)"
             )
+
+    def _check_crop_sizes(self) -> None:
+        """Progressive resizing needs image batches and crops the model can take."""
+        aug, model = self.data.augment, self.model
+        smallest = min(aug.size_start, aug.size_end or model.input_size())
+        key = f"data.augment.size_start={aug.size_start}, size_end={aug.size_end}"
+        if self.train.precompute_features:
+            raise ConfigError(f"{key}: cached features are computed once, unaugmented; set data.augment.size_start=0")
+        if model.name == "inception_v3" and model.aux_logits:
+            raise ConfigError(f"{key}: InceptionV3's auxiliary head needs 299 px crops; set model.aux_logits=false")
+        least = 75 if model.name == "inception_v3" else 2**model.depth  # each scratch block halves the map
+        if smallest < least:
+            raise ConfigError(f"{key}: {model.name} needs crops of at least {least} px")

@@ -50,9 +50,9 @@ def train_augment(cfg: DataConfig, image_size: int, *, jitter: bool = True) -> v
 class EpochCrops:
     """``train_augment`` at each epoch's crop size (progressive resizing, ``AugmentConfig.crop_sizes``).
 
-    Picklable for DataLoader workers; each size's pipeline is built once per process. The random draws of a crop
-    (area, ratio, position) do not depend on its output size, so a sample's crop covers the same part of the image
-    whatever the epoch's size.
+    Picklable for DataLoader workers; each size's pipeline is built once per process. A crop's area, ratio and position
+    are drawn independently of its output size, so a sample's crop covers the same part of the image whatever the
+    epoch's size (other augmentations, e.g. TrivialAugment's translations, may draw differently per size).
     """
 
     def __init__(self, cfg: DataConfig, sizes: tuple[int, ...]):
