@@ -4,6 +4,7 @@ where the output goes, ``--no-progress`` (data_prep/progress.py)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from data_prep.progress import LINE_EVERY_S
 from data_prep.version import catdog_version
@@ -12,6 +13,14 @@ NO_PROGRESS_HELP = (
     f"no progress bar and no progress lines (also CATDOG_PROGRESS=off). Default: a bar when stderr is a terminal, "
     f"else a plain line every {LINE_EVERY_S:g} s (CATDOG_PROGRESS_EVERY_S)"
 )
+
+
+def say(line: str) -> None:
+    """``line`` and its newline on stderr in one write. print() writes them separately (stderr to a pipe is not
+    buffered), so ranks sharing the launcher's pipe could interleave two errors into one garbled line; one write of
+    less than PIPE_BUF bytes to a pipe is atomic."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class Parser(argparse.ArgumentParser):

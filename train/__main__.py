@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from data_prep.cli import Parser, add_no_progress, add_out
+from data_prep.cli import Parser, add_no_progress, add_out, say
 from data_prep.info import InfoError
 from data_prep.progress import disable_progress
 from train.config import ConfigError
@@ -32,25 +32,24 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, with_out(args.overrides, args.out))
     except ConfigError as e:
-        print(f"catdog-train: config error: {e}", file=sys.stderr)
+        say(f"catdog-train: config error: {e}")
         return 2
     # Bad input becomes one line naming what to fix (the exceptions' messages do); anything else is a bug and
     # keeps its traceback.
     try:
         main(cfg)
     except (ConfigError, InfoError) as e:
-        print(f"catdog-train: {e}", file=sys.stderr)
+        say(f"catdog-train: {e}")
         return 2
     except (DataError, CheckpointError) as e:
-        print(f"catdog-train: {_last_line(e)}", file=sys.stderr)
+        say(f"catdog-train: {_last_line(e)}")
         return 1
     except Exception as e:
         if (death := worker_died(e)) is None:
             raise
-        print(
+        say(
             f"\ncatdog-train: {death}; training stopped. Run the same command again to resume from the last "
-            f"checkpoint in {cfg.run.dir}; if this happens again, lower data.num_workers (was {cfg.data.workers()})",
-            file=sys.stderr,
+            f"checkpoint in {cfg.run.dir}; if this happens again, lower data.num_workers (was {cfg.data.workers()})"
         )
         return 1
     return 0

@@ -14,10 +14,13 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from data_prep.info import check_train_split, load_info
-from train.config import Config
+from data_prep.info import DatasetInfo, InfoError, check_train_split, load_info
+from train.config import Config, ConfigError
+from train.data.reader import DataError
+from train.data.workers import worker_died
 from train.hardware.memory import keep_freed_memory
 from train.hardware.precision import auto_reason, native_bf16
+from train.run.checkpoint import CheckpointError
 from train.run.distributed import StopFlag
 from train.run.features import train_features
 from train.run.images import train_images
@@ -25,6 +28,9 @@ from train.run.setup import check_same_data, make_accelerator, setup_logging
 from train.run.start import decide_start
 
 log = logging.getLogger("catdog")
+
+# Errors this rank raises itself with a message that explains them (catdog-train prints it as its one line).
+EXPLAINED = (ConfigError, InfoError, DataError, CheckpointError)
 
 
 def main(cfg: Config, stop: StopFlag | None = None) -> dict:
@@ -43,19 +49,36 @@ def main(cfg: Config, stop: StopFlag | None = None) -> dict:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(cfg, run_dir)
+    try:
+        final = _train(cfg, acc, info, stop)
+    except Exception as e:
+        _close_on_refusal(acc, e)
+        raise
+    acc.end_training()
+    return final
+
+
+def _train(cfg: Config, acc: Accelerator, info: DatasetInfo, stop: StopFlag | None) -> dict:
     check_same_data(acc, info)
     # Before the loaders fork their workers, so they inherit it (train/hardware/memory.py: ~10 % a step on CPU).
     alloc_note = keep_freed_memory() if acc.device.type == "cpu" else None
     start_note = decide_start(cfg, acc)  # before logging opens run.dir/train.log: a start-over moves files
-    setup_logging(run_dir, acc.is_main_process)
+    setup_logging(Path(cfg.run.dir), acc.is_main_process)
     if acc.is_main_process:  # once per run, not once per rank
         _log_start(cfg, acc, alloc_note, start_note.moved)
     if cfg.train.precompute_features:
-        final = train_features(cfg, acc, info, start_note.checkpoint)
-    else:
-        final = train_images(cfg, acc, info, stop, start_note.checkpoint)
-    acc.end_training()
-    return final
+        return train_features(cfg, acc, info, start_note.checkpoint)
+    return train_images(cfg, acc, info, stop, start_note.checkpoint)
+
+
+def _close_on_refusal(acc: Accelerator, error: Exception) -> None:
+    """After this rank's own refusal (bad config or data, a checkpoint or a loader worker it explains), destroy the
+    process group as ``end_training`` does on success: a gloo group left to interpreter finalisation can abort the
+    rank after its one-line error (SIGABRT, "terminate called without an active exception"; about 1 in 8 two-rank
+    start-ups here). Not after a failed collective: its peers may be gone and the teardown could wait on them
+    (launch/slurm_job.py exits at once then)."""
+    if isinstance(error, EXPLAINED) or worker_died(error) is not None:
+        acc.state.destroy_process_group()
 
 
 def _log_start(cfg: Config, acc: Accelerator, alloc_note: str | None, moved: Path | None) -> None:

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from data_prep.cli import Parser, add_no_progress, add_out
+from data_prep.cli import Parser, add_no_progress, add_out, say
 from data_prep.cpus import decode_workers, threads_per_rank
 from data_prep.info import INFO_NAME, InfoError, load_info
 from data_prep.progress import disable_progress, progress
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate_cli(args)
     except (BundleError, InfoError, ScanError, EvalError) as e:
-        print(f"catdog-evaluate: {e}", file=sys.stderr)
+        say(f"catdog-evaluate: {e}")  # each rank says it; one write each keeps the lines whole
         return 2
     except Exception as e:
         if (death := worker_died(e)) is None:
