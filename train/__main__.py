@@ -9,10 +9,8 @@ from data_prep.info import InfoError
 from data_prep.progress import disable_progress
 from train.config import ConfigError
 from train.config_io import load_config, with_out
-from train.data.reader import DataError
 from train.data.workers import worker_died
-from train.run.checkpoint import CheckpointError
-from train.run.main import main
+from train.run.main import EXPLAINED, main
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -38,12 +36,10 @@ def cli(argv: list[str] | None = None) -> int:
     # keeps its traceback.
     try:
         main(cfg)
-    except (ConfigError, InfoError) as e:
-        say(f"catdog-train: {e}")
-        return 2
-    except (DataError, CheckpointError) as e:
-        say(f"catdog-train: {_last_line(e)}")
-        return 1
+    except EXPLAINED as e:
+        bad_input = isinstance(e, (ConfigError, InfoError))  # exit 2; a broken sample or checkpoint: exit 1
+        say(f"catdog-train: {e if bad_input else _last_line(e)}")
+        return 2 if bad_input else 1
     except Exception as e:
         if (death := worker_died(e)) is None:
             raise

@@ -89,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if (death := worker_died(e)) is None:
             raise
-        print(
+        say(
             f"catdog-evaluate: {death}; nothing was written. Try fewer --workers (were {args.workers}) or a smaller "
-            f"--batch-size (was {args.batch_size})",
-            file=sys.stderr,
+            f"--batch-size (was {args.batch_size})"
         )
         return 1
     if result is not None:
